@@ -1,0 +1,25 @@
+//! The sql action: a rule's `${name}` statements, run in one transaction.
+
+use crate::bindings::broker::extension::sql::{self, Value};
+use crate::db;
+use crate::placeholder::Event;
+use crate::template::Statement;
+
+/// Runs every statement for every event, all or nothing. One statement for one event needs no
+/// explicit transaction (it is one by itself), which saves the begin and commit round trips.
+pub fn run(pool: &str, statements: &[Statement], events: &[Event<'_>]) -> Result<(), sql::Error> {
+    let params = |statement: &Statement, event: &Event<'_>| -> Vec<Value> {
+        statement.params.iter().map(|p| p.value(event)).collect()
+    };
+    if let ([statement], [event]) = (statements, events) {
+        sql::execute(pool, &statement.sql, &params(statement, event))?;
+        return Ok(());
+    }
+    db::in_transaction(pool, |tx| {
+        for statement in statements {
+            let batch: Vec<Vec<Value>> = events.iter().map(|event| params(statement, event)).collect();
+            tx.query_batch(&statement.sql, &batch)?;
+        }
+        Ok(())
+    })
+}

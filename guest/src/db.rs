@@ -1,0 +1,69 @@
+//! Small helpers over the host's `sql` interface.
+
+use crate::bindings::broker::extension::sql::{self, Transaction, Value};
+
+/// Runs `work` in one transaction on `pool`: all of it is committed, or none of it.
+pub fn in_transaction<T>(
+    pool: &str,
+    work: impl FnOnce(&Transaction) -> Result<T, sql::Error>,
+) -> Result<T, sql::Error> {
+    let transaction = Transaction::begin(pool)?;
+    let result = work(&transaction)?;
+    Transaction::commit(transaction)?;
+    Ok(result)
+}
+
+pub fn text(s: &str) -> Value {
+    Value::Text(s.to_owned())
+}
+
+/// A result cell the extension's own statements produced; a mismatch means the schema is not ours.
+pub fn int64(row: &[Value], column: usize) -> Result<i64, sql::Error> {
+    match row.get(column) {
+        Some(Value::Int64(v)) => Ok(*v),
+        Some(Value::Int32(v)) => Ok(i64::from(*v)),
+        other => Err(unexpected(column, "an integer", other)),
+    }
+}
+
+pub fn string(row: &[Value], column: usize) -> Result<String, sql::Error> {
+    match row.get(column) {
+        Some(Value::Text(v)) => Ok(v.clone()),
+        Some(Value::Null) => Ok(String::new()),
+        other => Err(unexpected(column, "text", other)),
+    }
+}
+
+pub fn optional_string(row: &[Value], column: usize) -> Result<Option<String>, sql::Error> {
+    match row.get(column) {
+        Some(Value::Null) => Ok(None),
+        _ => string(row, column).map(Some),
+    }
+}
+
+pub fn bytes(row: &mut [Value], column: usize) -> Result<Vec<u8>, sql::Error> {
+    match row.get_mut(column) {
+        Some(Value::Bytes(v)) => Ok(std::mem::take(v)),
+        other => Err(unexpected(column, "bytes", other.as_deref())),
+    }
+}
+
+pub fn boolean(row: &[Value], column: usize) -> Result<bool, sql::Error> {
+    match row.get(column) {
+        Some(Value::Boolean(v)) => Ok(*v),
+        other => Err(unexpected(column, "a boolean", other)),
+    }
+}
+
+pub fn timestamp_micros(row: &[Value], column: usize) -> Result<i64, sql::Error> {
+    match row.get(column) {
+        Some(Value::Timestamp(v)) => Ok(*v),
+        other => Err(unexpected(column, "a timestamp", other)),
+    }
+}
+
+fn unexpected(column: usize, expected: &str, got: Option<&Value>) -> sql::Error {
+    sql::Error::UnsupportedType(format!(
+        "column {column}: expected {expected}, got {got:?}; is the schema the one in schema/schema.sql?"
+    ))
+}

@@ -1,0 +1,365 @@
+//! What the hook entries of a rules file mean: hookpoints, actions, functions and their options.
+//! The file's grammar is `rules_file`'s; this module turns each hook entry into a [`Rule`] and
+//! refuses anything it cannot run, naming the line and key.
+
+use serde_json::{Map, Value};
+
+use crate::template::Statement;
+use crate::topic;
+use rules_file::{Key, RulesError};
+
+/// The broker events a rule can hang on, in the EMQX spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hookpoint {
+    ClientConnected,
+    ClientDisconnected,
+    SessionSubscribed,
+    SessionUnsubscribed,
+    MessagePublish,
+    MessageDelivered,
+    MessageAcked,
+}
+
+impl Hookpoint {
+    pub const ALL: [Hookpoint; 7] = [
+        Hookpoint::ClientConnected,
+        Hookpoint::ClientDisconnected,
+        Hookpoint::SessionSubscribed,
+        Hookpoint::SessionUnsubscribed,
+        Hookpoint::MessagePublish,
+        Hookpoint::MessageDelivered,
+        Hookpoint::MessageAcked,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hookpoint::ClientConnected => "client.connected",
+            Hookpoint::ClientDisconnected => "client.disconnected",
+            Hookpoint::SessionSubscribed => "session.subscribed",
+            Hookpoint::SessionUnsubscribed => "session.unsubscribed",
+            Hookpoint::MessagePublish => "message.publish",
+            Hookpoint::MessageDelivered => "message.delivered",
+            Hookpoint::MessageAcked => "message.acked",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Hookpoint> {
+        Hookpoint::ALL.into_iter().find(|h| h.name() == name)
+    }
+}
+
+/// The built-in functions this extension runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Function {
+    /// Store QoS 1/2 messages; the stored id travels with the message.
+    MessagePublish,
+    /// Hand a subscriber the stored messages it has not read yet.
+    MessageFetch(OfflineOpts),
+    /// Move a subscriber's read position to an acked message.
+    MessageAcked,
+}
+
+impl Function {
+    fn parse(name: &str, hookpoint: Hookpoint) -> Result<Function, String> {
+        let (function, home) = match name {
+            "on_message_publish" => (Function::MessagePublish, Hookpoint::MessagePublish),
+            "on_message_fetch" => (Function::MessageFetch(OfflineOpts::default()), Hookpoint::SessionSubscribed),
+            "on_message_acked" => (Function::MessageAcked, Hookpoint::MessageAcked),
+            "on_client_connected" | "on_client_disconnected" | "on_subscribe_lookup" | "on_retain_lookup"
+            | "on_message_retain" | "on_retain_delete" | "on_message_store" => {
+                return Err(format!("function `{name}` is not supported by this version of the extension"));
+            }
+            _ => {
+                return Err(format!(
+                    "unknown function `{name}`; known: on_message_publish, on_message_fetch, on_message_acked"
+                ));
+            }
+        };
+        if home != hookpoint {
+            return Err(format!(
+                "function `{name}` belongs on hookpoint {}, not {}",
+                home.name(),
+                hookpoint.name()
+            ));
+        }
+        Ok(function)
+    }
+}
+
+/// `offline_opts` of on_message_fetch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OfflineOpts {
+    /// Page size: how many messages one fetch returns. The whole backlog still arrives, page by page.
+    pub max_returned_count: u32,
+    /// Only messages that arrived within this many seconds are fetched.
+    pub time_range_secs: Option<u64>,
+}
+
+/// EMQX's example value; a page size, so it bounds memory, not what is delivered.
+pub const DEFAULT_PAGE_SIZE: u32 = 500;
+
+impl Default for OfflineOpts {
+    fn default() -> Self {
+        OfflineOpts { max_returned_count: DEFAULT_PAGE_SIZE, time_range_secs: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Function(Function),
+    /// Statements run in order, in one transaction.
+    Sql(Vec<Statement>),
+}
+
+/// One `backend.pgsql.hook.<hookpoint>.<N>` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// The key as written, to name the rule in errors and logs.
+    pub key: String,
+    pub hookpoint: Hookpoint,
+    pub index: u32,
+    /// Which events fire the rule: matched against the subscription filter (session hooks) or
+    /// the topic (message hooks). `None` fires on every event.
+    pub topic: Option<String>,
+    pub pool: String,
+    pub action: Action,
+}
+
+impl Rule {
+    /// Whether this rule fires for an event about `topic` (a filter or a topic name).
+    pub fn fires_for(&self, topic: &str) -> bool {
+        self.topic.as_deref().is_none_or(|filter| topic::matches(filter, topic))
+    }
+}
+
+/// Every rule of a rules file, per hookpoint, in `N` order.
+#[derive(Debug, Default)]
+pub struct Rules {
+    by_hookpoint: [Vec<Rule>; 7],
+}
+
+impl Rules {
+    pub fn parse(text: &str, pools: &[String]) -> Result<Rules, RulesError> {
+        let mut rules = Rules::default();
+        for entry in rules_file::parse(text)? {
+            let Key::Hook { hookpoint, index } = &entry.kind else {
+                continue; // pool settings are the host's
+            };
+            let at = |message: String| RulesError::new(entry.line, Some(&entry.key), message);
+            let hookpoint = Hookpoint::from_name(hookpoint).ok_or_else(|| {
+                let known: Vec<_> = Hookpoint::ALL.iter().map(|h| h.name()).collect();
+                at(format!("unknown hookpoint `{hookpoint}`; known: {}", known.join(", ")))
+            })?;
+            let Value::Object(object) = &entry.value else {
+                return Err(at("a rule must be a JSON object".into()));
+            };
+            let rule = parse_rule(object, &entry.key, hookpoint, *index, pools).map_err(at)?;
+            rules.by_hookpoint[hookpoint as usize].push(rule);
+        }
+        for list in &mut rules.by_hookpoint {
+            list.sort_by_key(|rule| rule.index);
+        }
+        Ok(rules)
+    }
+
+    pub fn for_hookpoint(&self, hookpoint: Hookpoint) -> &[Rule] {
+        &self.by_hookpoint[hookpoint as usize]
+    }
+
+    /// The rule with this key, if any (cursors name the rule that made them).
+    pub fn find(&self, hookpoint: Hookpoint, index: u32) -> Option<&Rule> {
+        self.for_hookpoint(hookpoint).iter().find(|rule| rule.index == index)
+    }
+}
+
+const RULE_KEYS: [&str; 4] = ["topic", "action", "pool", "offline_opts"];
+
+fn parse_rule(
+    object: &Map<String, Value>,
+    key: &str,
+    hookpoint: Hookpoint,
+    index: u32,
+    pools: &[String],
+) -> Result<Rule, String> {
+    if let Some(unknown) = object.keys().find(|k| !RULE_KEYS.contains(&k.as_str())) {
+        return Err(format!("unknown field `{unknown}`; a rule has {}", RULE_KEYS.join(", ")));
+    }
+    let topic = match object.get("topic") {
+        None => None,
+        Some(Value::String(filter)) => {
+            topic::validate_filter(filter).map_err(|e| format!("topic: {e}"))?;
+            Some(filter.clone())
+        }
+        Some(_) => return Err("topic must be a string (a topic filter)".into()),
+    };
+    let pool = match object.get("pool") {
+        Some(Value::String(pool)) if pools.contains(pool) => pool.clone(),
+        Some(Value::String(pool)) => {
+            return Err(format!(
+                "pool `{pool}` is not defined (define backend.pgsql.{pool}.server and the other pool settings)"
+            ));
+        }
+        Some(_) => return Err("pool must be a string".into()),
+        None => return Err("missing field `pool`".into()),
+    };
+    let mut action = match object.get("action") {
+        Some(Value::Object(action)) => parse_action(action, hookpoint)?,
+        Some(_) => return Err("action must be an object: {\"function\": ...} or {\"sql\": [...]}".into()),
+        None => return Err("missing field `action`".into()),
+    };
+    if let Some(opts) = object.get("offline_opts") {
+        let Action::Function(Function::MessageFetch(fetch_opts)) = &mut action else {
+            return Err("offline_opts applies only to the on_message_fetch function".into());
+        };
+        *fetch_opts = parse_offline_opts(opts)?;
+    }
+    Ok(Rule { key: key.to_owned(), hookpoint, index, topic, pool, action })
+}
+
+fn parse_action(action: &Map<String, Value>, hookpoint: Hookpoint) -> Result<Action, String> {
+    match (action.get("function"), action.get("sql")) {
+        (Some(_), Some(_)) => Err("action has both `function` and `sql`; a rule does one".into()),
+        (Some(Value::String(name)), None) => Ok(Action::Function(Function::parse(name, hookpoint)?)),
+        (Some(_), None) => Err("action.function must be a string".into()),
+        (None, Some(sql)) => {
+            let texts: Vec<&str> = match sql {
+                Value::String(one) => vec![one.as_str()],
+                Value::Array(many) => many
+                    .iter()
+                    .map(|v| v.as_str().ok_or("action.sql must hold strings"))
+                    .collect::<Result<_, _>>()?,
+                _ => return Err("action.sql must be a string or a list of strings".into()),
+            };
+            if texts.is_empty() {
+                return Err("action.sql is empty".into());
+            }
+            let statements = texts
+                .iter()
+                .enumerate()
+                .map(|(i, text)| Statement::compile(text, hookpoint).map_err(|e| format!("action.sql[{i}]: {e}")))
+                .collect::<Result<_, _>>()?;
+            Ok(Action::Sql(statements))
+        }
+        (None, None) => Err("action needs `function` or `sql`".into()),
+    }
+}
+
+fn parse_offline_opts(opts: &Value) -> Result<OfflineOpts, String> {
+    let Value::Object(opts) = opts else {
+        return Err("offline_opts must be an object".into());
+    };
+    let mut parsed = OfflineOpts::default();
+    for (name, value) in opts {
+        match name.as_str() {
+            "max_returned_count" => {
+                parsed.max_returned_count = value
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| *n > 0)
+                    .ok_or("offline_opts.max_returned_count must be a whole number above 0")?;
+            }
+            "time_range" => {
+                let text = value.as_str().ok_or("offline_opts.time_range must be a string such as \"2h\"")?;
+                parsed.time_range_secs =
+                    Some(parse_duration(text).map_err(|e| format!("offline_opts.time_range: {e}"))?);
+            }
+            other => {
+                return Err(format!(
+                    "unknown field offline_opts.{other}; known: max_returned_count, time_range"
+                ));
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+/// `10s`, `30m`, `2h`, `1d`, `1w`, or a sum such as `1h30m`, in seconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let bad = || format!("bad duration `{text}`: expected a number and a unit s, m, h, d or w (e.g. 2h)");
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        total = n.checked_mul(unit).and_then(|s| total.checked_add(s)).ok_or_else(bad)?;
+        digits.clear();
+    }
+    if !digits.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools() -> Vec<String> {
+        vec!["pool1".to_owned()]
+    }
+
+    fn error_of(line: &str) -> RulesError {
+        Rules::parse(&format!("## comment\n{line}\n"), &pools()).unwrap_err()
+    }
+
+    #[test]
+    fn the_seed_rules_parse() {
+        let text = r##"
+backend.pgsql.hook.session.subscribed.1  = {"topic": "#", "action": {"function": "on_message_fetch"}, "offline_opts": {"max_returned_count": 50, "time_range": "2h"}, "pool": "pool1"}
+backend.pgsql.hook.message.publish.1     = {"topic": "#", "action": {"function": "on_message_publish"}, "pool": "pool1"}
+backend.pgsql.hook.message.acked.1       = {"topic": "#", "action": {"function": "on_message_acked"}, "pool": "pool1"}
+backend.pgsql.hook.session.unsubscribed.1= {"topic": "#", "action": {"sql": ["delete from mqtt_acked where clientid = ${clientid} and topic = ${topic}"]}, "pool": "pool1"}
+"##;
+        let rules = Rules::parse(text, &pools()).unwrap();
+        let fetch = &rules.for_hookpoint(Hookpoint::SessionSubscribed)[0];
+        assert_eq!(
+            fetch.action,
+            Action::Function(Function::MessageFetch(OfflineOpts { max_returned_count: 50, time_range_secs: Some(7200) }))
+        );
+        assert_eq!(rules.for_hookpoint(Hookpoint::SessionUnsubscribed).len(), 1);
+    }
+
+    #[test]
+    fn each_mistake_is_named_with_its_line() {
+        let cases = [
+            (r##"backend.pgsql.hook.session.connected.2 = {"action": {"function": "on_subscribe_lookup"}, "pool": "pool1"}"##, "unknown hookpoint"),
+            (r##"backend.pgsql.hook.message.publish.1 = {"action": {"function": "on_message_publsh"}, "pool": "pool1"}"##, "unknown function"),
+            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_fetch"}, "pool": "pool1"}"##, "belongs on hookpoint session.subscribed"),
+            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"sql": ["select ${nope}"]}, "pool": "pool1"}"##, "unknown placeholder"),
+            (r##"backend.pgsql.hook.session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "offline_opts": {"time_range": "2x"}, "pool": "pool1"}"##, "bad duration"),
+            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool9"}"##, "pool `pool9` is not defined"),
+            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}}"##, "missing field `pool`"),
+            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool1", "topik": "#"}"##, "unknown field `topik`"),
+            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool1", "topic": "a/#/b"}"##, "whole level"),
+            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"} "pool": "pool1"}"##, "invalid JSON"),
+        ];
+        for (line, expected) in cases {
+            let err = error_of(line);
+            assert_eq!(err.line, Some(2), "{line}");
+            assert!(err.message.contains(expected), "{line}: {err}");
+            assert!(err.key.is_some_and(|k| k.starts_with("backend.pgsql.hook.")), "{line}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(10));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert_eq!(parse_duration("1d"), Ok(86_400));
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        for bad in ["", "2", "h", "2x", "0s", "99999999999999999999w"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}
