@@ -1,1 +1,17 @@
-pub fn placeholder() {}
+//! A wasmtime host for `broker:extension` guests: loads a guest, gives it SQL over named
+//! PostgreSQL pools, and calls its broker hooks. The `harness` command replays broker events
+//! through it ([`replay`]); a real broker embeds [`Host`] the same way.
+
+pub mod bindings;
+pub mod config;
+pub mod engine;
+pub mod host;
+mod log;
+pub mod postgres;
+pub mod replay;
+pub mod schema;
+pub mod sql;
+mod state;
+
+pub use engine::{ExtensionModule, Instance, Runtime};
+pub use host::Host;

@@ -1,1 +1,78 @@
-fn main() {}
+//! `harness`: load a guest with a rules file, check it, migrate its databases, or replay broker
+//! events through it. See README.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use host_harness::replay::Broker;
+use host_harness::{Host, Runtime};
+use tokio::io::BufReader;
+
+#[derive(Parser)]
+#[command(version, about = "Load a broker:extension guest and drive it like a broker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Load {
+    /// The guest component (.wasm).
+    #[arg(long)]
+    module: PathBuf,
+    /// The rules file: EMQX conf lines or a JSON document.
+    #[arg(long)]
+    rules: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and configure the guest; exit non-zero with the error if the rules are refused.
+    Check(Load),
+    /// Apply the schema (schema/schema.sql) to every pool's database. Idempotent.
+    Migrate(Load),
+    /// Replay broker events (JSON lines) and print what the broker does (JSON lines).
+    Run {
+        #[command(flatten)]
+        load: Load,
+        /// Events file; standard input when absent.
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse().command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("harness: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    let runtime = Runtime::new()?;
+    match command {
+        Command::Check(load) => {
+            Host::load(&runtime, &load.module, &load.rules).await?;
+            println!("{}: ok", load.rules.display());
+        }
+        Command::Migrate(load) => Host::load(&runtime, &load.module, &load.rules).await?.migrate().await?,
+        Command::Run { load, scenario } => {
+            let mut host = Host::load(&runtime, &load.module, &load.rules).await?;
+            let mut broker = Broker::new(&mut host.instance, tokio::io::stdout());
+            match scenario {
+                Some(path) => broker.replay(BufReader::new(tokio::fs::File::open(&path).await?)).await?,
+                None => broker.replay(BufReader::new(tokio::io::stdin())).await?,
+            }
+        }
+    }
+    Ok(())
+}

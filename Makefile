@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make run` and `make test` (see README).
+CARGO   ?= cargo
+GUEST   := target/wasm32-wasip2/guest/guest.wasm
+HARNESS := target/release/harness
+RULES   ?= examples/rules.conf
+export PGPORT ?= 15432
+
+.PHONY: build guest host pg-up pg-down run test clean
+
+build: guest host
+
+## The extension: a WebAssembly component.
+guest:
+	$(CARGO) build -p guest --target wasm32-wasip2 --profile guest
+
+## The host library and the `harness` command. `make run` and `make test` share this release build.
+host:
+	$(CARGO) build --release -p host-harness
+
+## A throwaway PostgreSQL under target/pg, on 127.0.0.1:$(PGPORT).
+pg-up:
+	scripts/pg.sh up
+
+pg-down:
+	scripts/pg.sh down
+
+## The seed's flow (examples/seed.jsonl) with the example rules, on a clean `mqtt` database.
+run: build pg-up
+	scripts/pg.sh fresh
+	$(HARNESS) migrate --module $(GUEST) --rules $(RULES)
+	$(HARNESS) run --module $(GUEST) --rules $(RULES) --scenario examples/seed.jsonl
+
+## Unit tests of every crate, the guest's natively; integration tests against the real server.
+test: guest pg-up
+	$(CARGO) test --release -p guest --lib
+	GUEST_WASM=$(abspath $(GUEST)) $(CARGO) test --release --workspace --exclude guest
+
+clean: pg-down
+	rm -rf target

@@ -1,0 +1,84 @@
+//! MQTT topic names and filters: validation and matching by the MQTT rules.
+
+/// Checks a topic filter (what a client subscribes to): `+` and `#` fill whole levels, `#` only last.
+pub fn validate_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("a topic filter must not be empty".into());
+    }
+    if filter.contains('\0') {
+        return Err(format!("topic filter `{filter}` contains a NUL character"));
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        let wildcard_inside = level.len() > 1 && (level.contains('+') || level.contains('#'));
+        let hash_not_last = *level == "#" && i + 1 != levels.len();
+        if wildcard_inside || hash_not_last {
+            return Err(format!(
+                "topic filter `{filter}`: `+` must fill a whole level and `#` must be the last level"
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn has_wildcard(filter: &str) -> bool {
+    filter.split('/').any(|level| level == "+" || level == "#")
+}
+
+/// Whether `topic` matches `filter` by the MQTT rules. A topic starting with `$` is not matched
+/// by a filter starting with a wildcard.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut filter_levels = filter.split('/');
+    let mut topic_levels = topic.split('/');
+    loop {
+        match (filter_levels.next(), topic_levels.next()) {
+            // `a/#` also matches `a` itself.
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(f), Some(t)) if f == t => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching_follows_the_mqtt_rules() {
+        let cases = [
+            ("a/b/c", "a/b/c", true),
+            ("a/+/c", "a/b/c", true),
+            ("a/+/c", "a//c", true),
+            ("a/+/c", "a/b/d", false),
+            ("a/+", "a/b/c", false),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("a/#", "ab", false),
+            ("#", "a/b", true),
+            ("+/+", "/x", true),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("a/b", "a/b/c", false),
+        ];
+        for (filter, topic, expected) in cases {
+            assert_eq!(matches(filter, topic), expected, "{filter} ~ {topic}");
+        }
+    }
+
+    #[test]
+    fn invalid_filters_are_refused() {
+        for bad in ["", "a/#/b", "a/b#", "a+/b", "a/\0"] {
+            assert!(validate_filter(bad).is_err(), "{bad:?}");
+        }
+        for good in ["#", "+", "a/+/c", "a/#", "/", "$SYS/#"] {
+            assert!(validate_filter(good).is_ok(), "{good:?}");
+        }
+    }
+}

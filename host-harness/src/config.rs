@@ -1,0 +1,140 @@
+//! The host's half of a rules file: the pool settings (`backend.pgsql.<pool>.<setting>`), and
+//! the rest of the text, without them, for the guest.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rules_file::{Key, RulesError};
+use serde_json::Value;
+
+/// The settings of one connection pool. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub host: String,
+    pub port: u16,
+    pub pool_size: usize,
+    pub username: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+impl fmt::Debug for PoolSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("pool_size", &self.pool_size)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("database", &self.database)
+            .finish()
+    }
+}
+
+/// A rules file split between host and guest.
+#[derive(Debug, Clone)]
+pub struct RulesFile {
+    /// Pool name to its settings.
+    pub pools: BTreeMap<String, PoolSettings>,
+    /// The text the guest gets: the file without any pool setting.
+    pub guest_text: String,
+}
+
+pub const SETTINGS: [&str; 6] = ["server", "pool_size", "username", "password", "database", "ssl"];
+
+impl RulesFile {
+    pub fn parse(text: &str) -> Result<RulesFile, RulesError> {
+        let mut raw: BTreeMap<String, BTreeMap<String, (Option<u32>, String)>> = BTreeMap::new();
+        for entry in rules_file::parse(text)? {
+            let Key::Pool { pool, setting } = &entry.kind else { continue };
+            if !SETTINGS.contains(&setting.as_str()) {
+                return Err(RulesError::new(
+                    entry.line,
+                    Some(&entry.key),
+                    format!("unknown pool setting `{setting}`; known: {}", SETTINGS.join(", ")),
+                ));
+            }
+            let value = match &entry.value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            raw.entry(pool.clone()).or_default().insert(setting.clone(), (entry.line, value));
+        }
+        let pools = raw
+            .into_iter()
+            .map(|(name, settings)| Ok((name.clone(), pool_settings(&name, &settings)?)))
+            .collect::<Result<_, RulesError>>()?;
+        Ok(RulesFile { pools, guest_text: rules_file::redact_pools(text)? })
+    }
+}
+
+fn pool_settings(
+    pool: &str,
+    settings: &BTreeMap<String, (Option<u32>, String)>,
+) -> Result<PoolSettings, RulesError> {
+    let key = |setting: &str| format!("backend.pgsql.{pool}.{setting}");
+    let error = |setting: &str, message: String| {
+        let line = settings.get(setting).and_then(|(line, _)| *line);
+        RulesError::new(line, Some(&key(setting)), message)
+    };
+    let get = |setting: &str| settings.get(setting).map(|(_, v)| v.as_str());
+
+    let server = get("server").ok_or_else(|| error("server", "missing: every pool needs a server (host:port)".into()))?;
+    let (host, port) = match server.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| error("server", format!("bad port in `{server}`")))?),
+        None => (server, 5432),
+    };
+    let pool_size = match get("pool_size") {
+        None => 8,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or_else(|| error("pool_size", format!("`{n}` is not a pool size from 1 to 1024")))?,
+    };
+    match get("ssl") {
+        None | Some("false") => {}
+        Some("true") => return Err(error("ssl", "TLS connections are not supported by this version yet".into())),
+        Some(other) => return Err(error("ssl", format!("`{other}` is not true or false"))),
+    }
+    Ok(PoolSettings {
+        host: host.trim_matches(['[', ']']).to_owned(),
+        port,
+        pool_size,
+        username: get("username").unwrap_or("postgres").to_owned(),
+        password: get("password").map(str::to_owned),
+        database: get("database").unwrap_or("mqtt").to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_are_read_and_hidden_from_the_guest() {
+        let text = "backend.pgsql.pool1.server = 127.0.0.1:5433\n\
+                    backend.pgsql.pool1.password = hunter2\n\
+                    backend.pgsql.pool1.pool_size = 4\n\
+                    backend.pgsql.hook.message.acked.1 = {\"action\": {\"function\": \"on_message_acked\"}, \"pool\": \"pool1\"}\n";
+        let file = RulesFile::parse(text).unwrap();
+        let pool = &file.pools["pool1"];
+        assert_eq!((pool.host.as_str(), pool.port, pool.pool_size), ("127.0.0.1", 5433, 4));
+        assert_eq!(pool.password.as_deref(), Some("hunter2"));
+        assert!(!format!("{pool:?}").contains("hunter2"));
+        assert!(!file.guest_text.contains("hunter2"));
+        assert!(file.guest_text.contains("on_message_acked"));
+    }
+
+    #[test]
+    fn bad_settings_name_their_line_and_key() {
+        let err = RulesFile::parse("\nbackend.pgsql.pool1.server = h:port\n").unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (Some(2), Some("backend.pgsql.pool1.server")));
+        let err = RulesFile::parse("backend.pgsql.pool1.server = h\nbackend.pgsql.pool1.pool_size = 0\n").unwrap_err();
+        assert_eq!(err.line, Some(2));
+        let err = RulesFile::parse("backend.pgsql.pool1.srever = h\n").unwrap_err();
+        assert!(err.message.contains("unknown pool setting"), "{err}");
+        let err = RulesFile::parse("backend.pgsql.pool1.username = u\n").unwrap_err();
+        assert!(err.message.contains("needs a server"), "{err}");
+    }
+}

@@ -1,0 +1,312 @@
+//! `harness run`: a small broker that replays broker events, given as JSON lines, through an
+//! extension, and prints what the broker does, as JSON lines.
+//!
+//! It keeps what a broker keeps: online clients and their subscriptions. A publish goes to the
+//! `message-publish` hook, then is routed live to online subscribers whose filters match. A
+//! subscribe goes to `session-subscribed` and the whole backlog it returns is delivered, page by
+//! page. Deliveries with QoS > 0 are acked back (`message-acked`) unless the subscription said
+//! `"auto_ack": false`; then a `message.acked` event acks one. See README for the event format.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::bindings::{Client, Describe, HookError, Message, Property, PublishOutcome, Subscription};
+use crate::engine::Instance;
+
+/// One input line.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "event", deny_unknown_fields)]
+enum Event {
+    #[serde(rename = "client.connected")]
+    ClientConnected { clientid: String, username: Option<String>, peerhost: Option<String> },
+    #[serde(rename = "client.disconnected")]
+    ClientDisconnected { clientid: String, reason: Option<String> },
+    #[serde(rename = "session.subscribed")]
+    SessionSubscribed {
+        clientid: String,
+        topic: String,
+        #[serde(default)]
+        qos: u8,
+        #[serde(default = "yes")]
+        auto_ack: bool,
+    },
+    #[serde(rename = "session.unsubscribed")]
+    SessionUnsubscribed { clientid: String, topic: String },
+    #[serde(rename = "message.publish")]
+    MessagePublish {
+        clientid: String,
+        topic: String,
+        #[serde(default)]
+        qos: u8,
+        #[serde(default)]
+        retain: bool,
+        payload: Option<String>,
+        payload_base64: Option<String>,
+        /// MQTT 5 properties, e.g. {"content-type": "text/plain"}.
+        #[serde(default)]
+        properties: BTreeMap<String, String>,
+    },
+    #[serde(rename = "message.acked")]
+    MessageAcked { clientid: String, id: i64 },
+}
+
+fn yes() -> bool {
+    true
+}
+
+struct Session {
+    client: Client,
+    /// Filter to (granted QoS, auto-ack).
+    subscriptions: BTreeMap<String, (u8, bool)>,
+    /// Delivered with QoS > 0 and not acked yet, by stored id.
+    unacked: HashMap<i64, Message>,
+}
+
+/// Why an event stopped.
+enum Stop {
+    /// The event failed: reported as an error line, the replay goes on.
+    Failed(String),
+    /// The guest trapped: its instance is unusable, the replay ends.
+    Trap(anyhow::Error),
+}
+
+impl From<HookError> for Stop {
+    fn from(e: HookError) -> Stop {
+        Stop::Failed(e.describe())
+    }
+}
+
+impl From<anyhow::Error> for Stop {
+    fn from(e: anyhow::Error) -> Stop {
+        Stop::Trap(e)
+    }
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(e: std::io::Error) -> Stop {
+        Stop::Trap(e.into())
+    }
+}
+
+fn failed<T>(message: impl Into<String>) -> Result<T, Stop> {
+    Err(Stop::Failed(message.into()))
+}
+
+pub struct Broker<'a, W> {
+    instance: &'a mut Instance,
+    out: W,
+    sessions: BTreeMap<String, Session>,
+    published: u64,
+}
+
+impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
+    pub fn new(instance: &'a mut Instance, out: W) -> Self {
+        Broker { instance, out, sessions: BTreeMap::new(), published: 0 }
+    }
+
+    /// Replays every line of `input`. A malformed line or a failed event is an error line; only
+    /// a guest trap or an I/O error stops the replay.
+    pub async fn replay(&mut self, input: impl AsyncBufRead + Unpin) -> anyhow::Result<()> {
+        let mut lines = input.lines();
+        let mut number = 0u64;
+        while let Some(line) = lines.next_line().await? {
+            number += 1;
+            if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            let result = match serde_json::from_str::<Event>(&line) {
+                Ok(event) => self.handle(event).await,
+                Err(e) => failed(format!("malformed event: {e}")),
+            };
+            match result {
+                Ok(()) => {}
+                Err(Stop::Failed(message)) => self.emit(json!({"error": {"line": number, "message": message}})).await?,
+                Err(Stop::Trap(e)) => return Err(e.context(format!("event on line {number}"))),
+            }
+        }
+        self.out.flush().await?;
+        Ok(())
+    }
+
+    async fn handle(&mut self, event: Event) -> Result<(), Stop> {
+        match event {
+            Event::ClientConnected { clientid, username, peerhost } => {
+                let client = Client { clientid: clientid.clone(), username, peerhost };
+                let stored = self.instance.client_connected(&client).await??;
+                // A new connection takes over the client id's old one, as in MQTT.
+                let session = Session { client, subscriptions: BTreeMap::new(), unacked: HashMap::new() };
+                self.sessions.insert(clientid.clone(), session);
+                for subscription in stored {
+                    self.subscribe(&clientid, subscription, true).await?;
+                }
+            }
+            Event::ClientDisconnected { clientid, reason } => {
+                let client = self.session(&clientid)?.client.clone();
+                // Unacked deliveries are simply forgotten: the position did not move past them,
+                // so they come again on the next subscription (at least once).
+                self.sessions.remove(&clientid);
+                self.instance.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await??;
+            }
+            Event::SessionSubscribed { clientid, topic, qos, auto_ack } => {
+                if qos > 2 {
+                    return failed(format!("qos {qos} is not 0, 1 or 2"));
+                }
+                mqtt_topic::validate_filter(&topic).map_err(Stop::Failed)?;
+                self.subscribe(&clientid, Subscription { filter: topic, qos }, auto_ack).await?;
+            }
+            Event::SessionUnsubscribed { clientid, topic } => {
+                let session = self.session(&clientid)?;
+                if session.subscriptions.remove(&topic).is_none() {
+                    return failed(format!("{clientid} is not subscribed to {topic}"));
+                }
+                let client = session.client.clone();
+                self.instance.session_unsubscribed(&client, &topic).await??;
+            }
+            Event::MessagePublish { clientid, topic, qos, retain, payload, payload_base64, properties } => {
+                let payload = match (payload, payload_base64) {
+                    (Some(text), None) => text.into_bytes(),
+                    (None, Some(b64)) => BASE64.decode(b64).map_err(|e| Stop::Failed(format!("payload_base64: {e}")))?,
+                    (None, None) => Vec::new(),
+                    (Some(_), Some(_)) => return failed("give payload or payload_base64, not both"),
+                };
+                if qos > 2 || topic.is_empty() || topic.contains(['+', '#']) {
+                    return failed(format!("cannot publish to `{topic}` with qos {qos}"));
+                }
+                self.publish(clientid, topic, qos, retain, payload, properties).await?;
+            }
+            Event::MessageAcked { clientid, id } => {
+                let session = self.session(&clientid)?;
+                let Some(message) = session.unacked.remove(&id) else {
+                    return failed(format!("{clientid} has no unacked message with id {id}"));
+                };
+                let client = session.client.clone();
+                self.instance.message_acked(&client, &message).await??;
+            }
+        }
+        Ok(())
+    }
+
+    fn session(&mut self, clientid: &str) -> Result<&mut Session, Stop> {
+        self.sessions.get_mut(clientid).ok_or_else(|| Stop::Failed(format!("client {clientid} is not connected")))
+    }
+
+    async fn subscribe(&mut self, clientid: &str, subscription: Subscription, auto_ack: bool) -> Result<(), Stop> {
+        let session = self.session(clientid)?;
+        session.subscriptions.insert(subscription.filter.clone(), (subscription.qos, auto_ack));
+        let client = session.client.clone();
+        let mut page = self.instance.session_subscribed(&client, &subscription).await??;
+        // The whole backlog, in order, one page in memory at a time.
+        loop {
+            for message in page.messages {
+                let qos = message.qos.min(subscription.qos);
+                self.deliver(clientid, message, qos, auto_ack).await?;
+            }
+            let Some(cursor) = page.next else { return Ok(()) };
+            page = self.instance.session_fetch_next(&client, &subscription, &cursor).await??;
+        }
+    }
+
+    async fn publish(
+        &mut self,
+        sender: String,
+        topic: String,
+        qos: u8,
+        retain: bool,
+        payload: Vec<u8>,
+        properties: BTreeMap<String, String>,
+    ) -> Result<(), Stop> {
+        self.published += 1;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let mut message = Message {
+            id: None,
+            msgid: format!("{:x}-{}", now.as_nanos(), self.published),
+            sender,
+            topic,
+            payload,
+            qos,
+            retain,
+            timestamp: now.as_millis() as i64,
+            properties: properties.into_iter().map(|(key, value)| Property { key, value }).collect(),
+        };
+        let outcome = self.instance.message_publish(std::slice::from_ref(&message)).await?.pop();
+        match outcome {
+            Some(PublishOutcome::Stored(id)) => message.id = Some(id),
+            Some(PublishOutcome::NotStored) => {}
+            // Fail-closed: the publisher is not told the message was accepted, nobody gets it.
+            Some(PublishOutcome::Failed(e)) => return failed(format!("message not stored: {}", e.describe())),
+            None => return failed("message-publish returned no outcome"),
+        }
+        let published = json!({"published": {"clientid": message.sender, "topic": message.topic, "qos": qos, "id": message.id}});
+        self.emit(published).await?;
+
+        // Live routing: each online client once, at the highest QoS among its matching filters.
+        let receivers: Vec<(String, u8, bool)> = self
+            .sessions
+            .iter()
+            .filter_map(|(clientid, session)| {
+                session
+                    .subscriptions
+                    .iter()
+                    .filter(|(filter, _)| mqtt_topic::matches(filter, &message.topic))
+                    .map(|(_, &(qos, auto_ack))| (qos, auto_ack))
+                    .max()
+                    .map(|(qos, auto_ack)| (clientid.clone(), qos, auto_ack))
+            })
+            .collect();
+        for (clientid, sub_qos, auto_ack) in receivers {
+            // MQTT: a message forwarded to an established subscription goes without RETAIN.
+            let live = Message { retain: false, ..message.clone() };
+            self.deliver(&clientid, live, qos.min(sub_qos), auto_ack).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivers one message to an online client, then acks it back if it asked for that.
+    async fn deliver(&mut self, clientid: &str, message: Message, qos: u8, auto_ack: bool) -> anyhow::Result<()> {
+        let payload = match std::str::from_utf8(&message.payload) {
+            Ok(text) => ("payload", json!(text)),
+            Err(_) => ("payload_base64", json!(BASE64.encode(&message.payload))),
+        };
+        let mut deliver = json!({"clientid": clientid, "topic": message.topic, "qos": qos, "retain": message.retain, "id": message.id});
+        deliver[payload.0] = payload.1;
+        self.emit(json!({ "deliver": deliver })).await?;
+
+        let Some(session) = self.sessions.get_mut(clientid) else { return Ok(()) };
+        let client = session.client.clone();
+        let message = Message { qos, ..message };
+        let mut failures = Vec::new();
+        if let Err(e) = self.instance.message_delivered(&client, &message).await? {
+            failures.push(e);
+        }
+        if qos > 0 {
+            match message.id {
+                Some(id) if !auto_ack => {
+                    session.unacked.insert(id, message);
+                }
+                _ if auto_ack => {
+                    if let Err(e) = self.instance.message_acked(&client, &message).await? {
+                        failures.push(e);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for e in failures {
+            self.emit(json!({"error": {"clientid": clientid, "message": e.describe()}})).await?;
+        }
+        Ok(())
+    }
+
+    async fn emit(&mut self, line: serde_json::Value) -> anyhow::Result<()> {
+        let mut text = line.to_string();
+        text.push('\n');
+        self.out.write_all(text.as_bytes()).await?;
+        Ok(())
+    }
+}
