@@ -15,11 +15,17 @@ CREATE TABLE IF NOT EXISTS mqtt_msg (
     payload    bytea NOT NULL,
     -- MQTT 5 properties as a JSON array of [key, value] pairs (user properties may repeat keys).
     properties jsonb,
-    arrived    timestamptz NOT NULL DEFAULT now()
+    arrived    timestamptz NOT NULL DEFAULT now(),
+    -- From MQTT 5 message-expiry-interval; an expired message is never delivered.
+    expires_at timestamptz
 );
+ALTER TABLE mqtt_msg ADD COLUMN IF NOT EXISTS expires_at timestamptz;
 
 -- A fetch is a range scan: one topic, ids after the subscriber's position, in id order.
 CREATE INDEX IF NOT EXISTS mqtt_msg_topic_id ON mqtt_msg (topic, id);
+-- Retention and expiry sweeps find what to delete without scanning the table.
+CREATE INDEX IF NOT EXISTS mqtt_msg_arrived ON mqtt_msg (arrived);
+CREATE INDEX IF NOT EXISTS mqtt_msg_expires_at ON mqtt_msg (expires_at) WHERE expires_at IS NOT NULL;
 
 -- Read positions, one per (client, subscription filter). `topic` is the filter as subscribed
 -- (wildcards included), `topic_re` the regular expression of the topics it matches, and `mid`
@@ -32,6 +38,38 @@ CREATE TABLE IF NOT EXISTS mqtt_acked (
     created  timestamptz NOT NULL DEFAULT now(),
     updated  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (clientid, topic)
+);
+
+-- Clients' online state (on_client_connected / on_client_disconnected).
+CREATE TABLE IF NOT EXISTS mqtt_client (
+    clientid   text PRIMARY KEY,
+    state      smallint NOT NULL,          -- 1 online, 0 offline
+    node       text,
+    online_at  timestamptz,
+    offline_at timestamptz,
+    created    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Stored subscriptions, applied at connect by on_subscribe_lookup. Filled by the operator or by
+-- a sql action (see README).
+CREATE TABLE IF NOT EXISTS mqtt_sub (
+    clientid text NOT NULL,
+    topic    text COLLATE "C" NOT NULL,
+    qos      smallint NOT NULL,
+    created  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (clientid, topic)
+);
+
+-- Retained messages, one per topic (on_message_retain, on_retain_delete, on_retain_lookup).
+CREATE TABLE IF NOT EXISTS mqtt_retain (
+    topic      text COLLATE "C" PRIMARY KEY,
+    msgid      text,
+    sender     text,
+    qos        smallint NOT NULL,
+    payload    bytea NOT NULL,
+    properties jsonb,
+    arrived    timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz
 );
 
 -- The commit-order lock. Every transaction that inserts into mqtt_msg first takes

@@ -67,3 +67,41 @@ fn unexpected(column: usize, expected: &str, got: Option<&Value>) -> sql::Error 
         "column {column}: expected {expected}, got {got:?}; is the schema the one in schema/schema.sql?"
     ))
 }
+
+/// A statement assembled from fixed SQL fragments, every value a bound parameter.
+pub struct Query {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+impl Query {
+    pub fn new(sql: &str, params: Vec<Value>) -> Query {
+        Query { sql: sql.to_owned(), params }
+    }
+
+    /// Appends `fragment`, whose `?` becomes the next parameter, bound to `value`.
+    pub fn bind(&mut self, fragment: &str, value: Value) -> &mut Query {
+        self.params.push(value);
+        self.sql.push_str(&fragment.replace('?', &format!("${}", self.params.len())));
+        self
+    }
+
+    pub fn push(&mut self, fragment: &str) -> &mut Query {
+        self.sql.push_str(fragment);
+        self
+    }
+
+    pub fn run(&self, pool: &str) -> Result<sql::RowSet, sql::Error> {
+        sql::query(pool, &self.sql, &self.params)
+    }
+}
+
+/// Runs `statement` once per parameter list, all or nothing: one list needs no explicit
+/// transaction; several are pipelined in one.
+pub fn run_batch(pool: &str, statement: &str, params: &[Vec<Value>]) -> Result<Vec<sql::RowSet>, sql::Error> {
+    match params {
+        [] => Ok(Vec::new()),
+        [one] => Ok(vec![sql::query(pool, statement, one)?]),
+        _ => in_transaction(pool, |tx| tx.query_batch(statement, params)),
+    }
+}

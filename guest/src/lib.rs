@@ -23,30 +23,51 @@ use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
     ConfigError, FetchPage, Guest, HookError, PublishOutcome, Rules as RulesText,
 };
-use functions::{acked, fetch, publish};
+use functions::{acked, client, fetch, housekeeping, publish, retain};
 use placeholder::Event;
 use rules::{Action, Function, Hookpoint, Rule, Rules};
 
-thread_local! {
-    /// The installed rules. A component instance is single-threaded; hooks borrow a snapshot.
-    static RULES: RefCell<Rc<Rules>> = RefCell::new(Rc::new(Rules::default()));
+/// What `configure` installed.
+#[derive(Default)]
+struct Config {
+    rules: Rules,
+    /// The broker node's name.
+    node: String,
 }
 
-fn rules() -> Rc<Rules> {
-    RULES.with(|r| r.borrow().clone())
+thread_local! {
+    /// A component instance is single-threaded; each hook works on a snapshot of the config.
+    static CONFIG: RefCell<Rc<Config>> = RefCell::new(Rc::new(Config::default()));
+}
+
+fn config() -> Rc<Config> {
+    CONFIG.with(|c| c.borrow().clone())
+}
+
+/// The broker node's name, for `${node}`.
+pub(crate) fn node() -> String {
+    config().node.clone()
+}
+
+pub(crate) fn warn(message: &str) {
+    log::write(Level::Warn, message);
 }
 
 fn sql_error(rule: &Rule, error: sql::Error) -> HookError {
-    log::write(Level::Warn, &format!("{}: {error:?}", rule.key));
+    warn(&format!("{}: {error:?}", rule.key));
     HookError::Sql((rule.key.clone(), error))
 }
 
-/// Runs the sql-action rules of `hookpoint` that fire for `topic` (or all, for client hooks).
+/// The rules of `hookpoint` that fire for an event about `topic` (every rule, for client hooks).
+fn firing<'a>(config: &'a Config, hookpoint: Hookpoint, topic: Option<&'a str>) -> impl Iterator<Item = &'a Rule> {
+    config.rules.for_hookpoint(hookpoint).iter().filter(move |rule| topic.is_none_or(|t| rule.fires_for(t)))
+}
+
+/// Runs the sql actions of `hookpoint` that fire for `event`.
 fn run_sql_rules(hookpoint: Hookpoint, topic: Option<&str>, event: &Event<'_>) -> Result<(), HookError> {
-    for rule in rules().for_hookpoint(hookpoint) {
-        if let Action::Sql(statements) = &rule.action
-            && topic.is_none_or(|t| rule.fires_for(t))
-        {
+    let config = config();
+    for rule in firing(&config, hookpoint, topic) {
+        if let Action::Sql(statements) = &rule.action {
             action::run(&rule.pool, statements, std::slice::from_ref(event)).map_err(|e| sql_error(rule, e))?;
         }
     }
@@ -57,45 +78,79 @@ struct Extension;
 
 impl Guest for Extension {
     fn configure(text: RulesText) -> Result<(), ConfigError> {
-        let parsed = Rules::parse(&text.text, &text.pools).map_err(|e| ConfigError {
+        let rules = Rules::parse(&text.text, &text.pools).map_err(|e| ConfigError {
             line: e.line,
             key: e.key,
             message: e.message,
         })?;
-        RULES.with(|r| *r.borrow_mut() = Rc::new(parsed));
+        CONFIG.with(|c| *c.borrow_mut() = Rc::new(Config { rules, node: text.node }));
         Ok(())
     }
 
     fn client_connected(client: Client) -> Result<Vec<Subscription>, HookError> {
-        run_sql_rules(Hookpoint::ClientConnected, None, &Event::Client(&client))?;
-        Ok(Vec::new())
+        let config = config();
+        let mut subscriptions = Vec::new();
+        for rule in firing(&config, Hookpoint::ClientConnected, None) {
+            match &rule.action {
+                Action::Function(Function::ClientConnected) => client::connected(&rule.pool, &client.clientid, &config.node),
+                Action::Function(Function::SubscribeLookup) => {
+                    client::subscriptions(&rule.pool, &client.clientid).map(|found| subscriptions.extend(found))
+                }
+                Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
+                Action::Function(_) => Ok(()),
+            }
+            .map_err(|e| sql_error(rule, e))?;
+        }
+        Ok(subscriptions)
     }
 
     fn client_disconnected(client: Client, _reason: String) -> Result<(), HookError> {
-        run_sql_rules(Hookpoint::ClientDisconnected, None, &Event::Client(&client))
+        let config = config();
+        for rule in firing(&config, Hookpoint::ClientDisconnected, None) {
+            match &rule.action {
+                Action::Function(Function::ClientDisconnected) => {
+                    client::disconnected(&rule.pool, &client.clientid, &config.node)
+                }
+                Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
+                Action::Function(_) => Ok(()),
+            }
+            .map_err(|e| sql_error(rule, e))?;
+        }
+        Ok(())
     }
 
     fn session_subscribed(client: Client, subscription: Subscription) -> Result<FetchPage, HookError> {
-        let event = Event::Subscription { client: &client, filter: &subscription.filter, qos: Some(subscription.qos) };
-        run_sql_rules(Hookpoint::SessionSubscribed, Some(&subscription.filter), &event)?;
-        let rules = rules();
-        // The first fetch rule that fires serves the subscription; only QoS 1/2 subscriptions fetch.
-        let fetch_rule = rules.for_hookpoint(Hookpoint::SessionSubscribed).iter().find_map(|rule| match &rule.action {
-            Action::Function(Function::MessageFetch(opts)) if rule.fires_for(&subscription.filter) => Some((rule, opts)),
-            _ => None,
-        });
-        let Some((rule, opts)) = fetch_rule.filter(|_| subscription.qos > 0) else {
-            return Ok(FetchPage { messages: Vec::new(), next: None });
-        };
-        let page = fetch::first_page(&rule.pool, rule.index, opts, &client.clientid, &subscription.filter)
+        let config = config();
+        let filter = subscription.filter.as_str();
+        let event = Event::Subscription { client: &client, filter, qos: Some(subscription.qos) };
+        // Retained messages first, then the offline backlog's first page (one fetch rule serves a
+        // subscription: the first that fires; only QoS 1/2 subscriptions fetch).
+        let mut page = FetchPage { messages: Vec::new(), next: None };
+        let mut fetched = false;
+        for rule in firing(&config, Hookpoint::SessionSubscribed, Some(filter)) {
+            match &rule.action {
+                Action::Function(Function::RetainLookup) => {
+                    retain::lookup(&rule.pool, filter).map(|retained| page.messages.extend(retained))
+                }
+                Action::Function(Function::MessageFetch(opts)) if !fetched && subscription.qos > 0 => {
+                    fetched = true;
+                    fetch::first_page(&rule.pool, rule.index, opts, &client.clientid, filter).map(|first| {
+                        page.messages.extend(first.messages);
+                        page.next = first.next.map(|c| c.encode());
+                    })
+                }
+                Action::Sql(statements) => action::run(&rule.pool, statements, std::slice::from_ref(&event)),
+                Action::Function(_) => Ok(()),
+            }
             .map_err(|e| sql_error(rule, e))?;
-        Ok(FetchPage { messages: page.messages, next: page.next.map(|c| c.encode()) })
+        }
+        Ok(page)
     }
 
     fn session_fetch_next(_client: Client, subscription: Subscription, cursor: String) -> Result<FetchPage, HookError> {
         let cursor = fetch::Cursor::decode(&cursor).map_err(HookError::Invalid)?;
-        let rules = rules();
-        let Some(rule) = rules.find(Hookpoint::SessionSubscribed, cursor.rule_index) else {
+        let config = config();
+        let Some(rule) = config.rules.find(Hookpoint::SessionSubscribed, cursor.rule_index) else {
             return Err(HookError::Invalid(format!("the rule of cursor `{}` is no longer configured", cursor.encode())));
         };
         let Action::Function(Function::MessageFetch(opts)) = &rule.action else {
@@ -111,30 +166,37 @@ impl Guest for Extension {
     }
 
     fn message_publish(mut messages: Vec<Message>) -> Vec<PublishOutcome> {
+        let config = config();
         let mut outcomes: Vec<PublishOutcome> = messages.iter().map(|_| PublishOutcome::NotStored).collect();
-        let rules = rules();
-        for rule in rules.for_hookpoint(Hookpoint::MessagePublish) {
-            // The messages this rule applies to; one that already failed is not worked on further.
+        for rule in config.rules.for_hookpoint(Hookpoint::MessagePublish) {
+            // The messages this rule works on; one that already failed is left alone.
+            let applies: fn(&Message) -> bool = match &rule.action {
+                Action::Function(Function::MessagePublish(_)) => publish::publish_stores,
+                Action::Function(Function::MessageRetain) => retain::retains,
+                Action::Function(Function::RetainDelete) => retain::deletes,
+                _ => |_| true,
+            };
             let selected: Vec<usize> = (0..messages.len())
-                .filter(|&i| rule.fires_for(&messages[i].topic) && !matches!(outcomes[i], PublishOutcome::Failed(_)))
-                .filter(|&i| !matches!(rule.action, Action::Function(Function::MessagePublish)) || publish::stores(&messages[i]))
+                .filter(|&i| !matches!(outcomes[i], PublishOutcome::Failed(_)))
+                .filter(|&i| rule.fires_for(&messages[i].topic) && applies(&messages[i]))
                 .collect();
             if selected.is_empty() {
                 continue;
             }
+            let batch: Vec<&Message> = selected.iter().map(|&i| &messages[i]).collect();
             let result = match &rule.action {
-                Action::Function(Function::MessagePublish) => {
-                    let batch: Vec<&Message> = selected.iter().map(|&i| &messages[i]).collect();
-                    publish::store(&rule.pool, &batch).map(|ids| {
-                        for (&i, id) in selected.iter().zip(ids) {
-                            messages[i].id = Some(id);
-                            outcomes[i] = PublishOutcome::Stored(id);
-                        }
-                    })
-                }
+                Action::Function(Function::MessagePublish(_)) => publish::store(&rule.pool, &batch).map(|ids| {
+                    for (&i, id) in selected.iter().zip(ids) {
+                        messages[i].id = Some(id);
+                        outcomes[i] = PublishOutcome::Stored(id);
+                    }
+                }),
+                // Archive copies: no id travels, acks do not move positions with them.
+                Action::Function(Function::MessageStore(_)) => publish::store(&rule.pool, &batch).map(drop),
+                Action::Function(Function::MessageRetain) => retain::keep(&rule.pool, &batch),
+                Action::Function(Function::RetainDelete) => retain::delete(&rule.pool, &batch),
                 Action::Sql(statements) => {
-                    let events: Vec<Event<'_>> =
-                        selected.iter().map(|&i| Event::Message { receiver: None, message: &messages[i] }).collect();
+                    let events: Vec<Event<'_>> = batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
                     action::run(&rule.pool, statements, &events)
                 }
                 Action::Function(_) => Ok(()), // configuration keeps other functions off this hookpoint
@@ -155,15 +217,37 @@ impl Guest for Extension {
     }
 
     fn message_acked(client: Client, message: Message) -> Result<(), HookError> {
-        if let Some(id) = message.id {
-            for rule in rules().for_hookpoint(Hookpoint::MessageAcked) {
-                if rule.action == Action::Function(Function::MessageAcked) && rule.fires_for(&message.topic) {
-                    acked::advance(&rule.pool, &client.clientid, id).map_err(|e| sql_error(rule, e))?;
-                }
+        let config = config();
+        let event = Event::Message { receiver: Some(&client), message: &message };
+        for rule in firing(&config, Hookpoint::MessageAcked, Some(&message.topic)) {
+            match (&rule.action, message.id) {
+                (Action::Function(Function::MessageAcked), Some(id)) => acked::advance(&rule.pool, &client.clientid, id),
+                (Action::Sql(statements), _) => action::run(&rule.pool, statements, std::slice::from_ref(&event)),
+                _ => Ok(()),
+            }
+            .map_err(|e| sql_error(rule, e))?;
+        }
+        Ok(())
+    }
+
+    fn tick() -> Result<u64, HookError> {
+        let config = config();
+        let mut deleted = 0;
+        let mut swept_pools: Vec<&str> = Vec::new();
+        for rule in config.rules.for_hookpoint(Hookpoint::MessagePublish) {
+            let (Action::Function(Function::MessagePublish(opts)) | Action::Function(Function::MessageStore(opts))) = &rule.action
+            else {
+                continue;
+            };
+            if !swept_pools.contains(&rule.pool.as_str()) {
+                swept_pools.push(&rule.pool);
+                deleted += housekeeping::delete_expired(&rule.pool).map_err(|e| sql_error(rule, e))?;
+            }
+            if let Some(retention) = opts.retention_secs {
+                deleted += housekeeping::delete_older_than(&rule.pool, retention).map_err(|e| sql_error(rule, e))?;
             }
         }
-        let event = Event::Message { receiver: Some(&client), message: &message };
-        run_sql_rules(Hookpoint::MessageAcked, Some(&message.topic), &event)
+        Ok(deleted)
     }
 }
 

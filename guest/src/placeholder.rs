@@ -21,17 +21,19 @@ pub enum Placeholder {
     Timestamp,
     /// The stored id of the message, or NULL when it was not stored.
     Id,
+    /// The broker node's name.
+    Node,
 }
 
 use Placeholder::*;
 
-const ALL: &[Placeholder] = &[Clientid, Username, Peerhost, Topic, Qos, Msgid, Payload, Retain, Timestamp, Id];
-const CLIENT: &[Placeholder] = &[Clientid, Username, Peerhost];
-const SUBSCRIBED: &[Placeholder] = &[Clientid, Username, Peerhost, Topic, Qos];
-const UNSUBSCRIBED: &[Placeholder] = &[Clientid, Username, Peerhost, Topic];
-const PUBLISH: &[Placeholder] = &[Clientid, Msgid, Topic, Payload, Qos, Retain, Timestamp, Id];
+const ALL: &[Placeholder] = &[Clientid, Username, Peerhost, Topic, Qos, Msgid, Payload, Retain, Timestamp, Id, Node];
+const CLIENT: &[Placeholder] = &[Clientid, Username, Peerhost, Node];
+const SUBSCRIBED: &[Placeholder] = &[Clientid, Username, Peerhost, Topic, Qos, Node];
+const UNSUBSCRIBED: &[Placeholder] = &[Clientid, Username, Peerhost, Topic, Node];
+const PUBLISH: &[Placeholder] = &[Clientid, Msgid, Topic, Payload, Qos, Retain, Timestamp, Id, Node];
 const RECEIVED: &[Placeholder] =
-    &[Clientid, Username, Peerhost, Msgid, Topic, Payload, Qos, Retain, Timestamp, Id];
+    &[Clientid, Username, Peerhost, Msgid, Topic, Payload, Qos, Retain, Timestamp, Id, Node];
 
 impl Placeholder {
     fn name(self) -> &'static str {
@@ -46,6 +48,7 @@ impl Placeholder {
             Retain => "retain",
             Timestamp => "timestamp",
             Id => "id",
+            Node => "node",
         }
     }
 
@@ -85,6 +88,7 @@ impl Placeholder {
             Event::Message { receiver, .. } => *receiver,
         };
         match (self, event) {
+            (Node, _) => Value::Text(crate::node()),
             (Clientid, Event::Message { receiver: None, message }) => text(&message.sender),
             (Clientid, _) => client.map_or(Value::Null, |c| text(&c.clientid)),
             (Username, _) => client.map_or(Value::Null, |c| optional(&c.username)),

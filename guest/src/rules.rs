@@ -48,41 +48,55 @@ impl Hookpoint {
     }
 }
 
-/// The built-in functions this extension runs.
+/// The built-in functions of emqx_backend_pgsql.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Function {
-    /// Store QoS 1/2 messages; the stored id travels with the message.
-    MessagePublish,
+    /// `mqtt_client`: online, with node and time.
+    ClientConnected,
+    /// `mqtt_client`: offline, with time.
+    ClientDisconnected,
+    /// The client's stored subscriptions (`mqtt_sub`), for the host to apply.
+    SubscribeLookup,
     /// Hand a subscriber the stored messages it has not read yet.
     MessageFetch(OfflineOpts),
+    /// Hand a subscriber the retained messages its filter matches.
+    RetainLookup,
+    /// Store QoS 1/2 messages; the stored id travels with the message.
+    MessagePublish(StoreOpts),
+    /// Store every message, QoS 0 included, for archive use; no id travels.
+    MessageStore(StoreOpts),
+    /// Keep a retained message with a payload as its topic's retained message.
+    MessageRetain,
+    /// A retained message with an empty payload deletes its topic's retained message.
+    RetainDelete,
     /// Move a subscriber's read position to an acked message.
     MessageAcked,
 }
 
+/// Each function's name, the hookpoint it runs on, and the function with default options.
+const FUNCTIONS: [(&str, Hookpoint, fn() -> Function); 10] = [
+    ("on_client_connected", Hookpoint::ClientConnected, || Function::ClientConnected),
+    ("on_subscribe_lookup", Hookpoint::ClientConnected, || Function::SubscribeLookup),
+    ("on_client_disconnected", Hookpoint::ClientDisconnected, || Function::ClientDisconnected),
+    ("on_message_fetch", Hookpoint::SessionSubscribed, || Function::MessageFetch(OfflineOpts::default())),
+    ("on_retain_lookup", Hookpoint::SessionSubscribed, || Function::RetainLookup),
+    ("on_message_publish", Hookpoint::MessagePublish, || Function::MessagePublish(StoreOpts::default())),
+    ("on_message_store", Hookpoint::MessagePublish, || Function::MessageStore(StoreOpts::default())),
+    ("on_message_retain", Hookpoint::MessagePublish, || Function::MessageRetain),
+    ("on_retain_delete", Hookpoint::MessagePublish, || Function::RetainDelete),
+    ("on_message_acked", Hookpoint::MessageAcked, || Function::MessageAcked),
+];
+
 impl Function {
     fn parse(name: &str, hookpoint: Hookpoint) -> Result<Function, String> {
-        let (function, home) = match name {
-            "on_message_publish" => (Function::MessagePublish, Hookpoint::MessagePublish),
-            "on_message_fetch" => (Function::MessageFetch(OfflineOpts::default()), Hookpoint::SessionSubscribed),
-            "on_message_acked" => (Function::MessageAcked, Hookpoint::MessageAcked),
-            "on_client_connected" | "on_client_disconnected" | "on_subscribe_lookup" | "on_retain_lookup"
-            | "on_message_retain" | "on_retain_delete" | "on_message_store" => {
-                return Err(format!("function `{name}` is not supported by this version of the extension"));
-            }
-            _ => {
-                return Err(format!(
-                    "unknown function `{name}`; known: on_message_publish, on_message_fetch, on_message_acked"
-                ));
-            }
+        let Some((_, home, function)) = FUNCTIONS.iter().find(|(n, _, _)| *n == name) else {
+            let known: Vec<&str> = FUNCTIONS.iter().map(|(n, _, _)| *n).collect();
+            return Err(format!("unknown function `{name}`; known: {}", known.join(", ")));
         };
-        if home != hookpoint {
-            return Err(format!(
-                "function `{name}` belongs on hookpoint {}, not {}",
-                home.name(),
-                hookpoint.name()
-            ));
+        if *home != hookpoint {
+            return Err(format!("function `{name}` belongs on hookpoint {}, not {}", home.name(), hookpoint.name()));
         }
-        Ok(function)
+        Ok(function())
     }
 }
 
@@ -93,6 +107,8 @@ pub struct OfflineOpts {
     pub max_returned_count: u32,
     /// Only messages that arrived within this many seconds are fetched.
     pub time_range_secs: Option<u64>,
+    /// Where a first subscription starts reading.
+    pub first_fetch: FirstFetch,
 }
 
 /// EMQX's example value; a page size, so it bounds memory, not what is delivered.
@@ -100,8 +116,23 @@ pub const DEFAULT_PAGE_SIZE: u32 = 500;
 
 impl Default for OfflineOpts {
     fn default() -> Self {
-        OfflineOpts { max_returned_count: DEFAULT_PAGE_SIZE, time_range_secs: None }
+        OfflineOpts { max_returned_count: DEFAULT_PAGE_SIZE, time_range_secs: None, first_fetch: FirstFetch::Latest }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstFetch {
+    /// After the newest stored message (EMQX): what came before the subscription is not offline.
+    Latest,
+    /// Every stored message still within `time_range`.
+    Earliest,
+}
+
+/// Options of the storing functions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoreOpts {
+    /// Messages older than this many seconds are deleted by `tick`.
+    pub retention_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +203,7 @@ impl Rules {
     }
 }
 
-const RULE_KEYS: [&str; 4] = ["topic", "action", "pool", "offline_opts"];
+const RULE_KEYS: [&str; 5] = ["topic", "action", "pool", "offline_opts", "retention"];
 
 fn parse_rule(
     object: &Map<String, Value>,
@@ -212,6 +243,15 @@ fn parse_rule(
             return Err("offline_opts applies only to the on_message_fetch function".into());
         };
         *fetch_opts = parse_offline_opts(opts)?;
+    }
+    if let Some(retention) = object.get("retention") {
+        let (Action::Function(Function::MessagePublish(store_opts)) | Action::Function(Function::MessageStore(store_opts))) =
+            &mut action
+        else {
+            return Err("retention applies only to on_message_publish and on_message_store".into());
+        };
+        let text = retention.as_str().ok_or("retention must be a string such as \"7d\"")?;
+        store_opts.retention_secs = Some(parse_duration(text).map_err(|e| format!("retention: {e}"))?);
     }
     Ok(Rule { key: key.to_owned(), hookpoint, index, topic, pool, action })
 }
@@ -263,9 +303,16 @@ fn parse_offline_opts(opts: &Value) -> Result<OfflineOpts, String> {
                 parsed.time_range_secs =
                     Some(parse_duration(text).map_err(|e| format!("offline_opts.time_range: {e}"))?);
             }
+            "first_fetch" => {
+                parsed.first_fetch = match value.as_str() {
+                    Some("latest") => FirstFetch::Latest,
+                    Some("earliest") => FirstFetch::Earliest,
+                    _ => return Err("offline_opts.first_fetch must be \"latest\" or \"earliest\"".into()),
+                };
+            }
             other => {
                 return Err(format!(
-                    "unknown field offline_opts.{other}; known: max_returned_count, time_range"
+                    "unknown field offline_opts.{other}; known: max_returned_count, time_range, first_fetch"
                 ));
             }
         }
@@ -325,7 +372,11 @@ backend.pgsql.hook.session.unsubscribed.1= {"topic": "#", "action": {"sql": ["de
         let fetch = &rules.for_hookpoint(Hookpoint::SessionSubscribed)[0];
         assert_eq!(
             fetch.action,
-            Action::Function(Function::MessageFetch(OfflineOpts { max_returned_count: 50, time_range_secs: Some(7200) }))
+            Action::Function(Function::MessageFetch(OfflineOpts {
+                max_returned_count: 50,
+                time_range_secs: Some(7200),
+                first_fetch: FirstFetch::Latest
+            }))
         );
         assert_eq!(rules.for_hookpoint(Hookpoint::SessionUnsubscribed).len(), 1);
     }

@@ -2,6 +2,22 @@
 
 pub use mqtt_topic::{has_wildcard, matches, validate_filter};
 
+use crate::bindings::broker::extension::sql::Value;
+use crate::db::Query;
+
+/// Appends ` AND <the topic column matches filter>`: an equality for a plain filter, else the
+/// prefix range (so the topic index narrows the scan) and the regular expression.
+pub fn push_match(query: &mut Query, filter: &str) {
+    if !has_wildcard(filter) {
+        query.bind(" AND topic = ?", Value::Text(filter.to_owned()));
+        return;
+    }
+    if let Some((low, high)) = literal_prefix_range(filter) {
+        query.bind(" AND topic >= ?", Value::Text(low)).bind(" AND topic < ?", Value::Text(high));
+    }
+    query.bind(" AND topic ~ ?", Value::Text(filter_regex(filter)));
+}
+
 /// A PostgreSQL regular expression (ARE) that matches exactly the topics `filter` matches.
 /// It is bound as a parameter, never pasted into statement text.
 pub fn filter_regex(filter: &str) -> String {

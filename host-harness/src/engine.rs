@@ -115,4 +115,8 @@ impl Instance {
     pub async fn message_acked(&mut self, client: &Client, message: &Message) -> Call<Result<(), HookError>> {
         Ok(self.hooks.broker_extension_hooks().call_message_acked(&mut self.store, client, message).await?)
     }
+
+    pub async fn tick(&mut self) -> Call<Result<u64, HookError>> {
+        Ok(self.hooks.broker_extension_hooks().call_tick(&mut self.store).await?)
+    }
 }

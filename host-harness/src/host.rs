@@ -13,6 +13,9 @@ use crate::engine::{ExtensionModule, Instance, Runtime};
 use crate::postgres::PgBackend;
 use crate::schema;
 
+/// The node name a host reports when none is given (EMQX's `node`).
+pub const DEFAULT_NODE: &str = "harness@localhost";
+
 pub struct Host {
     pub instance: Instance,
     backend: Arc<PgBackend>,
@@ -21,18 +24,23 @@ pub struct Host {
 impl Host {
     /// Loads `module` and configures it with the rules file at `rules`. Errors name the file,
     /// line and key of a bad rule.
-    pub async fn load(runtime: &Runtime, module: &Path, rules: &Path) -> anyhow::Result<Host> {
+    pub async fn load(runtime: &Runtime, module: &Path, rules: &Path, node: &str) -> anyhow::Result<Host> {
         let text = std::fs::read_to_string(rules).with_context(|| format!("reading {}", rules.display()))?;
         let module = runtime.load(module)?;
-        Host::with_rules(&module, &text, &rules.display().to_string()).await
+        Host::with_rules(&module, &text, &rules.display().to_string(), node).await
     }
 
     /// Like [`Host::load`], with the rules given as text; `source` names them in errors.
-    pub async fn with_rules(module: &ExtensionModule, text: &str, source: &str) -> anyhow::Result<Host> {
+    pub async fn with_rules(module: &ExtensionModule, text: &str, source: &str, node: &str) -> anyhow::Result<Host> {
         let file = RulesFile::parse(text).map_err(|e| anyhow!("{source}: {e}"))?;
         let backend = Arc::new(PgBackend::new(&file.pools)?);
         let mut instance = module.instantiate(backend.clone()).await?;
-        let rules = Rules { source: source.to_owned(), text: file.guest_text, pools: backend.pool_names() };
+        let rules = Rules {
+            source: source.to_owned(),
+            text: file.guest_text,
+            pools: backend.pool_names(),
+            node: node.to_owned(),
+        };
         if let Err(e) = instance.configure(&rules).await? {
             return Err(anyhow!("{source}: {}", RulesError { line: e.line, key: e.key, message: e.message }));
         }

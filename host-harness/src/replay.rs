@@ -54,6 +54,9 @@ enum Event {
     },
     #[serde(rename = "message.acked")]
     MessageAcked { clientid: String, id: i64 },
+    /// Housekeeping: what a broker does every few seconds.
+    #[serde(rename = "tick")]
+    Tick {},
 }
 
 fn yes() -> bool {
@@ -78,7 +81,9 @@ enum Stop {
 
 impl From<HookError> for Stop {
     fn from(e: HookError) -> Stop {
-        Stop::Failed(e.describe())
+        let message = e.describe();
+        tracing::warn!("{message}");
+        Stop::Failed(message)
     }
 }
 
@@ -188,6 +193,10 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 let client = session.client.clone();
                 self.instance.message_acked(&client, &message).await??;
             }
+            Event::Tick {} => {
+                let deleted = self.instance.tick().await??;
+                self.emit(json!({"tick": {"deleted": deleted}})).await?;
+            }
         }
         Ok(())
     }
@@ -239,7 +248,10 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             Some(PublishOutcome::Stored(id)) => message.id = Some(id),
             Some(PublishOutcome::NotStored) => {}
             // Fail-closed: the publisher is not told the message was accepted, nobody gets it.
-            Some(PublishOutcome::Failed(e)) => return failed(format!("message not stored: {}", e.describe())),
+            Some(PublishOutcome::Failed(e)) => {
+                tracing::warn!("message not stored: {}", e.describe());
+                return failed(format!("message not stored: {}", e.describe()));
+            }
             None => return failed("message-publish returned no outcome"),
         }
         let published = json!({"published": {"clientid": message.sender, "topic": message.topic, "qos": qos, "id": message.id}});
@@ -298,6 +310,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             }
         }
         for e in failures {
+            tracing::warn!("{}", e.describe());
             self.emit(json!({"error": {"clientid": clientid, "message": e.describe()}})).await?;
         }
         Ok(())

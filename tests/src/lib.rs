@@ -78,7 +78,7 @@ impl TestDb {
 
     /// A host running the guest with `rules`, with the schema applied.
     pub async fn host(&self, rules: &str) -> Host {
-        let host = Host::with_rules(&guest_module(), rules, "test.conf").await.expect("rules accepted");
+        let host = Host::with_rules(&guest_module(), rules, "test.conf", "node1@test").await.expect("rules accepted");
         host.migrate().await.expect("migration");
         host
     }

@@ -6,21 +6,19 @@
 //! become visible in order, so nothing below a position can still appear later.
 
 use crate::bindings::broker::extension::sql::{self, Value};
-use crate::bindings::broker::extension::types::{Message, Property};
-use crate::db;
-use crate::rules::OfflineOpts;
+use crate::bindings::broker::extension::types::Message;
+use crate::db::{self, Query};
+use crate::functions::rows;
+use crate::rules::{FirstFetch, OfflineOpts};
 use crate::topic;
 
-/// Finds or creates the subscriber's position. A first subscription starts at the newest stored
-/// message (EMQX's behaviour): what was published before it is not offline for this client.
+/// Finds or creates the subscriber's position. A first subscription starts after the newest
+/// stored message (`first_fetch: latest`, EMQX's behaviour) or before all of them (`earliest`).
 /// Also stores the filter's regex, which on_message_acked matches topics with.
 const POSITION: &str = "INSERT INTO mqtt_acked (clientid, topic, topic_re, mid) \
-                        VALUES ($1, $2, $3, (SELECT coalesce(max(id), 0) FROM mqtt_msg)) \
+                        VALUES ($1, $2, $3, CASE WHEN $4 THEN 0 ELSE (SELECT coalesce(max(id), 0) FROM mqtt_msg) END) \
                         ON CONFLICT (clientid, topic) DO UPDATE SET topic_re = excluded.topic_re \
                         RETURNING mid";
-
-const PAGE: &str = "SELECT id, msgid, sender, topic, qos, retain, payload, arrived, properties::text \
-                    FROM mqtt_msg WHERE id > $1";
 
 /// Where the next page starts: the rule that made the page (its `N`) and the last id handed out.
 /// The host treats it as opaque.
@@ -55,66 +53,37 @@ pub fn first_page(
     clientid: &str,
     filter: &str,
 ) -> Result<Page, sql::Error> {
-    let params = [db::text(clientid), db::text(filter), Value::Text(topic::filter_regex(filter))];
+    let params = [
+        db::text(clientid),
+        db::text(filter),
+        Value::Text(topic::filter_regex(filter)),
+        Value::Boolean(opts.first_fetch == FirstFetch::Earliest),
+    ];
     let position = sql::query(pool, POSITION, &params)?;
     let after_id = db::int64(position.rows.first().map_or(&[][..], |r| r), 0)?;
     page(pool, opts, filter, Cursor { rule_index, after_id })
 }
 
-/// The page after `cursor`.
+/// The page after `cursor`: unread, unexpired, within time_range, oldest first.
 pub fn page(pool: &str, opts: &OfflineOpts, filter: &str, cursor: Cursor) -> Result<Page, sql::Error> {
-    // The statement is built from fixed fragments; the filter and every other value are parameters.
-    let mut statement = String::from(PAGE);
-    let mut params = vec![Value::Int64(cursor.after_id)];
-    let mut bind = |statement: &mut String, fragment: &str, value: Value| {
-        params.push(value);
-        statement.push_str(&fragment.replace('?', &format!("${}", params.len())));
-    };
-    if !topic::has_wildcard(filter) {
-        bind(&mut statement, " AND topic = ?", db::text(filter));
-    } else {
-        if let Some((low, high)) = topic::literal_prefix_range(filter) {
-            bind(&mut statement, " AND topic >= ?", Value::Text(low));
-            bind(&mut statement, " AND topic < ?", Value::Text(high));
-        }
-        bind(&mut statement, " AND topic ~ ?", Value::Text(topic::filter_regex(filter)));
-    }
+    let select = format!("SELECT id, retain, {} FROM mqtt_msg WHERE id > $1{}", rows::COLUMNS, rows::NOT_EXPIRED);
+    let mut query = Query::new(&select, vec![Value::Int64(cursor.after_id)]);
+    topic::push_match(&mut query, filter);
     if let Some(secs) = opts.time_range_secs {
-        bind(&mut statement, " AND arrived >= now() - ?::float8 * interval '1 second'", Value::Float64(secs as f64));
+        query.bind(" AND arrived >= now() - ?::float8 * interval '1 second'", Value::Float64(secs as f64));
     }
     let limit = opts.max_returned_count;
-    bind(&mut statement, " ORDER BY id LIMIT ?", Value::Int64(i64::from(limit)));
+    query.bind(" ORDER BY id LIMIT ?", Value::Int64(i64::from(limit)));
 
-    let mut rows = sql::query(pool, &statement, &params)?.rows;
-    let messages = rows.iter_mut().map(|row| decode(row)).collect::<Result<Vec<_>, _>>()?;
-    let full = messages.len() >= limit as usize;
+    let mut rows = query.run(pool)?.rows;
+    let messages = rows.iter_mut().map(|row| rows::decode(row)).collect::<Result<Vec<_>, _>>()?;
     let next = match messages.last() {
-        Some(last) if full => Some(Cursor { rule_index: cursor.rule_index, after_id: last.id.unwrap_or(cursor.after_id) }),
+        Some(last) if messages.len() >= limit as usize => {
+            Some(Cursor { rule_index: cursor.rule_index, after_id: last.id.unwrap_or(cursor.after_id) })
+        }
         _ => None,
     };
     Ok(Page { messages, next })
-}
-
-fn decode(row: &mut [Value]) -> Result<Message, sql::Error> {
-    let properties = match db::optional_string(row, 8)? {
-        None => Vec::new(),
-        Some(json) => serde_json::from_str::<Vec<(String, String)>>(&json)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(key, value)| Property { key, value })
-            .collect(),
-    };
-    Ok(Message {
-        id: Some(db::int64(row, 0)?),
-        msgid: db::string(row, 1)?,
-        sender: db::string(row, 2)?,
-        topic: db::string(row, 3)?,
-        qos: u8::try_from(db::int64(row, 4)?).unwrap_or(1),
-        retain: db::boolean(row, 5)?,
-        payload: db::bytes(row, 6)?,
-        timestamp: db::timestamp_micros(row, 7)?.div_euclid(1000),
-        properties,
-    })
 }
 
 #[cfg(test)]

@@ -24,6 +24,9 @@ struct Load {
     /// The rules file: EMQX conf lines or a JSON document.
     #[arg(long)]
     rules: PathBuf,
+    /// This broker node's name, for `mqtt_client.node` and `${node}`.
+    #[arg(long, default_value = host_harness::host::DEFAULT_NODE)]
+    node: String,
 }
 
 #[derive(Subcommand)]
@@ -61,12 +64,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let runtime = Runtime::new()?;
     match command {
         Command::Check(load) => {
-            Host::load(&runtime, &load.module, &load.rules).await?;
+            Host::load(&runtime, &load.module, &load.rules, &load.node).await?;
             println!("{}: ok", load.rules.display());
         }
-        Command::Migrate(load) => Host::load(&runtime, &load.module, &load.rules).await?.migrate().await?,
+        Command::Migrate(load) => Host::load(&runtime, &load.module, &load.rules, &load.node).await?.migrate().await?,
         Command::Run { load, scenario } => {
-            let mut host = Host::load(&runtime, &load.module, &load.rules).await?;
+            let mut host = Host::load(&runtime, &load.module, &load.rules, &load.node).await?;
             let mut broker = Broker::new(&mut host.instance, tokio::io::stdout());
             match scenario {
                 Some(path) => broker.replay(BufReader::new(tokio::fs::File::open(&path).await?)).await?,
