@@ -3,6 +3,7 @@
 //! `make guest`), and the real host.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use host_harness::replay::Broker;
 use host_harness::{ExtensionModule, Host, Runtime};
@@ -22,9 +23,10 @@ pub fn guest_wasm() -> PathBuf {
     path
 }
 
-/// The compiled guest.
-pub fn guest_module() -> ExtensionModule {
-    Runtime::new().and_then(|runtime| runtime.load(&guest_wasm())).expect("loading the guest")
+/// The compiled guest, compiled once per test process.
+pub fn guest_module() -> &'static ExtensionModule {
+    static MODULE: OnceLock<ExtensionModule> = OnceLock::new();
+    MODULE.get_or_init(|| Runtime::new().and_then(|runtime| runtime.load(&guest_wasm())).expect("loading the guest"))
 }
 
 async fn connect(database: &str) -> Client {
@@ -78,7 +80,7 @@ impl TestDb {
 
     /// A host running the guest with `rules`, with the schema applied.
     pub async fn host(&self, rules: &str) -> Host {
-        let host = Host::with_rules(&guest_module(), rules, "test.conf", "node1@test").await.expect("rules accepted");
+        let host = Host::with_rules(guest_module(), rules, "test.conf", "node1@test").await.expect("rules accepted");
         host.migrate().await.expect("migration");
         host
     }

@@ -11,7 +11,7 @@ use serde_json::json;
 const POOL: &str = "backend.pgsql.pool1.server = 127.0.0.1:5432\n";
 
 async fn refused(rules: &str) -> String {
-    match Host::with_rules(&guest_module(), rules, "bad.conf", "node1@test").await {
+    match Host::with_rules(guest_module(), rules, "bad.conf", "node1@test").await {
         Ok(_) => panic!("rules accepted:\n{rules}"),
         Err(e) => e.to_string(),
     }

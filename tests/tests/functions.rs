@@ -1,0 +1,274 @@
+//! The rest of emqx_backend_pgsql's functions (client state, stored subscriptions, retained
+//! messages, archive store), the placeholder set, several pools, first-fetch policies, expiry and
+//! retention.
+
+use integration_tests::event::{connect, disconnect, lines, publish, subscribe};
+use integration_tests::{TestDb, deliveries, errors, offline_rules, replay};
+use serde_json::{Value, json};
+
+fn rule(hook: &str, body: &str) -> String {
+    format!("backend.pgsql.hook.{hook} = {body}")
+}
+
+fn function(hook: &str, name: &str) -> String {
+    rule(hook, &format!(r#"{{"action": {{"function": "{name}"}}, "pool": "pool1"}}"#))
+}
+
+fn publish_retained(topic: &str, payload: &str) -> String {
+    json!({"event": "message.publish", "clientid": "p", "topic": topic, "qos": 1, "retain": true, "payload": payload}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_state_is_kept_in_mqtt_client() {
+    let db = TestDb::create("client_state").await;
+    let rules = [function("client.connected.1", "on_client_connected"), function("client.disconnected.1", "on_client_disconnected")];
+    let mut host = db.host(&db.rules(&rules.join("\n"))).await;
+    let client = db.client().await;
+    let state = || async {
+        let row = client
+            .query_one("SELECT state, node, online_at IS NOT NULL, offline_at IS NOT NULL FROM mqtt_client WHERE clientid = 'c1'", &[])
+            .await
+            .unwrap();
+        (row.get::<_, i16>(0), row.get::<_, String>(1), row.get::<_, bool>(2), row.get::<_, bool>(3))
+    };
+    replay(&mut host, &connect("c1")).await;
+    assert_eq!(state().await, (1, "node1@test".into(), true, false));
+    replay(&mut host, &lines(&[connect("c1"), disconnect("c1")])).await;
+    assert_eq!(state().await, (0, "node1@test".into(), true, true));
+    replay(&mut host, &connect("c1")).await;
+    assert_eq!(state().await, (1, "node1@test".into(), true, false), "back online clears offline_at");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_subscriptions_are_applied_at_connect_and_fetch_their_backlog() {
+    let db = TestDb::create("subscribe_lookup").await;
+    let rules = format!("{}\n{}", offline_rules(""), function("client.connected.1", "on_subscribe_lookup"));
+    let mut host = db.host(&db.rules(&rules)).await;
+    replay(&mut host, &lines(&[connect("c1"), subscribe("c1", "news/#", 1), disconnect("c1")])).await;
+    db.client()
+        .await
+        .batch_execute("INSERT INTO mqtt_sub (clientid, topic, qos) VALUES ('c1', 'news/#', 1), ('c1', 'bad/#/x', 1)")
+        .await
+        .unwrap();
+    // The client connects without subscribing: the stored subscription does it, as a broker would.
+    let output = replay(&mut host, &lines(&[publish("p", "news/today", 1, "headline"), connect("c1")])).await;
+    assert_eq!(deliveries(&output), vec![("c1".to_owned(), "headline".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_reach_wildcard_subscriptions_and_an_empty_payload_deletes() {
+    let db = TestDb::create("retained").await;
+    let rules = [
+        function("session.subscribed.1", "on_retain_lookup"),
+        function("message.publish.1", "on_message_retain"),
+        function("message.publish.2", "on_retain_delete"),
+    ];
+    let mut host = db.host(&db.rules(&rules.join("\n"))).await;
+    let output = replay(
+        &mut host,
+        &lines(&[
+            publish_retained("home/kitchen/temp", "20"),
+            publish_retained("home/kitchen/temp", "21"),
+            publish_retained("home/hall/temp", "18"),
+            publish_retained("office/temp", "23"),
+            publish("p", "home/garage/temp", 1, "not retained"),
+            connect("c"),
+            subscribe("c", "home/+/temp", 0),
+        ]),
+    )
+    .await;
+    let retained: Vec<(String, bool, u64)> = output
+        .iter()
+        .filter_map(|l| l.get("deliver"))
+        .map(|d| (d["payload"].as_str().unwrap().to_owned(), d["retain"].as_bool().unwrap(), d["qos"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(retained, [("18".to_owned(), true, 0), ("21".to_owned(), true, 0)], "the latest per topic, to a QoS 0 subscription too");
+
+    let output = replay(&mut host, &lines(&[publish_retained("home/hall/temp", ""), connect("c"), subscribe("c", "home/#", 1)])).await;
+    assert_eq!(deliveries(&output), vec![("c".to_owned(), "21".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_message_store_keeps_every_qos_without_giving_out_ids() {
+    let db = TestDb::create("message_store").await;
+    let mut host = db.host(&db.rules(&function("message.publish.1", "on_message_store"))).await;
+    let output = replay(&mut host, &lines(&[publish("p", "log/a", 0, "zero"), publish("p", "log/a", 2, "two")])).await;
+    let ids: Vec<&Value> = output.iter().filter_map(|l| l.get("published")).map(|p| &p["id"]).collect();
+    assert!(ids.iter().all(|id| id.is_null()), "no id travels: {ids:?}");
+    let rows = db.client().await.query("SELECT qos, payload FROM mqtt_msg ORDER BY id", &[]).await.unwrap();
+    let stored: Vec<(i16, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(stored, [(0, b"zero".to_vec()), (2, b"two".to_vec())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_placeholder_binds_its_value() {
+    let db = TestDb::create("placeholders").await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE seen (hook text, clientid text, username text, peerhost text, topic text, qos int, \
+             msgid text, payload bytea, retain boolean, ts bigint, id bigint, node text)",
+        )
+        .await
+        .unwrap();
+    let insert = |hook: &str, columns: &str, values: &str| {
+        rule(hook, &format!(r#"{{"action": {{"sql": ["insert into seen (hook, {columns}) values ('{hook}', {values})"]}}, "pool": "pool1"}}"#))
+    };
+    let client = "clientid, username, peerhost, node";
+    let client_values = "${clientid}, ${username}, ${peerhost}, ${node}";
+    let message = "msgid, topic, payload, qos, retain, ts, id";
+    let message_values = "${msgid}, ${topic}, ${payload}, ${qos}, ${retain}, ${timestamp}, ${id}";
+    let rules = [
+        offline_rules(""),
+        insert("client.connected.1", client, client_values),
+        insert("client.disconnected.1", client, client_values),
+        insert("session.subscribed.2", &format!("{client}, topic, qos"), &format!("{client_values}, ${{topic}}, ${{qos}}")),
+        insert("session.unsubscribed.1", &format!("{client}, topic"), &format!("{client_values}, ${{topic}}")),
+        insert("message.publish.2", &format!("clientid, node, {message}"), &format!("${{clientid}}, ${{node}}, {message_values}")),
+        insert("message.delivered.1", &format!("{client}, {message}"), &format!("{client_values}, {message_values}")),
+        insert("message.acked.2", &format!("{client}, {message}"), &format!("{client_values}, {message_values}")),
+    ];
+    let mut host = db.host(&db.rules(&rules.join("\n"))).await;
+    let connect_u = json!({"event": "client.connected", "clientid": "c", "username": "u", "peerhost": "10.0.0.7"}).to_string();
+    let output = replay(
+        &mut host,
+        &lines(&[connect_u, subscribe("c", "t/+", 2), publish("p", "t/1", 1, "hi"), integration_tests::event::unsubscribe("c", "t/+"), disconnect("c")]),
+    )
+    .await;
+    assert!(errors(&output).is_empty(), "{output:?}");
+
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT hook, clientid, username, peerhost, topic, qos, payload, retain, ts > 0, id, node, msgid IS NOT NULL FROM seen ORDER BY hook",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {}",
+                r.get::<_, String>(0),
+                r.get::<_, Option<String>>(1),
+                r.get::<_, Option<String>>(2),
+                r.get::<_, Option<String>>(3),
+                r.get::<_, Option<String>>(4),
+                r.get::<_, Option<i32>>(5),
+                r.get::<_, Option<Vec<u8>>>(6).map(|p| String::from_utf8(p).unwrap()),
+                r.get::<_, Option<bool>>(7),
+                r.get::<_, Option<bool>>(8),
+                r.get::<_, Option<i64>>(9),
+                r.get::<_, Option<String>>(10),
+                r.get::<_, bool>(11),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            r#"client.connected.1 Some("c") Some("u") Some("10.0.0.7") None None None None None None Some("node1@test") false"#,
+            r#"client.disconnected.1 Some("c") Some("u") Some("10.0.0.7") None None None None None None Some("node1@test") false"#,
+            r#"message.acked.2 Some("c") Some("u") Some("10.0.0.7") Some("t/1") Some(1) Some("hi") Some(false) Some(true) Some(1) Some("node1@test") true"#,
+            r#"message.delivered.1 Some("c") Some("u") Some("10.0.0.7") Some("t/1") Some(1) Some("hi") Some(false) Some(true) Some(1) Some("node1@test") true"#,
+            r#"message.publish.2 Some("p") None None Some("t/1") Some(1) Some("hi") Some(false) Some(true) Some(1) Some("node1@test") true"#,
+            r#"session.subscribed.2 Some("c") Some("u") Some("10.0.0.7") Some("t/+") Some(2) None None None None Some("node1@test") false"#,
+            r#"session.unsubscribed.1 Some("c") Some("u") Some("10.0.0.7") Some("t/+") None None None None None Some("node1@test") false"#,
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_on_two_pools_write_to_two_databases() {
+    let db1 = TestDb::create("two_pools_a").await;
+    let db2 = TestDb::create("two_pools_b").await;
+    db2.client().await.batch_execute("CREATE TABLE audit (topic text)").await.unwrap();
+    db2.host(&db2.rules("")).await; // its schema, so that the host can migrate both the same way
+    let rules = format!(
+        "{}\n{}\n{}\nbackend.pgsql.hook.message.publish.2 = {{\"action\": {{\"sql\": \"insert into audit values (${{topic}})\"}}, \"pool\": \"pool2\"}}",
+        db1.pool_lines("pool1"),
+        db2.pool_lines("pool2"),
+        offline_rules("")
+    );
+    let mut host = db1.host(&rules).await;
+    let output = replay(&mut host, &publish("p", "t", 1, "x")).await;
+    assert!(errors(&output).is_empty(), "{output:?}");
+    let in_db1: i64 = db1.client().await.query_one("SELECT count(*) FROM mqtt_msg", &[]).await.unwrap().get(0);
+    let in_db2: i64 = db2.client().await.query_one("SELECT count(*) FROM audit", &[]).await.unwrap().get(0);
+    let msgs_in_db2: i64 = db2.client().await.query_one("SELECT count(*) FROM mqtt_msg", &[]).await.unwrap().get(0);
+    assert_eq!((in_db1, in_db2, msgs_in_db2), (1, 1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_fetch_latest_or_earliest() {
+    for (policy, expected) in [("latest", vec![]), ("earliest", vec!["old1", "old2"])] {
+        let db = TestDb::create(&format!("first_fetch_{policy}")).await;
+        let mut host = db.host(&db.rules(&offline_rules(&format!(r#"{{"first_fetch": "{policy}"}}"#)))).await;
+        let output = replay(
+            &mut host,
+            &lines(&[publish("p", "t", 1, "old1"), publish("p", "t", 1, "old2"), connect("s"), subscribe("s", "t", 1)]),
+        )
+        .await;
+        let got: Vec<String> = deliveries(&output).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(got, expected, "first_fetch {policy}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_messages_are_never_delivered_and_the_rest_carry_what_is_left() {
+    let db = TestDb::create("expiry").await;
+    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let with_expiry = |payload: &str, secs: u32| {
+        json!({"event": "message.publish", "clientid": "p", "topic": "t", "qos": 1, "payload": payload,
+               "properties": {"message-expiry-interval": secs.to_string(), "content-type": "text/plain"}})
+        .to_string()
+    };
+    replay(
+        &mut host,
+        &lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s"), with_expiry("short", 60), with_expiry("long", 3600)]),
+    )
+    .await;
+    // The short one's minute passes.
+    db.client()
+        .await
+        .execute("UPDATE mqtt_msg SET expires_at = now() - interval '1 second' WHERE payload = 'short'::bytea", &[])
+        .await
+        .unwrap();
+    let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
+    assert_eq!(deliveries(&output), vec![("s".to_owned(), "long".to_owned())]);
+    // What is left of the hour is handed on, so the broker can pass it to the subscriber.
+    let mut host_direct = db.host(&db.rules(&offline_rules(r#"{"first_fetch": "earliest"}"#))).await;
+    let client = host_harness::bindings::Client { clientid: "fresh".into(), username: None, peerhost: None };
+    let subscription = host_harness::bindings::Subscription { filter: "t".into(), qos: 1 };
+    let page = host_direct.instance.session_subscribed(&client, &subscription).await.unwrap().unwrap();
+    let properties: Vec<(String, String)> = page.messages[0].properties.iter().map(|p| (p.key.clone(), p.value.clone())).collect();
+    let left: u32 = properties.iter().find(|(k, _)| k == "message-expiry-interval").unwrap().1.parse().unwrap();
+    assert!((3590..=3600).contains(&left), "{properties:?}");
+    assert!(properties.contains(&("content-type".into(), "text/plain".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tick_deletes_expired_and_too_old_messages_in_bounded_batches() {
+    let db = TestDb::create("retention").await;
+    let rules = rule("message.publish.1", r#"{"action": {"function": "on_message_publish"}, "retention": "1d", "pool": "pool1"}"#);
+    let mut host = db.host(&db.rules(&rules)).await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO mqtt_msg (topic, qos, payload, arrived) \
+               SELECT 'old', 1, '', now() - interval '2 days' FROM generate_series(1, 2500); \
+             INSERT INTO mqtt_msg (topic, qos, payload, expires_at) VALUES ('expired', 1, '', now() - interval '1 minute'); \
+             INSERT INTO mqtt_msg (topic, qos, payload) VALUES ('fresh', 1, '')",
+        )
+        .await
+        .unwrap();
+    let tick = json!({"event": "tick"}).to_string();
+    let output = replay(&mut host, &lines(&[tick.clone(), tick.clone(), tick.clone(), tick])).await;
+    let deleted: Vec<u64> = output.iter().filter_map(|l| l.get("tick")).map(|t| t["deleted"].as_u64().unwrap()).collect();
+    assert_eq!(deleted, [1001, 1000, 500, 0], "a batch is at most 1000 rows per kind");
+    let left: Vec<String> =
+        db.client().await.query("SELECT topic FROM mqtt_msg", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(left, ["fresh"]);
+}
