@@ -3,7 +3,8 @@
 #   scripts/pg.sh up     initdb (once) and start; create the `mqtt` database
 #   scripts/pg.sh down   stop
 #   scripts/pg.sh fresh  drop and recreate the `mqtt` database (make run's demo starts clean)
-# PGPORT (default 15432, below the ephemeral range) picks the port. Works as root (the server
+# PGPORT (default 15432, below the ephemeral range) picks the port. TLS is on, with a throwaway CA
+# in target/pg/tls/ca.crt (made with the openssl command). Works as root (the server
 # runs as the unprivileged `postgres` user, created if missing) and as a normal user.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ port=${PGPORT:-15432}
 base="$root/target/pg"
 data="$base/data"
 sock="$base/sock"
+tls="$base/tls"
 
 bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
@@ -38,9 +40,23 @@ case "${1:-}" in
     if [ ! -f "$data/PG_VERSION" ]; then
       as_server "$bindir/initdb" -D "$data" -U postgres -A trust -E UTF8 --locale=C.UTF-8 >"$base/initdb.log"
     fi
+    # TLS for the tests of `ssl = true` pools: a throwaway CA and a server certificate for 127.0.0.1.
+    if [ ! -f "$tls/server.key" ]; then
+      mkdir -p "$tls"
+      openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=mqtt-offline-test-ca \
+        -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
+      openssl req -newkey rsa:2048 -nodes -subj /CN=localhost \
+        -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/san.ext"
+      openssl x509 -req -days 3650 -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
+        -CAcreateserial -extfile "$tls/san.ext" -out "$tls/server.crt" 2>/dev/null
+      chmod 600 "$tls/server.key"
+      [ "$(id -u)" = 0 ] && chown postgres:postgres "$tls/server.key" "$tls/server.crt"
+    fi
     if ! as_server "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
       as_server "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $sock -c max_connections=200" start >/dev/null
+        -o "-c listen_addresses=127.0.0.1 -p $port -k $sock -c max_connections=200 \
+            -c ssl=on -c ssl_cert_file=$tls/server.crt -c ssl_key_file=$tls/server.key" start >/dev/null
     fi
     "$bindir/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAq -v ON_ERROR_STOP=1 \
       -c "SELECT 1 FROM pg_database WHERE datname = 'mqtt'" | grep -q 1 \

@@ -16,6 +16,16 @@ pub struct PoolSettings {
     pub username: String,
     pub password: Option<String>,
     pub database: String,
+    pub tls: Tls,
+}
+
+/// `ssl` and `ssl_opts.*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    Off,
+    /// TLS required; the server's certificate is checked against `cacertfile` (PEM), or against
+    /// the usual public roots when there is none.
+    On { cacertfile: Option<String> },
 }
 
 impl fmt::Debug for PoolSettings {
@@ -27,6 +37,7 @@ impl fmt::Debug for PoolSettings {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("database", &self.database)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -40,7 +51,8 @@ pub struct RulesFile {
     pub guest_text: String,
 }
 
-pub const SETTINGS: [&str; 6] = ["server", "pool_size", "username", "password", "database", "ssl"];
+pub const SETTINGS: [&str; 7] =
+    ["server", "pool_size", "username", "password", "database", "ssl", "ssl_opts.cacertfile"];
 
 impl RulesFile {
     pub fn parse(text: &str) -> Result<RulesFile, RulesError> {
@@ -92,11 +104,15 @@ fn pool_settings(
             .filter(|n| (1..=1024).contains(n))
             .ok_or_else(|| error("pool_size", format!("`{n}` is not a pool size from 1 to 1024")))?,
     };
-    match get("ssl") {
-        None | Some("false") => {}
-        Some("true") => return Err(error("ssl", "TLS connections are not supported by this version yet".into())),
+    let cacertfile = get("ssl_opts.cacertfile").map(str::to_owned);
+    let tls = match get("ssl") {
+        None | Some("false") if cacertfile.is_some() => {
+            return Err(error("ssl_opts.cacertfile", "set only with ssl = true".into()));
+        }
+        None | Some("false") => Tls::Off,
+        Some("true") => Tls::On { cacertfile },
         Some(other) => return Err(error("ssl", format!("`{other}` is not true or false"))),
-    }
+    };
     Ok(PoolSettings {
         host: host.trim_matches(['[', ']']).to_owned(),
         port,
@@ -104,6 +120,7 @@ fn pool_settings(
         username: get("username").unwrap_or("postgres").to_owned(),
         password: get("password").map(str::to_owned),
         database: get("database").unwrap_or("mqtt").to_owned(),
+        tls,
     })
 }
 

@@ -55,4 +55,14 @@ impl Host {
         }
         Ok(())
     }
+
+    /// Converts the EMQX 4 tables of `pool`'s database (see schema/from-emqx4.sql).
+    pub async fn migrate_from_emqx4(&self, pool: &str) -> anyhow::Result<()> {
+        let pool_ref = self.backend.pool(pool).map_err(|e| anyhow!("{e:?}"))?;
+        schema::migrate_from_emqx4(pool_ref).await.with_context(|| format!("converting pool {pool} from EMQX 4"))
+    }
+
+    pub fn pool_names(&self) -> Vec<String> {
+        self.backend.pool_names()
+    }
 }

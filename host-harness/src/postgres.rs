@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::error::Error as StdError;
 use std::time::Duration;
 
+use anyhow::Context;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::future::try_join_all;
@@ -13,7 +14,7 @@ use tokio_postgres::types::private::BytesMut;
 use tokio_postgres::{NoTls, Row, Statement};
 
 use crate::bindings::{DatabaseError, RowSet, SqlError, Value};
-use crate::config::PoolSettings;
+use crate::config::{PoolSettings, Tls};
 use crate::sql::{SqlBackend, SqlTransaction};
 
 /// How long a statement waits for a free connection before it fails.
@@ -44,7 +45,7 @@ impl PgBackend {
     }
 
     async fn connection(&self, pool: &str) -> Result<Object, SqlError> {
-        self.pool(pool)?.get().await.map_err(|e| SqlError::Connection(format!("pool {pool}: {e}")))
+        self.pool(pool)?.get().await.map_err(|e| SqlError::Connection(format!("pool {pool}: {}", with_causes(&e))))
     }
 }
 
@@ -60,13 +61,42 @@ fn build_pool(s: &PoolSettings) -> anyhow::Result<Pool> {
     if let Some(password) = &s.password {
         config.password(password);
     }
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+    let manager = match &s.tls {
+        Tls::Off => Manager::from_config(config, NoTls, manager_config),
+        Tls::On { cacertfile } => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Manager::from_config(config, tls_connector(cacertfile.as_deref())?, manager_config)
+        }
+    };
     Ok(Pool::builder(manager)
         .max_size(s.pool_size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(CHECKOUT_TIMEOUT))
         .create_timeout(Some(CHECKOUT_TIMEOUT))
         .build()?)
+}
+
+/// TLS that checks the server's certificate (and name) against `cacertfile`, or the public roots.
+fn tls_connector(cacertfile: Option<&str>) -> anyhow::Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    let mut roots = rustls::RootCertStore::empty();
+    match cacertfile {
+        Some(path) => {
+            for certificate in CertificateDer::pem_file_iter(path).with_context(|| format!("reading CA file {path}"))? {
+                roots.add(certificate.with_context(|| format!("reading CA file {path}"))?)?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 #[async_trait]
@@ -192,7 +222,22 @@ fn sql_error(e: tokio_postgres::Error) -> SqlError {
     {
         return SqlError::InvalidParameter(format!("{e}: {source}"));
     }
-    SqlError::Connection(e.to_string())
+    SqlError::Connection(with_causes(&e))
+}
+
+/// An error and its causes on one line: "error performing TLS handshake: invalid peer certificate: UnknownIssuer".
+fn with_causes(e: &dyn StdError) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).

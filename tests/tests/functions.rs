@@ -272,3 +272,58 @@ async fn tick_deletes_expired_and_too_old_messages_in_bounded_batches() {
         db.client().await.query("SELECT topic FROM mqtt_msg", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(left, ["fresh"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_pools_check_the_server_certificate() {
+    let db = TestDb::create("tls_pool").await;
+    db.client().await.batch_execute("CREATE TABLE conn (ssl boolean)").await.unwrap();
+    let ca = std::env::var("PG_TLS_CA")
+        .unwrap_or_else(|_| format!("{}/../target/pg/tls/ca.crt", env!("CARGO_MANIFEST_DIR")));
+    assert!(std::path::Path::new(&ca).exists(), "{ca} is missing: `make pg-up` makes it (needs the openssl command)");
+    let record_ssl = rule(
+        "client.connected.1",
+        r#"{"action": {"sql": "insert into conn select ssl from pg_stat_ssl where pid = pg_backend_pid()"}, "pool": "pool1"}"#,
+    );
+    let tls_pool = format!("{}\nbackend.pgsql.pool1.ssl = true\n", db.pool_lines("pool1"));
+
+    let mut host = db.host(&format!("{tls_pool}backend.pgsql.pool1.ssl_opts.cacertfile = {ca}\n{record_ssl}")).await;
+    let output = replay(&mut host, &connect("c")).await;
+    assert!(errors(&output).is_empty(), "{output:?}");
+    let ssl: bool = db.client().await.query_one("SELECT ssl FROM conn", &[]).await.unwrap().get(0);
+    assert!(ssl, "the pool's connection is encrypted");
+
+    // Without the CA file only public roots are trusted: the test CA's certificate is refused.
+    let mut untrusting =
+        host_harness::Host::with_rules(integration_tests::guest_module(), &format!("{tls_pool}{record_ssl}"), "t.conf", "n")
+            .await
+            .unwrap();
+    let output = replay(&mut untrusting, &connect("c")).await;
+    let error = errors(&output).first().map(|e| e["message"].to_string()).unwrap_or_default();
+    assert!(error.contains("certificate"), "{output:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_every_function_example_runs_as_documented() {
+    let db = TestDb::create("example_all_functions").await;
+    let example = include_str!("../../examples/all-functions.conf");
+    let rules: Vec<&str> = example.lines().filter(|l| !l.starts_with("backend.pgsql.pool1.")).collect();
+    let mut host = db.host(&db.rules(&rules.join("\n"))).await;
+    let output = replay(&mut host, include_str!("../../examples/all-functions.jsonl")).await;
+    assert!(errors(&output).is_empty(), "{output:?}");
+    let delivered: Vec<(String, bool)> = output
+        .iter()
+        .filter_map(|l| l.get("deliver"))
+        .map(|d| (d["payload"].as_str().unwrap().to_owned(), d["retain"].as_bool().unwrap()))
+        .collect();
+    // Live while online; then, at the reconnect, the retained status and the missed reading; then
+    // the empty retained message, live.
+    assert_eq!(
+        delivered,
+        [("online".into(), false), ("online".into(), true), ("21.5".into(), false), ("".into(), false)]
+    );
+    let client = db.client().await;
+    let archived: i64 = client.query_one("SELECT count(*) FROM mqtt_msg WHERE topic = 'log/gw'", &[]).await.unwrap().get(0);
+    let retained: i64 = client.query_one("SELECT count(*) FROM mqtt_retain", &[]).await.unwrap().get(0);
+    let state: i16 = client.query_one("SELECT state FROM mqtt_client WHERE clientid = 'dash'", &[]).await.unwrap().get(0);
+    assert_eq!((archived, retained, state), (1, 0, 1));
+}

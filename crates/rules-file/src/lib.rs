@@ -163,10 +163,9 @@ fn classify(key: &str) -> Result<Key, String> {
     let Some(rest) = key.strip_prefix(PREFIX) else {
         return Err(format!("unknown key: {expected}"));
     };
+    // A setting may have parts of its own (`ssl_opts.cacertfile`).
     match rest.split_once('.') {
-        Some((pool, setting))
-            if is_name(pool) && is_name(setting) =>
-        {
+        Some((pool, setting)) if is_name(pool) && setting.split('.').all(is_name) => {
             Ok(Key::Pool { pool: pool.to_owned(), setting: setting.to_owned() })
         }
         _ => Err(format!("unknown key: {expected}")),

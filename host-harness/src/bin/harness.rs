@@ -34,7 +34,13 @@ enum Command {
     /// Load and configure the guest; exit non-zero with the error if the rules are refused.
     Check(Load),
     /// Apply the schema (schema/schema.sql) to every pool's database. Idempotent.
-    Migrate(Load),
+    Migrate {
+        #[command(flatten)]
+        load: Load,
+        /// Instead, convert each pool's EMQX 4 tables, keeping every row (schema/from-emqx4.sql).
+        #[arg(long)]
+        from_emqx: bool,
+    },
     /// Replay broker events (JSON lines) and print what the broker does (JSON lines).
     Run {
         #[command(flatten)]
@@ -67,7 +73,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Host::load(&runtime, &load.module, &load.rules, &load.node).await?;
             println!("{}: ok", load.rules.display());
         }
-        Command::Migrate(load) => Host::load(&runtime, &load.module, &load.rules, &load.node).await?.migrate().await?,
+        Command::Migrate { load, from_emqx } => {
+            let host = Host::load(&runtime, &load.module, &load.rules, &load.node).await?;
+            if from_emqx {
+                for pool in host.pool_names() {
+                    host.migrate_from_emqx4(&pool).await?;
+                    println!("pool {pool}: converted from EMQX 4; the original tables are in schema emqx4");
+                }
+            } else {
+                host.migrate().await?;
+            }
+        }
         Command::Run { load, scenario } => {
             let mut host = Host::load(&runtime, &load.module, &load.rules, &load.node).await?;
             let mut broker = Broker::new(&mut host.instance, tokio::io::stdout());
