@@ -2,7 +2,8 @@
 //! [`ExtensionModule`] per `.wasm`, and an [`Instance`] per running copy of it. An instance's
 //! methods are the broker hooks of the contract.
 
-use std::path::Path;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -12,45 +13,82 @@ use wasmtime::{Config, Engine, Store};
 use crate::bindings::{
     Client, ConfigError, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome, Rules, Subscription,
 };
+use crate::sandbox::{self, Limits};
 use crate::sql::SqlBackend;
 use crate::state::HostState;
+use sha2::{Digest, Sha256};
 
 /// The wasmtime engine and a linker holding what a guest may import: the contract's `sql` and
-/// `log`, and WASI (which a Rust guest's std imports even when it does no I/O).
+/// `log`, and WASI (which a Rust guest's std imports even when it does no I/O). One per process.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
+    limits: Limits,
+    /// Where compiled components are kept, keyed by module digest and engine configuration.
+    cache_dir: Option<PathBuf>,
 }
 
 impl Runtime {
     pub fn new() -> anyhow::Result<Runtime> {
-        let engine = Engine::new(&Config::new())?;
+        Runtime::with_limits(Limits::default(), None)
+    }
+
+    pub fn with_limits(limits: Limits, cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        sandbox::start_epoch_ticker(&engine);
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         Extension::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)?;
-        Ok(Runtime { engine, linker })
+        Ok(Runtime { engine, linker, limits, cache_dir })
     }
 
-    /// Compiles a guest and checks that everything it imports is provided.
+    /// Compiles a guest (or loads its cached compilation) and checks what it imports.
     pub fn load(&self, path: &Path) -> anyhow::Result<ExtensionModule> {
-        let component = Component::from_file(&self.engine, path)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("loading {}", path.display()))?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(anyhow::Error::from)
-            .with_context(|| format!("{} imports something this host does not provide", path.display()))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let name = path.file_stem().map_or_else(|| "extension".into(), |s| s.to_string_lossy().into_owned());
-        Ok(ExtensionModule { engine: self.engine.clone(), pre: ExtensionPre::new(pre)?, name })
+        self.load_bytes(&name, &bytes).with_context(|| format!("loading {}", path.display()))
+    }
+
+    pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> anyhow::Result<ExtensionModule> {
+        let component = self.compile(bytes)?;
+        sandbox::check_imports(&self.engine, &component)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(anyhow::Error::from)?;
+        Ok(ExtensionModule { engine: self.engine.clone(), pre: ExtensionPre::new(pre)?, name: name.to_owned(), limits: self.limits })
+    }
+
+    fn compile(&self, bytes: &[u8]) -> anyhow::Result<Component> {
+        let Some(dir) = &self.cache_dir else {
+            return Ok(Component::new(&self.engine, bytes)?);
+        };
+        let mut engine_hash = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        let digest: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(format!("{digest}-{:016x}.cwasm", engine_hash.finish()));
+        if path.exists() {
+            // SAFETY: the file is one this host wrote into its own cache directory, named by the
+            // digest of the module and of the engine's configuration.
+            if let Ok(component) = unsafe { Component::deserialize_file(&self.engine, &path) } {
+                return Ok(component);
+            }
+        }
+        let component = Component::new(&self.engine, bytes)?;
+        std::fs::create_dir_all(dir)?;
+        let partial = path.with_extension("partial");
+        std::fs::write(&partial, component.serialize()?)?;
+        std::fs::rename(&partial, &path)?;
+        Ok(component)
     }
 }
 
 /// A compiled guest, ready to instantiate cheaply.
+#[derive(Clone)]
 pub struct ExtensionModule {
     engine: Engine,
     pre: ExtensionPre<HostState>,
     name: String,
+    limits: Limits,
 }
 
 impl ExtensionModule {
@@ -59,9 +97,12 @@ impl ExtensionModule {
     }
 
     pub async fn instantiate(&self, sql: Arc<dyn SqlBackend>) -> anyhow::Result<Instance> {
-        let mut store = Store::new(&self.engine, HostState::new(sql, &self.name));
+        let mut store = Store::new(&self.engine, HostState::new(sql, &self.name, &self.limits));
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.limits.deadline_ticks());
         let hooks = self.pre.instantiate_async(&mut store).await?;
-        Ok(Instance { store, hooks })
+        Ok(Instance { store, hooks, deadline: self.limits.deadline_ticks() })
     }
 }
 
@@ -70,25 +111,33 @@ impl ExtensionModule {
 pub struct Instance {
     store: Store<HostState>,
     hooks: Extension,
+    /// Epoch ticks each call may take.
+    deadline: u64,
+}
+
+/// The store, with the call deadline armed.
+fn armed(store: &mut Store<HostState>, deadline: u64) -> &mut Store<HostState> {
+    store.set_epoch_deadline(deadline);
+    store
 }
 
 type Call<T> = anyhow::Result<T>;
 
 impl Instance {
     pub async fn configure(&mut self, rules: &Rules) -> Call<Result<(), ConfigError>> {
-        Ok(self.hooks.broker_extension_hooks().call_configure(&mut self.store, rules).await?)
+        Ok(self.hooks.broker_extension_hooks().call_configure(armed(&mut self.store, self.deadline), rules).await?)
     }
 
     pub async fn client_connected(&mut self, client: &Client) -> Call<Result<Vec<Subscription>, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_client_connected(&mut self.store, client).await?)
+        Ok(self.hooks.broker_extension_hooks().call_client_connected(armed(&mut self.store, self.deadline), client).await?)
     }
 
     pub async fn client_disconnected(&mut self, client: &Client, reason: &str) -> Call<Result<(), HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_client_disconnected(&mut self.store, client, reason).await?)
+        Ok(self.hooks.broker_extension_hooks().call_client_disconnected(armed(&mut self.store, self.deadline), client, reason).await?)
     }
 
     pub async fn session_subscribed(&mut self, client: &Client, subscription: &Subscription) -> Call<Result<FetchPage, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_session_subscribed(&mut self.store, client, subscription).await?)
+        Ok(self.hooks.broker_extension_hooks().call_session_subscribed(armed(&mut self.store, self.deadline), client, subscription).await?)
     }
 
     pub async fn session_fetch_next(
@@ -97,26 +146,26 @@ impl Instance {
         subscription: &Subscription,
         cursor: &str,
     ) -> Call<Result<FetchPage, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_session_fetch_next(&mut self.store, client, subscription, cursor).await?)
+        Ok(self.hooks.broker_extension_hooks().call_session_fetch_next(armed(&mut self.store, self.deadline), client, subscription, cursor).await?)
     }
 
     pub async fn session_unsubscribed(&mut self, client: &Client, filter: &str) -> Call<Result<(), HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_session_unsubscribed(&mut self.store, client, filter).await?)
+        Ok(self.hooks.broker_extension_hooks().call_session_unsubscribed(armed(&mut self.store, self.deadline), client, filter).await?)
     }
 
     pub async fn message_publish(&mut self, messages: &[Message]) -> Call<Vec<PublishOutcome>> {
-        Ok(self.hooks.broker_extension_hooks().call_message_publish(&mut self.store, messages).await?)
+        Ok(self.hooks.broker_extension_hooks().call_message_publish(armed(&mut self.store, self.deadline), messages).await?)
     }
 
     pub async fn message_delivered(&mut self, client: &Client, message: &Message) -> Call<Result<(), HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_message_delivered(&mut self.store, client, message).await?)
+        Ok(self.hooks.broker_extension_hooks().call_message_delivered(armed(&mut self.store, self.deadline), client, message).await?)
     }
 
     pub async fn message_acked(&mut self, client: &Client, message: &Message) -> Call<Result<(), HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_message_acked(&mut self.store, client, message).await?)
+        Ok(self.hooks.broker_extension_hooks().call_message_acked(armed(&mut self.store, self.deadline), client, message).await?)
     }
 
     pub async fn tick(&mut self) -> Call<Result<u64, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_tick(&mut self.store).await?)
+        Ok(self.hooks.broker_extension_hooks().call_tick(armed(&mut self.store, self.deadline)).await?)
     }
 }

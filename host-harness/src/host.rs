@@ -1,7 +1,12 @@
 //! A guest running with its rules: reads the rules file, builds the pools it names, and
 //! instantiates and configures the guest. What a broker embeds.
+//!
+//! A host survives its guest: a call that traps (a loop past the deadline, a memory bomb, a
+//! panic) fails alone, and the instance is replaced by a fresh, configured one. Rules and module
+//! can be reloaded while it runs; a new configuration is validated on a fresh instance before it
+//! is swapped in, and a bad one leaves the running configuration untouched.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
@@ -17,34 +22,76 @@ use crate::schema;
 pub const DEFAULT_NODE: &str = "harness@localhost";
 
 pub struct Host {
+    /// The running instance. Calls made through [`Host::call`] survive a trap.
     pub instance: Instance,
+    module: ExtensionModule,
     backend: Arc<PgBackend>,
+    /// What the instance was configured with.
+    rules: Rules,
+}
+
+/// The files a host was loaded from, for reloading them.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub module: PathBuf,
+    pub rules: PathBuf,
 }
 
 impl Host {
     /// Loads `module` and configures it with the rules file at `rules`. Errors name the file,
     /// line and key of a bad rule.
-    pub async fn load(runtime: &Runtime, module: &Path, rules: &Path, node: &str) -> anyhow::Result<Host> {
-        let text = std::fs::read_to_string(rules).with_context(|| format!("reading {}", rules.display()))?;
-        let module = runtime.load(module)?;
-        Host::with_rules(&module, &text, &rules.display().to_string(), node).await
+    pub async fn load(runtime: &Runtime, sources: &Sources, node: &str) -> anyhow::Result<Host> {
+        let module = runtime.load(&sources.module)?;
+        let (text, source) = read_rules(&sources.rules)?;
+        Host::with_rules(&module, &text, &source, node).await
     }
 
     /// Like [`Host::load`], with the rules given as text; `source` names them in errors.
     pub async fn with_rules(module: &ExtensionModule, text: &str, source: &str, node: &str) -> anyhow::Result<Host> {
-        let file = RulesFile::parse(text).map_err(|e| anyhow!("{source}: {e}"))?;
-        let backend = Arc::new(PgBackend::new(&file.pools)?);
-        let mut instance = module.instantiate(backend.clone()).await?;
-        let rules = Rules {
-            source: source.to_owned(),
-            text: file.guest_text,
-            pools: backend.pool_names(),
-            node: node.to_owned(),
-        };
-        if let Err(e) = instance.configure(&rules).await? {
-            return Err(anyhow!("{source}: {}", RulesError { line: e.line, key: e.key, message: e.message }));
+        let (backend, rules) = prepare(text, source, node, None)?;
+        let instance = configured(module, &backend, &rules).await?;
+        Ok(Host { instance, module: module.clone(), backend, rules })
+    }
+
+    /// Runs one hook call on the instance. If it traps, the instance is replaced by a fresh one
+    /// with the same configuration, and the error is returned for this call alone.
+    pub async fn call<T>(&mut self, hook: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let result = hook(&mut self.instance).await;
+        if let Err(e) = &result {
+            tracing::error!(extension = self.module.name(), "the extension trapped; replacing its instance: {e:#}");
+            self.instance = configured(&self.module, &self.backend, &self.rules).await?;
         }
-        Ok(Host { instance, backend })
+        result
+    }
+
+    /// Swaps in new rules once a fresh instance has accepted them. Pools whose settings did not
+    /// change keep their connections. On error nothing changes.
+    pub async fn reload_rules(&mut self, text: &str, source: &str) -> anyhow::Result<()> {
+        let (backend, rules) = prepare(text, source, &self.rules.node, Some(&self.backend))?;
+        self.instance = configured(&self.module, &backend, &rules).await?;
+        self.backend = backend;
+        self.rules = rules;
+        Ok(())
+    }
+
+    /// Swaps in a new module once a fresh instance of it has accepted the current rules.
+    pub async fn reload_module(&mut self, module: ExtensionModule) -> anyhow::Result<()> {
+        self.instance = configured(&module, &self.backend, &self.rules).await?;
+        self.module = module;
+        Ok(())
+    }
+
+    /// Reloads both from their files (what `{"control":"reload"}`, `--watch` and SIGHUP do).
+    /// Either both are swapped in or, on any error, neither.
+    pub async fn reload(&mut self, runtime: &Runtime, sources: &Sources) -> anyhow::Result<()> {
+        let module = runtime.load(&sources.module)?;
+        let (text, source) = read_rules(&sources.rules)?;
+        let (backend, rules) = prepare(&text, &source, &self.rules.node, Some(&self.backend))?;
+        self.instance = configured(&module, &backend, &rules).await?;
+        self.module = module;
+        self.backend = backend;
+        self.rules = rules;
+        Ok(())
     }
 
     /// Applies the schema to the database of every pool.
@@ -65,4 +112,32 @@ impl Host {
     pub fn pool_names(&self) -> Vec<String> {
         self.backend.pool_names()
     }
+
+    /// The pools, for a host that wants to look at them (tests check that unchanged pools survive a reload).
+    pub fn backend(&self) -> &PgBackend {
+        &self.backend
+    }
+}
+
+fn read_rules(path: &Path) -> anyhow::Result<(String, String)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((text, path.display().to_string()))
+}
+
+/// Parses a rules text into its pools (reusing `previous` pools whose settings are unchanged)
+/// and the guest's part.
+fn prepare(text: &str, source: &str, node: &str, previous: Option<&PgBackend>) -> anyhow::Result<(Arc<PgBackend>, Rules)> {
+    let file = RulesFile::parse(text).map_err(|e| anyhow!("{source}: {e}"))?;
+    let backend = Arc::new(PgBackend::new(&file.pools, previous)?);
+    let rules = Rules { source: source.to_owned(), text: file.guest_text, pools: backend.pool_names(), node: node.to_owned() };
+    Ok((backend, rules))
+}
+
+/// A fresh instance of `module`, configured with `rules`.
+async fn configured(module: &ExtensionModule, backend: &Arc<PgBackend>, rules: &Rules) -> anyhow::Result<Instance> {
+    let mut instance = module.instantiate(backend.clone()).await?;
+    if let Err(e) = instance.configure(rules).await? {
+        return Err(anyhow!("{}: {}", rules.source, RulesError { line: e.line, key: e.key, message: e.message }));
+    }
+    Ok(instance)
 }

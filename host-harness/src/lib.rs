@@ -9,6 +9,7 @@ pub mod host;
 mod log;
 pub mod postgres;
 pub mod replay;
+pub mod sandbox;
 pub mod schema;
 pub mod sql;
 mod state;

@@ -22,22 +22,30 @@ const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The pools of one rules file.
 pub struct PgBackend {
-    pools: BTreeMap<String, Pool>,
+    pools: BTreeMap<String, (PoolSettings, Pool)>,
 }
 
 impl PgBackend {
-    /// Builds the pools. Connections are opened on first use, so this does not fail when the
+    /// Builds the pools, taking over those of `previous` whose settings are the same (with their
+    /// open connections). Connections are opened on first use, so this does not fail when the
     /// server is down.
-    pub fn new(settings: &BTreeMap<String, PoolSettings>) -> anyhow::Result<PgBackend> {
+    pub fn new(settings: &BTreeMap<String, PoolSettings>, previous: Option<&PgBackend>) -> anyhow::Result<PgBackend> {
         let pools = settings
             .iter()
-            .map(|(name, s)| Ok((name.clone(), build_pool(s)?)))
+            .map(|(name, s)| {
+                let kept = previous.and_then(|p| p.pools.get(name)).filter(|(old, _)| old == s).map(|(_, pool)| pool.clone());
+                let pool = match kept {
+                    Some(pool) => pool,
+                    None => build_pool(s)?,
+                };
+                Ok((name.clone(), (s.clone(), pool)))
+            })
             .collect::<anyhow::Result<_>>()?;
         Ok(PgBackend { pools })
     }
 
     pub fn pool(&self, name: &str) -> Result<&Pool, SqlError> {
-        self.pools.get(name).ok_or_else(|| SqlError::NoSuchPool(name.to_owned()))
+        self.pools.get(name).map(|(_, pool)| pool).ok_or_else(|| SqlError::NoSuchPool(name.to_owned()))
     }
 
     pub fn pool_names(&self) -> Vec<String> {

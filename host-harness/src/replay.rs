@@ -17,7 +17,8 @@ use serde_json::json;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::bindings::{Client, Describe, HookError, Message, Property, PublishOutcome, Subscription};
-use crate::engine::Instance;
+use crate::engine::Runtime;
+use crate::host::{Host, Sources};
 
 /// One input line.
 #[derive(Debug, Deserialize)]
@@ -103,26 +104,70 @@ fn failed<T>(message: impl Into<String>) -> Result<T, Stop> {
     Err(Stop::Failed(message.into()))
 }
 
+/// A control line: `{"control":"reload"}` reloads the module and rules from their files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Control {
+    control: ControlCommand,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ControlCommand {
+    Reload,
+}
+
 pub struct Broker<'a, W> {
-    instance: &'a mut Instance,
+    host: &'a mut Host,
+    /// Where reloads come from, when the host was loaded from files.
+    reload_from: Option<(&'a Runtime, Sources)>,
     out: W,
     sessions: BTreeMap<String, Session>,
     published: u64,
 }
 
 impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
-    pub fn new(instance: &'a mut Instance, out: W) -> Self {
-        Broker { instance, out, sessions: BTreeMap::new(), published: 0 }
+    pub fn new(host: &'a mut Host, out: W) -> Self {
+        Broker { host, reload_from: None, out, sessions: BTreeMap::new(), published: 0 }
     }
 
-    /// Replays every line of `input`. A malformed line or a failed event is an error line; only
-    /// a guest trap or an I/O error stops the replay.
-    pub async fn replay(&mut self, input: impl AsyncBufRead + Unpin) -> anyhow::Result<()> {
+    /// Lets reloads (control lines, `reloads` requests) reload the host from `sources`.
+    pub fn reloading_from(mut self, runtime: &'a Runtime, sources: Sources) -> Self {
+        self.reload_from = Some((runtime, sources));
+        self
+    }
+
+    /// Replays every line of `input`. A malformed line or a failed event is an error line, and
+    /// so is a guest trap (its instance is replaced); only an I/O error stops the replay.
+    /// Each message on `reloads` (a file watcher, SIGHUP) reloads the host between two events.
+    pub async fn replay(
+        &mut self,
+        input: impl AsyncBufRead + Unpin,
+        mut reloads: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    ) -> anyhow::Result<()> {
         let mut lines = input.lines();
         let mut number = 0u64;
-        while let Some(line) = lines.next_line().await? {
+        loop {
+            let reload_requested = async {
+                match reloads.as_mut() {
+                    Some(requests) => requests.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let line = tokio::select! {
+                line = lines.next_line() => line?,
+                Some(why) = reload_requested => {
+                    self.reload(None, &why).await?;
+                    continue;
+                }
+            };
+            let Some(line) = line else { break };
             number += 1;
             if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            if let Ok(Control { control: ControlCommand::Reload }) = serde_json::from_str::<Control>(&line) {
+                self.reload(Some(number), "control line").await?;
                 continue;
             }
             let result = match serde_json::from_str::<Event>(&line) {
@@ -132,18 +177,41 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             match result {
                 Ok(()) => {}
                 Err(Stop::Failed(message)) => self.emit(json!({"error": {"line": number, "message": message}})).await?,
-                Err(Stop::Trap(e)) => return Err(e.context(format!("event on line {number}"))),
+                Err(Stop::Trap(e)) => {
+                    let message = format!("the extension failed: {e:#}");
+                    self.emit(json!({"error": {"line": number, "message": message}})).await?;
+                }
             }
         }
         self.out.flush().await?;
         Ok(())
     }
 
+    /// Reloads module and rules from their files; a refused reload leaves the running ones.
+    async fn reload(&mut self, line: Option<u64>, why: &str) -> anyhow::Result<()> {
+        let Some((runtime, sources)) = &self.reload_from else {
+            let message = "reload: this host was not loaded from files";
+            return self.emit(json!({"error": {"line": line, "message": message}})).await;
+        };
+        match self.host.reload(runtime, sources).await {
+            Ok(()) => {
+                tracing::info!("reloaded ({why})");
+                let reloaded = json!({"module": sources.module, "rules": sources.rules, "why": why});
+                self.emit(json!({ "reloaded": reloaded })).await
+            }
+            Err(e) => {
+                tracing::error!("reload refused ({why}), the running configuration stays: {e:#}");
+                let message = format!("reload refused, the running configuration stays: {e:#}");
+                self.emit(json!({"error": {"line": line, "message": message}})).await
+            }
+        }
+    }
+
     async fn handle(&mut self, event: Event) -> Result<(), Stop> {
         match event {
             Event::ClientConnected { clientid, username, peerhost } => {
                 let client = Client { clientid: clientid.clone(), username, peerhost };
-                let stored = self.instance.client_connected(&client).await??;
+                let stored = self.host.call(async |i| i.client_connected(&client).await).await??;
                 // A new connection takes over the client id's old one, as in MQTT.
                 let session = Session { client, subscriptions: BTreeMap::new(), unacked: HashMap::new() };
                 self.sessions.insert(clientid.clone(), session);
@@ -156,7 +224,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // Unacked deliveries are simply forgotten: the position did not move past them,
                 // so they come again on the next subscription (at least once).
                 self.sessions.remove(&clientid);
-                self.instance.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await??;
+                self.host.call(async |i| i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await).await??;
             }
             Event::SessionSubscribed { clientid, topic, qos, auto_ack } => {
                 if qos > 2 {
@@ -171,7 +239,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     return failed(format!("{clientid} is not subscribed to {topic}"));
                 }
                 let client = session.client.clone();
-                self.instance.session_unsubscribed(&client, &topic).await??;
+                self.host.call(async |i| i.session_unsubscribed(&client, &topic).await).await??;
             }
             Event::MessagePublish { clientid, topic, qos, retain, payload, payload_base64, properties } => {
                 let payload = match (payload, payload_base64) {
@@ -191,10 +259,10 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     return failed(format!("{clientid} has no unacked message with id {id}"));
                 };
                 let client = session.client.clone();
-                self.instance.message_acked(&client, &message).await??;
+                self.host.call(async |i| i.message_acked(&client, &message).await).await??;
             }
             Event::Tick {} => {
-                let deleted = self.instance.tick().await??;
+                let deleted = self.host.call(async |i| i.tick().await).await??;
                 self.emit(json!({"tick": {"deleted": deleted}})).await?;
             }
         }
@@ -209,7 +277,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         let session = self.session(clientid)?;
         session.subscriptions.insert(subscription.filter.clone(), (subscription.qos, auto_ack));
         let client = session.client.clone();
-        let mut page = self.instance.session_subscribed(&client, &subscription).await??;
+        let mut page = self.host.call(async |i| i.session_subscribed(&client, &subscription).await).await??;
         // The whole backlog, in order, one page in memory at a time.
         loop {
             for message in page.messages {
@@ -217,7 +285,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 self.deliver(clientid, message, qos, auto_ack).await?;
             }
             let Some(cursor) = page.next else { return Ok(()) };
-            page = self.instance.session_fetch_next(&client, &subscription, &cursor).await??;
+            page = self.host.call(async |i| i.session_fetch_next(&client, &subscription, &cursor).await).await??;
         }
     }
 
@@ -243,7 +311,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             timestamp: now.as_millis() as i64,
             properties: properties.into_iter().map(|(key, value)| Property { key, value }).collect(),
         };
-        let outcome = self.instance.message_publish(std::slice::from_ref(&message)).await?.pop();
+        let outcome = self.host.call(async |i| i.message_publish(std::slice::from_ref(&message)).await).await?.pop();
         match outcome {
             Some(PublishOutcome::Stored(id)) => message.id = Some(id),
             Some(PublishOutcome::NotStored) => {}
@@ -293,7 +361,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         let client = session.client.clone();
         let message = Message { qos, ..message };
         let mut failures = Vec::new();
-        if let Err(e) = self.instance.message_delivered(&client, &message).await? {
+        if let Err(e) = self.host.call(async |i| i.message_delivered(&client, &message).await).await? {
             failures.push(e);
         }
         if qos > 0 {
@@ -302,7 +370,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     session.unacked.insert(id, message);
                 }
                 _ if auto_ack => {
-                    if let Err(e) = self.instance.message_acked(&client, &message).await? {
+                    if let Err(e) = self.host.call(async |i| i.message_acked(&client, &message).await).await? {
                         failures.push(e);
                     }
                 }

@@ -2,9 +2,12 @@
 
 use std::sync::Arc;
 
+use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::AsyncStdoutStream;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::sandbox::{GuestOutput, Limits};
 use crate::sql::SqlBackend;
 
 pub struct HostState {
@@ -13,14 +16,27 @@ pub struct HostState {
     pub(crate) sql: Arc<dyn SqlBackend>,
     /// For log lines: which extension said it.
     pub(crate) extension_name: String,
+    pub(crate) limits: StoreLimits,
 }
 
+/// How much guest output is buffered before a write waits.
+const OUTPUT_BUDGET: usize = 4096;
+
 impl HostState {
-    pub fn new(sql: Arc<dyn SqlBackend>, extension_name: &str) -> HostState {
-        // No preopened directories, no environment, no network. Guest stdout would corrupt a
-        // host's own output (the harness prints JSON lines), so only stderr is passed through.
-        let wasi = WasiCtx::builder().inherit_stderr().build();
-        HostState { wasi, table: ResourceTable::new(), sql, extension_name: extension_name.to_owned() }
+    pub fn new(sql: Arc<dyn SqlBackend>, extension_name: &str, limits: &Limits) -> HostState {
+        // No preopened directories, no environment, no arguments, no network. Output goes to the
+        // host's log (never to its stdout, which may carry a protocol of its own).
+        let wasi = WasiCtx::builder()
+            .stdout(AsyncStdoutStream::new(OUTPUT_BUDGET, GuestOutput::new(extension_name, "stdout")))
+            .stderr(AsyncStdoutStream::new(OUTPUT_BUDGET, GuestOutput::new(extension_name, "stderr")))
+            .build();
+        HostState {
+            wasi,
+            table: ResourceTable::new(),
+            sql,
+            extension_name: extension_name.to_owned(),
+            limits: limits.store_limits(),
+        }
     }
 }
 

@@ -99,7 +99,7 @@ pub fn offline_rules(offline_opts: &str) -> String {
 /// Replays `events` (JSON lines) through `host` like `harness run`, and returns its output lines.
 pub async fn replay(host: &mut Host, events: &str) -> Vec<Value> {
     let mut out = Vec::new();
-    Broker::new(&mut host.instance, &mut out).replay(events.as_bytes()).await.expect("replay");
+    Broker::new(host, &mut out).replay(events.as_bytes(), None).await.expect("replay");
     String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 

@@ -6,14 +6,28 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use host_harness::replay::Broker;
+use host_harness::host::Sources;
 use host_harness::{Host, Runtime};
+use std::time::{Duration, SystemTime};
+
+use host_harness::sandbox::Limits;
 use tokio::io::BufReader;
+use tokio::sync::mpsc;
 
 #[derive(Parser)]
 #[command(version, about = "Load a broker:extension guest and drive it like a broker")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Time one hook call may take (SQL waits included) before it is stopped, in milliseconds.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    call_timeout_ms: u64,
+    /// Memory one extension instance may use, in MiB.
+    #[arg(long, global = true, default_value_t = 64)]
+    memory_mib: usize,
+    /// Where compiled extensions are cached (by digest); none: compile at every start.
+    #[arg(long, global = true)]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -27,6 +41,12 @@ struct Load {
     /// This broker node's name, for `mqtt_client.node` and `${node}`.
     #[arg(long, default_value = host_harness::host::DEFAULT_NODE)]
     node: String,
+}
+
+impl Load {
+    fn sources(&self) -> Sources {
+        Sources { module: self.module.clone(), rules: self.rules.clone() }
+    }
 }
 
 #[derive(Subcommand)]
@@ -48,6 +68,10 @@ enum Command {
         /// Events file; standard input when absent.
         #[arg(long)]
         scenario: Option<PathBuf>,
+        /// Reload module and rules when either file changes (SIGHUP and `{"control":"reload"}`
+        /// always do).
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -57,7 +81,7 @@ async fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse().command).await {
+    match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("harness: {e:#}");
@@ -66,15 +90,16 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
-    let runtime = Runtime::new()?;
-    match command {
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let limits = Limits { call_timeout: Duration::from_millis(cli.call_timeout_ms), memory_bytes: cli.memory_mib << 20 };
+    let runtime = Runtime::with_limits(limits, cli.cache_dir)?;
+    match cli.command {
         Command::Check(load) => {
-            Host::load(&runtime, &load.module, &load.rules, &load.node).await?;
+            Host::load(&runtime, &load.sources(), &load.node).await?;
             println!("{}: ok", load.rules.display());
         }
         Command::Migrate { load, from_emqx } => {
-            let host = Host::load(&runtime, &load.module, &load.rules, &load.node).await?;
+            let host = Host::load(&runtime, &load.sources(), &load.node).await?;
             if from_emqx {
                 for pool in host.pool_names() {
                     host.migrate_from_emqx4(&pool).await?;
@@ -84,14 +109,50 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 host.migrate().await?;
             }
         }
-        Command::Run { load, scenario } => {
-            let mut host = Host::load(&runtime, &load.module, &load.rules, &load.node).await?;
-            let mut broker = Broker::new(&mut host.instance, tokio::io::stdout());
+        Command::Run { load, scenario, watch } => {
+            let sources = load.sources();
+            let mut host = Host::load(&runtime, &sources, &load.node).await?;
+            let (reload, reloads) = mpsc::unbounded_channel();
+            forward_sighup(reload.clone())?;
+            if watch {
+                watch_files(&sources, reload);
+            }
+            let mut broker = Broker::new(&mut host, tokio::io::stdout()).reloading_from(&runtime, sources);
             match scenario {
-                Some(path) => broker.replay(BufReader::new(tokio::fs::File::open(&path).await?)).await?,
-                None => broker.replay(BufReader::new(tokio::io::stdin())).await?,
+                Some(path) => broker.replay(BufReader::new(tokio::fs::File::open(&path).await?), Some(reloads)).await?,
+                None => broker.replay(BufReader::new(tokio::io::stdin()), Some(reloads)).await?,
             }
         }
     }
     Ok(())
+}
+
+/// Each SIGHUP asks for a reload.
+fn forward_sighup(reload: mpsc::UnboundedSender<String>) -> anyhow::Result<()> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() && reload.send("SIGHUP".into()).is_ok() {}
+    });
+    Ok(())
+}
+
+/// Asks for a reload whenever the module or the rules file changes (checked twice a second).
+fn watch_files(sources: &Sources, reload: mpsc::UnboundedSender<String>) {
+    let files = [sources.module.clone(), sources.rules.clone()];
+    let modified = move || -> Vec<Option<SystemTime>> {
+        files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect()
+    };
+    tokio::spawn(async move {
+        let mut last = modified();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = modified();
+            if now != last {
+                last = now;
+                if reload.send("file changed".into()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
 }
