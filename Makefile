@@ -5,13 +5,19 @@ HARNESS := target/release/harness
 RULES   ?= examples/rules.conf
 export PGPORT ?= 15432
 
-.PHONY: build guest host pg-up pg-down run test clean
+HOSTILE := target/wasm32-wasip2/guest/hostile_guest.wasm
+
+.PHONY: build guest test-guests host pg-up pg-down run test clean
 
 build: guest host
 
 ## The extension: a WebAssembly component.
 guest:
 	$(CARGO) build -p guest --target wasm32-wasip2 --profile guest
+
+## Misbehaving extensions for the sandbox tests.
+test-guests:
+	$(CARGO) build -p hostile-guest --target wasm32-wasip2 --profile guest
 
 ## The host library and the `harness` command. `make run` and `make test` share this release build.
 host:
@@ -31,9 +37,10 @@ run: build pg-up
 	$(HARNESS) run --module $(GUEST) --rules $(RULES) --scenario examples/seed.jsonl
 
 ## Unit tests of every crate, the guest's natively; integration tests against the real server.
-test: guest pg-up
+test: guest test-guests pg-up
 	$(CARGO) test --release -p guest --lib
-	GUEST_WASM=$(abspath $(GUEST)) $(CARGO) test --release --workspace --exclude guest
+	GUEST_WASM=$(abspath $(GUEST)) HOSTILE_WASM=$(abspath $(HOSTILE)) \
+	  $(CARGO) test --release --workspace --exclude guest --exclude hostile-guest
 
 clean: pg-down
 	rm -rf target
