@@ -3,6 +3,8 @@
 #   scripts/pg.sh up     initdb (once) and start; create the `mqtt` database
 #   scripts/pg.sh down   stop
 #   scripts/pg.sh fresh  drop and recreate the `mqtt` database (make run's demo starts clean)
+#   scripts/pg.sh restart  pg_ctl restart (the failure tests use it on a cluster of their own)
+# PG_BASE (default target/pg) picks the cluster's directory.
 # PGPORT (default 15432, below the ephemeral range) picks the port. TLS is on, with a throwaway CA
 # in target/pg/tls/ca.crt (made with the openssl command). Works as root (the server
 # runs as the unprivileged `postgres` user, created if missing) and as a normal user.
@@ -10,10 +12,12 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 port=${PGPORT:-15432}
-base="$root/target/pg"
+base="${PG_BASE:-$root/target/pg}"
 data="$base/data"
 sock="$base/sock"
 tls="$base/tls"
+server_options="-c listen_addresses=127.0.0.1 -p $port -k $sock -c max_connections=200 \
+  -c ssl=on -c ssl_cert_file=$tls/server.crt -c ssl_key_file=$tls/server.key"
 
 bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$bindir" ] || [ ! -x "$bindir/initdb" ]; then
@@ -54,9 +58,7 @@ case "${1:-}" in
       [ "$(id -u)" = 0 ] && chown postgres:postgres "$tls/server.key" "$tls/server.crt"
     fi
     if ! as_server "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-      as_server "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $port -k $sock -c max_connections=200 \
-            -c ssl=on -c ssl_cert_file=$tls/server.crt -c ssl_key_file=$tls/server.key" start >/dev/null
+      as_server "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 -o "$server_options" start >/dev/null
     fi
     "$bindir/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAq -v ON_ERROR_STOP=1 \
       -c "SELECT 1 FROM pg_database WHERE datname = 'mqtt'" | grep -q 1 \
@@ -67,6 +69,9 @@ case "${1:-}" in
     "$bindir/dropdb" -h 127.0.0.1 -p "$port" -U postgres --if-exists --force mqtt
     "$bindir/createdb" -h 127.0.0.1 -p "$port" -U postgres mqtt
     ;;
+  restart)
+    as_server "$bindir/pg_ctl" -D "$data" -m fast -w -t 60 -o "$server_options" restart >/dev/null
+    ;;
   down)
     if [ -f "$data/PG_VERSION" ]; then
       as_server "$bindir/pg_ctl" -D "$data" -m fast -w stop >/dev/null 2>&1 || true
@@ -74,7 +79,7 @@ case "${1:-}" in
     echo "PostgreSQL down"
     ;;
   *)
-    echo "usage: $0 up|down|fresh" >&2
+    echo "usage: $0 up|down|fresh|restart" >&2
     exit 2
     ;;
 esac

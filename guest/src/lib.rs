@@ -25,7 +25,7 @@ use bindings::exports::broker::extension::hooks::{
 };
 use functions::{acked, client, fetch, housekeeping, publish, retain};
 use placeholder::Event;
-use rules::{Action, Function, Hookpoint, Rule, Rules};
+use rules::{Action, Function, Hookpoint, OnError, Rule, Rules};
 
 /// What `configure` installed.
 #[derive(Default)]
@@ -58,6 +58,17 @@ fn sql_error(rule: &Rule, error: sql::Error) -> HookError {
     HookError::Sql((rule.key.clone(), error))
 }
 
+/// A rule's outcome under its `on_error` policy: an ignored error is only logged.
+fn settle(rule: &Rule, result: Result<(), sql::Error>) -> Result<(), HookError> {
+    match result {
+        Err(error) if rule.on_error == OnError::Ignore => {
+            warn(&format!("{} (on_error: ignore): {error:?}", rule.key));
+            Ok(())
+        }
+        other => other.map_err(|e| sql_error(rule, e)),
+    }
+}
+
 /// The rules of `hookpoint` that fire for an event about `topic` (every rule, for client hooks).
 fn firing<'a>(config: &'a Config, hookpoint: Hookpoint, topic: Option<&'a str>) -> impl Iterator<Item = &'a Rule> {
     config.rules.for_hookpoint(hookpoint).iter().filter(move |rule| topic.is_none_or(|t| rule.fires_for(t)))
@@ -68,7 +79,7 @@ fn run_sql_rules(hookpoint: Hookpoint, topic: Option<&str>, event: &Event<'_>) -
     let config = config();
     for rule in firing(&config, hookpoint, topic) {
         if let Action::Sql(statements) = &rule.action {
-            action::run(&rule.pool, statements, std::slice::from_ref(event)).map_err(|e| sql_error(rule, e))?;
+            settle(rule, action::run(&rule.pool, statements, std::slice::from_ref(event)))?;
         }
     }
     Ok(())
@@ -91,15 +102,15 @@ impl Guest for Extension {
         let config = config();
         let mut subscriptions = Vec::new();
         for rule in firing(&config, Hookpoint::ClientConnected, None) {
-            match &rule.action {
+            let result = match &rule.action {
                 Action::Function(Function::ClientConnected) => client::connected(&rule.pool, &client.clientid, &config.node),
                 Action::Function(Function::SubscribeLookup) => {
                     client::subscriptions(&rule.pool, &client.clientid).map(|found| subscriptions.extend(found))
                 }
                 Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
                 Action::Function(_) => Ok(()),
-            }
-            .map_err(|e| sql_error(rule, e))?;
+            };
+            settle(rule, result)?;
         }
         Ok(subscriptions)
     }
@@ -107,14 +118,14 @@ impl Guest for Extension {
     fn client_disconnected(client: Client, _reason: String) -> Result<(), HookError> {
         let config = config();
         for rule in firing(&config, Hookpoint::ClientDisconnected, None) {
-            match &rule.action {
+            let result = match &rule.action {
                 Action::Function(Function::ClientDisconnected) => {
                     client::disconnected(&rule.pool, &client.clientid, &config.node)
                 }
                 Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
                 Action::Function(_) => Ok(()),
-            }
-            .map_err(|e| sql_error(rule, e))?;
+            };
+            settle(rule, result)?;
         }
         Ok(())
     }
@@ -128,7 +139,7 @@ impl Guest for Extension {
         let mut page = FetchPage { messages: Vec::new(), next: None };
         let mut fetched = false;
         for rule in firing(&config, Hookpoint::SessionSubscribed, Some(filter)) {
-            match &rule.action {
+            let result = match &rule.action {
                 Action::Function(Function::RetainLookup) => {
                     retain::lookup(&rule.pool, filter).map(|retained| page.messages.extend(retained))
                 }
@@ -141,8 +152,8 @@ impl Guest for Extension {
                 }
                 Action::Sql(statements) => action::run(&rule.pool, statements, std::slice::from_ref(&event)),
                 Action::Function(_) => Ok(()),
-            }
-            .map_err(|e| sql_error(rule, e))?;
+            };
+            settle(rule, result)?;
         }
         Ok(page)
     }
@@ -201,8 +212,7 @@ impl Guest for Extension {
                 }
                 Action::Function(_) => Ok(()), // configuration keeps other functions off this hookpoint
             };
-            if let Err(error) = result {
-                let failure = sql_error(rule, error);
+            if let Err(failure) = settle(rule, result) {
                 for &i in &selected {
                     outcomes[i] = PublishOutcome::Failed(failure.clone());
                 }
@@ -220,12 +230,12 @@ impl Guest for Extension {
         let config = config();
         let event = Event::Message { receiver: Some(&client), message: &message };
         for rule in firing(&config, Hookpoint::MessageAcked, Some(&message.topic)) {
-            match (&rule.action, message.id) {
+            let result = match (&rule.action, message.id) {
                 (Action::Function(Function::MessageAcked), Some(id)) => acked::advance(&rule.pool, &client.clientid, id),
                 (Action::Sql(statements), _) => action::run(&rule.pool, statements, std::slice::from_ref(&event)),
                 _ => Ok(()),
-            }
-            .map_err(|e| sql_error(rule, e))?;
+            };
+            settle(rule, result)?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 
 use crate::template::Statement;
 use crate::topic;
-use rules_file::{Key, RulesError};
+use rules_file::{Key, RulesError, parse_duration};
 
 /// The broker events a rule can hang on, in the EMQX spelling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +154,16 @@ pub struct Rule {
     pub topic: Option<String>,
     pub pool: String,
     pub action: Action,
+    pub on_error: OnError,
+}
+
+/// What a failing rule does to its event (`"on_error"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The hook fails: a message is reported not stored (the broker must not accept it).
+    Reject,
+    /// The error is logged and the event goes on as if the rule had not fired (fail-open).
+    Ignore,
 }
 
 impl Rule {
@@ -203,7 +213,7 @@ impl Rules {
     }
 }
 
-const RULE_KEYS: [&str; 5] = ["topic", "action", "pool", "offline_opts", "retention"];
+const RULE_KEYS: [&str; 6] = ["topic", "action", "pool", "offline_opts", "retention", "on_error"];
 
 fn parse_rule(
     object: &Map<String, Value>,
@@ -253,7 +263,12 @@ fn parse_rule(
         let text = retention.as_str().ok_or("retention must be a string such as \"7d\"")?;
         store_opts.retention_secs = Some(parse_duration(text).map_err(|e| format!("retention: {e}"))?);
     }
-    Ok(Rule { key: key.to_owned(), hookpoint, index, topic, pool, action })
+    let on_error = match object.get("on_error").map(|v| v.as_str()) {
+        None | Some(Some("reject")) => OnError::Reject,
+        Some(Some("ignore")) => OnError::Ignore,
+        Some(_) => return Err("on_error must be \"reject\" (the default) or \"ignore\"".into()),
+    };
+    Ok(Rule { key: key.to_owned(), hookpoint, index, topic, pool, action, on_error })
 }
 
 fn parse_action(action: &Map<String, Value>, hookpoint: Hookpoint) -> Result<Action, String> {
@@ -320,34 +335,6 @@ fn parse_offline_opts(opts: &Value) -> Result<OfflineOpts, String> {
     Ok(parsed)
 }
 
-/// `10s`, `30m`, `2h`, `1d`, `1w`, or a sum such as `1h30m`, in seconds.
-pub fn parse_duration(text: &str) -> Result<u64, String> {
-    let bad = || format!("bad duration `{text}`: expected a number and a unit s, m, h, d or w (e.g. 2h)");
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in text.trim().chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 604_800,
-            _ => return Err(bad()),
-        };
-        let n: u64 = digits.parse().map_err(|_| bad())?;
-        total = n.checked_mul(unit).and_then(|s| total.checked_add(s)).ok_or_else(bad)?;
-        digits.clear();
-    }
-    if !digits.is_empty() || total == 0 {
-        return Err(bad());
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,17 +387,6 @@ backend.pgsql.hook.session.unsubscribed.1= {"topic": "#", "action": {"sql": ["de
             assert_eq!(err.line, Some(2), "{line}");
             assert!(err.message.contains(expected), "{line}: {err}");
             assert!(err.key.is_some_and(|k| k.starts_with("backend.pgsql.hook.")), "{line}");
-        }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(10));
-        assert_eq!(parse_duration("2h"), Ok(7200));
-        assert_eq!(parse_duration("1d"), Ok(86_400));
-        assert_eq!(parse_duration("1h30m"), Ok(5400));
-        for bad in ["", "2", "h", "2x", "0s", "99999999999999999999w"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
     }
 }

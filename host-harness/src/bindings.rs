@@ -33,6 +33,7 @@ impl Describe for SqlError {
             }
             SqlError::InvalidParameter(m) => format!("invalid parameter: {m}"),
             SqlError::UnsupportedType(m) => format!("unsupported type: {m}"),
+            SqlError::TooLarge(m) => format!("result too large: {m}"),
         }
     }
 }

@@ -17,6 +17,8 @@ pub struct PoolSettings {
     pub password: Option<String>,
     pub database: String,
     pub tls: Tls,
+    /// The server cancels a statement that runs longer.
+    pub statement_timeout_secs: u64,
 }
 
 /// `ssl` and `ssl_opts.*`.
@@ -38,6 +40,7 @@ impl fmt::Debug for PoolSettings {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("database", &self.database)
             .field("tls", &self.tls)
+            .field("statement_timeout_secs", &self.statement_timeout_secs)
             .finish()
     }
 }
@@ -51,8 +54,12 @@ pub struct RulesFile {
     pub guest_text: String,
 }
 
-pub const SETTINGS: [&str; 7] =
-    ["server", "pool_size", "username", "password", "database", "ssl", "ssl_opts.cacertfile"];
+pub const SETTINGS: [&str; 8] =
+    ["server", "pool_size", "username", "password", "database", "ssl", "ssl_opts.cacertfile", "statement_timeout"];
+
+/// Below the default per-call deadline of the sandbox, so that a slow statement fails as an SQL
+/// error (the rule's error policy applies) before the call itself is stopped.
+pub const DEFAULT_STATEMENT_TIMEOUT_SECS: u64 = 5;
 
 impl RulesFile {
     pub fn parse(text: &str) -> Result<RulesFile, RulesError> {
@@ -113,7 +120,12 @@ fn pool_settings(
         Some("true") => Tls::On { cacertfile },
         Some(other) => return Err(error("ssl", format!("`{other}` is not true or false"))),
     };
+    let statement_timeout_secs = match get("statement_timeout") {
+        None => DEFAULT_STATEMENT_TIMEOUT_SECS,
+        Some(text) => rules_file::parse_duration(text).map_err(|e| error("statement_timeout", e))?,
+    };
     Ok(PoolSettings {
+        statement_timeout_secs,
         host: host.trim_matches(['[', ']']).to_owned(),
         port,
         pool_size,

@@ -9,6 +9,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::future::try_join_all;
+use futures::{StreamExt, TryStreamExt};
 use postgres_types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::types::private::BytesMut;
 use tokio_postgres::{NoTls, Row, Statement};
@@ -19,6 +20,9 @@ use crate::sql::{SqlBackend, SqlTransaction};
 
 /// How long a statement waits for a free connection before it fails.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Rows one result may have: a guest pages through anything bigger (fetch pages at 500).
+pub const MAX_ROWS: usize = 100_000;
 
 /// The pools of one rules file.
 pub struct PgBackend {
@@ -65,6 +69,7 @@ fn build_pool(s: &PoolSettings) -> anyhow::Result<Pool> {
         .user(&s.username)
         .dbname(&s.database)
         .application_name("mqtt-offline-host")
+        .options(format!("-c statement_timeout={}s", s.statement_timeout_secs))
         .connect_timeout(CHECKOUT_TIMEOUT);
     if let Some(password) = &s.password {
         config.password(password);
@@ -191,7 +196,9 @@ async fn prepare(client: &Object, statement: &str) -> Result<Statement, SqlError
 async fn query(client: &Object, statement: &str, params: &[Value]) -> Result<RowSet, SqlError> {
     let prepared = prepare(client, statement).await?;
     let bound = bind(&prepared, params)?;
-    let rows = client.query(&prepared, &refs(&bound)[..]).await.map_err(sql_error)?;
+    // Streamed, so that a result past the cap is refused before it is all in memory.
+    let stream = client.query_raw(&prepared, refs(&bound)).await.map_err(sql_error)?;
+    let rows: Vec<Row> = stream.take(MAX_ROWS + 1).try_collect().await.map_err(sql_error)?;
     row_set(&prepared, rows)
 }
 
@@ -379,6 +386,9 @@ impl<'a> FromSql<'a> for Cell {
 }
 
 fn row_set(statement: &Statement, rows: Vec<Row>) -> Result<RowSet, SqlError> {
+    if rows.len() > MAX_ROWS {
+        return Err(SqlError::TooLarge(format!("the result has more than {MAX_ROWS} rows; page it (LIMIT)")));
+    }
     let columns: Vec<String> = statement.columns().iter().map(|c| c.name().to_owned()).collect();
     let rows = rows
         .iter()

@@ -200,6 +200,34 @@ pub fn redact_pools(text: &str) -> Result<String, RulesError> {
     Ok(out)
 }
 
+/// `10s`, `30m`, `2h`, `1d`, `1w`, or a sum such as `1h30m`, in seconds.
+pub fn parse_duration(text: &str) -> Result<u64, String> {
+    let bad = || format!("bad duration `{text}`: expected a number and a unit s, m, h, d or w (e.g. 2h)");
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return Err(bad()),
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        total = n.checked_mul(unit).and_then(|s| total.checked_add(s)).ok_or_else(bad)?;
+        digits.clear();
+    }
+    if !digits.is_empty() || total == 0 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +295,16 @@ mod tests {
         let redacted = redact_pools(doc).unwrap();
         assert!(!redacted.contains("s3cret"));
         assert_eq!(parse(&redacted).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(10));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert_eq!(parse_duration("1d"), Ok(86_400));
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        for bad in ["", "2", "h", "2x", "0s", "99999999999999999999w"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }
