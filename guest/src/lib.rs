@@ -16,8 +16,10 @@ mod bindings {
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::time::Instant;
 
 use bindings::broker::extension::log::{self, Level};
+use bindings::broker::extension::metrics;
 use bindings::broker::extension::sql;
 use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
@@ -58,9 +60,17 @@ fn sql_error(rule: &Rule, error: sql::Error) -> HookError {
     HookError::Sql((rule.key.clone(), error))
 }
 
-/// A rule's outcome under its `on_error` policy: an ignored error is only logged.
-fn settle(rule: &Rule, result: Result<(), sql::Error>) -> Result<(), HookError> {
-    match result {
+/// Reports one run of `rule` to the host's metrics.
+fn observe<T>(rule: &Rule, started: Instant, result: &Result<u64, T>) {
+    let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    metrics::observe(rule.metric_name, result.is_ok(), *result.as_ref().unwrap_or(&0), elapsed);
+}
+
+/// A rule's outcome, reported to metrics and settled by its `on_error` policy: an ignored error
+/// is only logged. `result` holds how many rows the rule handled.
+fn settle(rule: &Rule, started: Instant, result: Result<u64, sql::Error>) -> Result<(), HookError> {
+    observe(rule, started, &result);
+    match result.map(drop) {
         Err(error) if rule.on_error == OnError::Ignore => {
             warn(&format!("{} (on_error: ignore): {error:?}", rule.key));
             Ok(())
@@ -79,7 +89,8 @@ fn run_sql_rules(hookpoint: Hookpoint, topic: Option<&str>, event: &Event<'_>) -
     let config = config();
     for rule in firing(&config, hookpoint, topic) {
         if let Action::Sql(statements) = &rule.action {
-            settle(rule, action::run(&rule.pool, statements, std::slice::from_ref(event)))?;
+            let started = Instant::now();
+            settle(rule, started, action::run(&rule.pool, statements, std::slice::from_ref(event)))?;
         }
     }
     Ok(())
@@ -102,15 +113,21 @@ impl Guest for Extension {
         let config = config();
         let mut subscriptions = Vec::new();
         for rule in firing(&config, Hookpoint::ClientConnected, None) {
+            let started = Instant::now();
             let result = match &rule.action {
-                Action::Function(Function::ClientConnected) => client::connected(&rule.pool, &client.clientid, &config.node),
-                Action::Function(Function::SubscribeLookup) => {
-                    client::subscriptions(&rule.pool, &client.clientid).map(|found| subscriptions.extend(found))
+                Action::Function(Function::ClientConnected) => {
+                    client::connected(&rule.pool, &client.clientid, &config.node).map(|()| 1)
                 }
+                Action::Function(Function::SubscribeLookup) => client::subscriptions(&rule.pool, &client.clientid)
+                    .map(|found| {
+                        let rows = found.len() as u64;
+                        subscriptions.extend(found);
+                        rows
+                    }),
                 Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
-                Action::Function(_) => Ok(()),
+                Action::Function(_) => continue,
             };
-            settle(rule, result)?;
+            settle(rule, started, result)?;
         }
         Ok(subscriptions)
     }
@@ -118,14 +135,15 @@ impl Guest for Extension {
     fn client_disconnected(client: Client, _reason: String) -> Result<(), HookError> {
         let config = config();
         for rule in firing(&config, Hookpoint::ClientDisconnected, None) {
+            let started = Instant::now();
             let result = match &rule.action {
                 Action::Function(Function::ClientDisconnected) => {
-                    client::disconnected(&rule.pool, &client.clientid, &config.node)
+                    client::disconnected(&rule.pool, &client.clientid, &config.node).map(|()| 1)
                 }
                 Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
-                Action::Function(_) => Ok(()),
+                Action::Function(_) => continue,
             };
-            settle(rule, result)?;
+            settle(rule, started, result)?;
         }
         Ok(())
     }
@@ -139,21 +157,26 @@ impl Guest for Extension {
         let mut page = FetchPage { messages: Vec::new(), next: None };
         let mut fetched = false;
         for rule in firing(&config, Hookpoint::SessionSubscribed, Some(filter)) {
+            let started = Instant::now();
             let result = match &rule.action {
-                Action::Function(Function::RetainLookup) => {
-                    retain::lookup(&rule.pool, filter).map(|retained| page.messages.extend(retained))
-                }
+                Action::Function(Function::RetainLookup) => retain::lookup(&rule.pool, filter).map(|retained| {
+                    let rows = retained.len() as u64;
+                    page.messages.extend(retained);
+                    rows
+                }),
                 Action::Function(Function::MessageFetch(opts)) if !fetched && subscription.qos > 0 => {
                     fetched = true;
                     fetch::first_page(&rule.pool, rule.index, opts, &client.clientid, filter).map(|first| {
+                        let rows = first.messages.len() as u64;
                         page.messages.extend(first.messages);
                         page.next = first.next.map(|c| c.encode());
+                        rows
                     })
                 }
                 Action::Sql(statements) => action::run(&rule.pool, statements, std::slice::from_ref(&event)),
-                Action::Function(_) => Ok(()),
+                Action::Function(_) => continue,
             };
-            settle(rule, result)?;
+            settle(rule, started, result)?;
         }
         Ok(page)
     }
@@ -167,7 +190,10 @@ impl Guest for Extension {
         let Action::Function(Function::MessageFetch(opts)) = &rule.action else {
             return Err(HookError::Invalid(format!("{} is not an on_message_fetch rule", rule.key)));
         };
-        let page = fetch::page(&rule.pool, opts, &subscription.filter, cursor).map_err(|e| sql_error(rule, e))?;
+        let started = Instant::now();
+        let page = fetch::page(&rule.pool, opts, &subscription.filter, cursor);
+        observe(rule, started, &page.as_ref().map(|p| p.messages.len() as u64));
+        let page = page.map_err(|e| sql_error(rule, e))?;
         Ok(FetchPage { messages: page.messages, next: page.next.map(|c| c.encode()) })
     }
 
@@ -195,24 +221,27 @@ impl Guest for Extension {
                 continue;
             }
             let batch: Vec<&Message> = selected.iter().map(|&i| &messages[i]).collect();
+            let rows = batch.len() as u64;
+            let started = Instant::now();
             let result = match &rule.action {
                 Action::Function(Function::MessagePublish(_)) => publish::store(&rule.pool, &batch).map(|ids| {
                     for (&i, id) in selected.iter().zip(ids) {
                         messages[i].id = Some(id);
                         outcomes[i] = PublishOutcome::Stored(id);
                     }
+                    rows
                 }),
                 // Archive copies: no id travels, acks do not move positions with them.
-                Action::Function(Function::MessageStore(_)) => publish::store(&rule.pool, &batch).map(drop),
-                Action::Function(Function::MessageRetain) => retain::keep(&rule.pool, &batch),
-                Action::Function(Function::RetainDelete) => retain::delete(&rule.pool, &batch),
+                Action::Function(Function::MessageStore(_)) => publish::store(&rule.pool, &batch).map(|_| rows),
+                Action::Function(Function::MessageRetain) => retain::keep(&rule.pool, &batch).map(|()| rows),
+                Action::Function(Function::RetainDelete) => retain::delete(&rule.pool, &batch).map(|()| rows),
                 Action::Sql(statements) => {
                     let events: Vec<Event<'_>> = batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
                     action::run(&rule.pool, statements, &events)
                 }
-                Action::Function(_) => Ok(()), // configuration keeps other functions off this hookpoint
+                Action::Function(_) => continue, // configuration keeps other functions off this hookpoint
             };
-            if let Err(failure) = settle(rule, result) {
+            if let Err(failure) = settle(rule, started, result) {
                 for &i in &selected {
                     outcomes[i] = PublishOutcome::Failed(failure.clone());
                 }
@@ -230,12 +259,15 @@ impl Guest for Extension {
         let config = config();
         let event = Event::Message { receiver: Some(&client), message: &message };
         for rule in firing(&config, Hookpoint::MessageAcked, Some(&message.topic)) {
+            let started = Instant::now();
             let result = match (&rule.action, message.id) {
-                (Action::Function(Function::MessageAcked), Some(id)) => acked::advance(&rule.pool, &client.clientid, id),
+                (Action::Function(Function::MessageAcked), Some(id)) => {
+                    acked::advance(&rule.pool, &client.clientid, id).map(|()| 1)
+                }
                 (Action::Sql(statements), _) => action::run(&rule.pool, statements, std::slice::from_ref(&event)),
-                _ => Ok(()),
+                _ => continue,
             };
-            settle(rule, result)?;
+            settle(rule, started, result)?;
         }
         Ok(())
     }

@@ -88,15 +88,16 @@ const FUNCTIONS: [(&str, Hookpoint, fn() -> Function); 10] = [
 ];
 
 impl Function {
-    fn parse(name: &str, hookpoint: Hookpoint) -> Result<Function, String> {
-        let Some((_, home, function)) = FUNCTIONS.iter().find(|(n, _, _)| *n == name) else {
+    /// The function and its name as the table spells it.
+    fn parse(name: &str, hookpoint: Hookpoint) -> Result<(Function, &'static str), String> {
+        let Some((name, home, function)) = FUNCTIONS.iter().find(|(n, _, _)| *n == name) else {
             let known: Vec<&str> = FUNCTIONS.iter().map(|(n, _, _)| *n).collect();
             return Err(format!("unknown function `{name}`; known: {}", known.join(", ")));
         };
         if *home != hookpoint {
             return Err(format!("function `{name}` belongs on hookpoint {}, not {}", home.name(), hookpoint.name()));
         }
-        Ok(function())
+        Ok((function(), name))
     }
 }
 
@@ -155,6 +156,8 @@ pub struct Rule {
     pub pool: String,
     pub action: Action,
     pub on_error: OnError,
+    /// What metrics call this rule: its function's name, or `sql`.
+    pub metric_name: &'static str,
 }
 
 /// What a failing rule does to its event (`"on_error"`).
@@ -243,7 +246,7 @@ fn parse_rule(
         Some(_) => return Err("pool must be a string".into()),
         None => return Err("missing field `pool`".into()),
     };
-    let mut action = match object.get("action") {
+    let (mut action, metric_name) = match object.get("action") {
         Some(Value::Object(action)) => parse_action(action, hookpoint)?,
         Some(_) => return Err("action must be an object: {\"function\": ...} or {\"sql\": [...]}".into()),
         None => return Err("missing field `action`".into()),
@@ -268,13 +271,16 @@ fn parse_rule(
         Some(Some("ignore")) => OnError::Ignore,
         Some(_) => return Err("on_error must be \"reject\" (the default) or \"ignore\"".into()),
     };
-    Ok(Rule { key: key.to_owned(), hookpoint, index, topic, pool, action, on_error })
+    Ok(Rule { key: key.to_owned(), hookpoint, index, topic, pool, action, on_error, metric_name })
 }
 
-fn parse_action(action: &Map<String, Value>, hookpoint: Hookpoint) -> Result<Action, String> {
+fn parse_action(action: &Map<String, Value>, hookpoint: Hookpoint) -> Result<(Action, &'static str), String> {
     match (action.get("function"), action.get("sql")) {
         (Some(_), Some(_)) => Err("action has both `function` and `sql`; a rule does one".into()),
-        (Some(Value::String(name)), None) => Ok(Action::Function(Function::parse(name, hookpoint)?)),
+        (Some(Value::String(name)), None) => {
+            let (function, name) = Function::parse(name, hookpoint)?;
+            Ok((Action::Function(function), name))
+        }
         (Some(_), None) => Err("action.function must be a string".into()),
         (None, Some(sql)) => {
             let texts: Vec<&str> = match sql {
@@ -293,7 +299,7 @@ fn parse_action(action: &Map<String, Value>, hookpoint: Hookpoint) -> Result<Act
                 .enumerate()
                 .map(|(i, text)| Statement::compile(text, hookpoint).map_err(|e| format!("action.sql[{i}]: {e}")))
                 .collect::<Result<_, _>>()?;
-            Ok(Action::Sql(statements))
+            Ok((Action::Sql(statements), "sql"))
         }
         (None, None) => Err("action needs `function` or `sql`".into()),
     }

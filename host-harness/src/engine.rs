@@ -13,6 +13,7 @@ use wasmtime::{Config, Engine, Store};
 use crate::bindings::{
     Client, ConfigError, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome, Rules, Subscription,
 };
+use crate::metrics::Metrics;
 use crate::sandbox::{self, Limits};
 use crate::sql::SqlBackend;
 use crate::state::HostState;
@@ -96,8 +97,8 @@ impl ExtensionModule {
         &self.name
     }
 
-    pub async fn instantiate(&self, sql: Arc<dyn SqlBackend>) -> anyhow::Result<Instance> {
-        let mut store = Store::new(&self.engine, HostState::new(sql, &self.name, &self.limits));
+    pub async fn instantiate(&self, sql: Arc<dyn SqlBackend>, metrics: Arc<Metrics>) -> anyhow::Result<Instance> {
+        let mut store = Store::new(&self.engine, HostState::new(sql, metrics, &self.name, &self.limits));
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.limits.deadline_ticks());

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use rules_file::RulesError;
@@ -15,6 +16,7 @@ use rules_file::RulesError;
 use crate::bindings::Rules;
 use crate::config::RulesFile;
 use crate::engine::{ExtensionModule, Instance, Runtime};
+use crate::metrics::Metrics;
 use crate::postgres::PgBackend;
 use crate::schema;
 
@@ -28,6 +30,8 @@ pub struct Host {
     backend: Arc<PgBackend>,
     /// What the instance was configured with.
     rules: Rules,
+    /// Shared by every instance this host runs.
+    metrics: Arc<Metrics>,
 }
 
 /// The files a host was loaded from, for reloading them.
@@ -49,26 +53,39 @@ impl Host {
     /// Like [`Host::load`], with the rules given as text; `source` names them in errors.
     pub async fn with_rules(module: &ExtensionModule, text: &str, source: &str, node: &str) -> anyhow::Result<Host> {
         let (backend, rules) = prepare(text, source, node, None)?;
-        let instance = configured(module, &backend, &rules).await?;
-        Ok(Host { instance, module: module.clone(), backend, rules })
+        let metrics = Arc::new(Metrics::default());
+        let instance = configured(module, &backend, &metrics, &rules).await?;
+        Ok(Host { instance, module: module.clone(), backend, rules, metrics })
     }
 
-    /// Runs one hook call on the instance. If it traps, the instance is replaced by a fresh one
-    /// with the same configuration, and the error is returned for this call alone.
-    pub async fn call<T>(&mut self, hook: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let result = hook(&mut self.instance).await;
+    /// Runs one call of the hook named `hook` on the instance, timed for the metrics. If it
+    /// traps, the instance is replaced by a fresh one with the same configuration, and the error
+    /// is returned for this call alone.
+    pub async fn call<T>(
+        &mut self,
+        hook: &str,
+        call: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let started = Instant::now();
+        let result = call(&mut self.instance).await;
+        self.metrics.hook(hook, result.is_err(), started.elapsed());
         if let Err(e) = &result {
-            tracing::error!(extension = self.module.name(), "the extension trapped; replacing its instance: {e:#}");
-            self.instance = configured(&self.module, &self.backend, &self.rules).await?;
+            tracing::error!(extension = self.module.name(), hook, "the extension trapped; replacing its instance: {e:#}");
+            self.instance = configured(&self.module, &self.backend, &self.metrics, &self.rules).await?;
         }
         result
+    }
+
+    /// This host's metrics (`Metrics::prometheus` for a scrape endpoint).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Swaps in new rules once a fresh instance has accepted them. Pools whose settings did not
     /// change keep their connections. On error nothing changes.
     pub async fn reload_rules(&mut self, text: &str, source: &str) -> anyhow::Result<()> {
         let (backend, rules) = prepare(text, source, &self.rules.node, Some(&self.backend))?;
-        self.instance = configured(&self.module, &backend, &rules).await?;
+        self.instance = configured(&self.module, &backend, &self.metrics, &rules).await?;
         self.backend = backend;
         self.rules = rules;
         Ok(())
@@ -76,7 +93,7 @@ impl Host {
 
     /// Swaps in a new module once a fresh instance of it has accepted the current rules.
     pub async fn reload_module(&mut self, module: ExtensionModule) -> anyhow::Result<()> {
-        self.instance = configured(&module, &self.backend, &self.rules).await?;
+        self.instance = configured(&module, &self.backend, &self.metrics, &self.rules).await?;
         self.module = module;
         Ok(())
     }
@@ -87,7 +104,7 @@ impl Host {
         let module = runtime.load(&sources.module)?;
         let (text, source) = read_rules(&sources.rules)?;
         let (backend, rules) = prepare(&text, &source, &self.rules.node, Some(&self.backend))?;
-        self.instance = configured(&module, &backend, &rules).await?;
+        self.instance = configured(&module, &backend, &self.metrics, &rules).await?;
         self.module = module;
         self.backend = backend;
         self.rules = rules;
@@ -134,8 +151,13 @@ fn prepare(text: &str, source: &str, node: &str, previous: Option<&PgBackend>) -
 }
 
 /// A fresh instance of `module`, configured with `rules`.
-async fn configured(module: &ExtensionModule, backend: &Arc<PgBackend>, rules: &Rules) -> anyhow::Result<Instance> {
-    let mut instance = module.instantiate(backend.clone()).await?;
+async fn configured(
+    module: &ExtensionModule,
+    backend: &Arc<PgBackend>,
+    metrics: &Arc<Metrics>,
+    rules: &Rules,
+) -> anyhow::Result<Instance> {
+    let mut instance = module.instantiate(backend.clone(), metrics.clone()).await?;
     if let Err(e) = instance.configure(rules).await? {
         return Err(anyhow!("{}: {}", rules.source, RulesError { line: e.line, key: e.key, message: e.message }));
     }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod engine;
 pub mod host;
 mod log;
+pub mod metrics;
 pub mod postgres;
 pub mod replay;
 pub mod sandbox;

@@ -211,7 +211,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         match event {
             Event::ClientConnected { clientid, username, peerhost } => {
                 let client = Client { clientid: clientid.clone(), username, peerhost };
-                let stored = self.host.call(async |i| i.client_connected(&client).await).await??;
+                let stored = self.host.call("client-connected", async |i| i.client_connected(&client).await).await??;
                 // A new connection takes over the client id's old one, as in MQTT.
                 let session = Session { client, subscriptions: BTreeMap::new(), unacked: HashMap::new() };
                 self.sessions.insert(clientid.clone(), session);
@@ -224,7 +224,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // Unacked deliveries are simply forgotten: the position did not move past them,
                 // so they come again on the next subscription (at least once).
                 self.sessions.remove(&clientid);
-                self.host.call(async |i| i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await).await??;
+                self.host.call("client-disconnected", async |i| i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await).await??;
             }
             Event::SessionSubscribed { clientid, topic, qos, auto_ack } => {
                 if qos > 2 {
@@ -239,7 +239,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     return failed(format!("{clientid} is not subscribed to {topic}"));
                 }
                 let client = session.client.clone();
-                self.host.call(async |i| i.session_unsubscribed(&client, &topic).await).await??;
+                self.host.call("session-unsubscribed", async |i| i.session_unsubscribed(&client, &topic).await).await??;
             }
             Event::MessagePublish { clientid, topic, qos, retain, payload, payload_base64, properties } => {
                 let payload = match (payload, payload_base64) {
@@ -259,10 +259,10 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     return failed(format!("{clientid} has no unacked message with id {id}"));
                 };
                 let client = session.client.clone();
-                self.host.call(async |i| i.message_acked(&client, &message).await).await??;
+                self.host.call("message-acked", async |i| i.message_acked(&client, &message).await).await??;
             }
             Event::Tick {} => {
-                let deleted = self.host.call(async |i| i.tick().await).await??;
+                let deleted = self.host.call("tick", async |i| i.tick().await).await??;
                 self.emit(json!({"tick": {"deleted": deleted}})).await?;
             }
         }
@@ -277,7 +277,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         let session = self.session(clientid)?;
         session.subscriptions.insert(subscription.filter.clone(), (subscription.qos, auto_ack));
         let client = session.client.clone();
-        let mut page = self.host.call(async |i| i.session_subscribed(&client, &subscription).await).await??;
+        let mut page = self.host.call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await).await??;
         // The whole backlog, in order, one page in memory at a time.
         loop {
             for message in page.messages {
@@ -285,7 +285,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 self.deliver(clientid, message, qos, auto_ack).await?;
             }
             let Some(cursor) = page.next else { return Ok(()) };
-            page = self.host.call(async |i| i.session_fetch_next(&client, &subscription, &cursor).await).await??;
+            page = self.host.call("session-fetch-next", async |i| i.session_fetch_next(&client, &subscription, &cursor).await).await??;
         }
     }
 
@@ -311,7 +311,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             timestamp: now.as_millis() as i64,
             properties: properties.into_iter().map(|(key, value)| Property { key, value }).collect(),
         };
-        let outcome = self.host.call(async |i| i.message_publish(std::slice::from_ref(&message)).await).await?.pop();
+        let outcome = self.host.call("message-publish", async |i| i.message_publish(std::slice::from_ref(&message)).await).await?.pop();
         match outcome {
             Some(PublishOutcome::Stored(id)) => message.id = Some(id),
             Some(PublishOutcome::NotStored) => {}
@@ -356,12 +356,13 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         let mut deliver = json!({"clientid": clientid, "topic": message.topic, "qos": qos, "retain": message.retain, "id": message.id});
         deliver[payload.0] = payload.1;
         self.emit(json!({ "deliver": deliver })).await?;
+        self.host.metrics().delivered(1);
 
         let Some(session) = self.sessions.get_mut(clientid) else { return Ok(()) };
         let client = session.client.clone();
         let message = Message { qos, ..message };
         let mut failures = Vec::new();
-        if let Err(e) = self.host.call(async |i| i.message_delivered(&client, &message).await).await? {
+        if let Err(e) = self.host.call("message-delivered", async |i| i.message_delivered(&client, &message).await).await? {
             failures.push(e);
         }
         if qos > 0 {
@@ -370,7 +371,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     session.unacked.insert(id, message);
                 }
                 _ if auto_ack => {
-                    if let Err(e) = self.host.call(async |i| i.message_acked(&client, &message).await).await? {
+                    if let Err(e) = self.host.call("message-acked", async |i| i.message_acked(&client, &message).await).await? {
                         failures.push(e);
                     }
                 }

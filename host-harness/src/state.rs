@@ -7,6 +7,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::AsyncStdoutStream;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::metrics::Metrics;
 use crate::sandbox::{GuestOutput, Limits};
 use crate::sql::SqlBackend;
 
@@ -17,13 +18,14 @@ pub struct HostState {
     /// For log lines: which extension said it.
     pub(crate) extension_name: String,
     pub(crate) limits: StoreLimits,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// How much guest output is buffered before a write waits.
 const OUTPUT_BUDGET: usize = 4096;
 
 impl HostState {
-    pub fn new(sql: Arc<dyn SqlBackend>, extension_name: &str, limits: &Limits) -> HostState {
+    pub fn new(sql: Arc<dyn SqlBackend>, metrics: Arc<Metrics>, extension_name: &str, limits: &Limits) -> HostState {
         // No preopened directories, no environment, no arguments, no network. Output goes to the
         // host's log (never to its stdout, which may carry a protocol of its own).
         let wasi = WasiCtx::builder()
@@ -36,6 +38,7 @@ impl HostState {
             sql,
             extension_name: extension_name.to_owned(),
             limits: limits.store_limits(),
+            metrics,
         }
     }
 }

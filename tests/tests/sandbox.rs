@@ -44,7 +44,7 @@ async fn hostile_host(limits: Limits) -> (Runtime, Host) {
 
 async fn publish_to(host: &mut Host, topic: &str) -> anyhow::Result<Vec<PublishOutcome>> {
     let messages = [message(topic)];
-    host.call(async |instance| instance.message_publish(&messages).await).await
+    host.call("message-publish", async |instance| instance.message_publish(&messages).await).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,9 @@ enum Command {
         /// always do).
         #[arg(long)]
         watch: bool,
+        /// At the end, print the metrics as a last JSON line: `{"stats": {...}}`.
+        #[arg(long)]
+        stats: bool,
     },
 }
 
@@ -109,7 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 host.migrate().await?;
             }
         }
-        Command::Run { load, scenario, watch } => {
+        Command::Run { load, scenario, watch, stats } => {
             let sources = load.sources();
             let mut host = Host::load(&runtime, &sources, &load.node).await?;
             let (reload, reloads) = mpsc::unbounded_channel();
@@ -121,6 +124,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match scenario {
                 Some(path) => broker.replay(BufReader::new(tokio::fs::File::open(&path).await?), Some(reloads)).await?,
                 None => broker.replay(BufReader::new(tokio::io::stdin()), Some(reloads)).await?,
+            }
+            if stats {
+                println!("{}", serde_json::json!({ "stats": host.metrics().snapshot() }));
             }
         }
     }
