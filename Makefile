@@ -7,7 +7,7 @@ export PGPORT ?= 15432
 
 HOSTILE := target/wasm32-wasip2/guest/hostile_guest.wasm
 
-.PHONY: build guest test-guests host pg-up pg-down run test clean
+.PHONY: build guest test-guests host pg-up pg-down run test bench clean
 
 build: guest host
 
@@ -41,6 +41,13 @@ test: guest test-guests pg-up
 	$(CARGO) test --release -p guest --lib
 	GUEST_WASM=$(abspath $(GUEST)) HOSTILE_WASM=$(abspath $(HOSTILE)) \
 	  $(CARGO) test --release --workspace --exclude guest --exclude hostile-guest
+
+## Figures for BENCHMARKS.md. Run on a quiet machine, never during a build (dirty pages being
+## flushed make synchronous commits 5-20x slower): `sync` first.
+bench: guest pg-up
+	$(CARGO) build --release -p bench
+	sync
+	target/release/bench $(BENCH_ARGS)
 
 clean: pg-down
 	rm -rf target

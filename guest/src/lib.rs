@@ -55,8 +55,8 @@ pub(crate) fn warn(message: &str) {
     log::write(Level::Warn, message);
 }
 
+/// A rule's failure, for the host (which logs it).
 fn sql_error(rule: &Rule, error: sql::Error) -> HookError {
-    warn(&format!("{}: {error:?}", rule.key));
     HookError::Sql((rule.key.clone(), error))
 }
 

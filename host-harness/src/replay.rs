@@ -211,10 +211,12 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         match event {
             Event::ClientConnected { clientid, username, peerhost } => {
                 let client = Client { clientid: clientid.clone(), username, peerhost };
-                let stored = self.host.call("client-connected", async |i| i.client_connected(&client).await).await??;
-                // A new connection takes over the client id's old one, as in MQTT.
-                let session = Session { client, subscriptions: BTreeMap::new(), unacked: HashMap::new() };
+                // The broker has accepted the connection when the hook fires (as in EMQX): a
+                // failing rule is reported, the client stays connected. A new connection takes
+                // over the client id's old one, as in MQTT.
+                let session = Session { client: client.clone(), subscriptions: BTreeMap::new(), unacked: HashMap::new() };
                 self.sessions.insert(clientid.clone(), session);
+                let stored = self.host.call("client-connected", async |i| i.client_connected(&client).await).await??;
                 for subscription in stored {
                     self.subscribe(&clientid, subscription, true).await?;
                 }

@@ -1,0 +1,82 @@
+//! Fetch path: how long a subscriber's first page of 500 offline messages takes when the table
+//! holds 10^4, 10^5 and 10^6 rows of a thousand topics (an index range scan stays flat; a table
+//! scan would grow), and how fast a 10^5-message backlog drains page by page.
+
+use std::time::Instant;
+
+use host_harness::Host;
+use host_harness::bindings::{Client, Subscription};
+use integration_tests::{TestDb, offline_rules};
+
+use crate::{median, per_second};
+
+const HOT: &str = "fleet/hot";
+const HOT_ROWS: i64 = 600;
+
+pub async fn run(runs: usize) -> anyhow::Result<()> {
+    let db = TestDb::create("bench_fetch").await;
+    let mut host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 500, "first_fetch": "earliest"}"#))).await;
+    let admin = db.client().await;
+
+    println!("\n## fetch path: first page of 500 ({HOT_ROWS} unread on the topic, spread through the table)");
+    println!("| rows in mqtt_msg | first page, median ms | vs 10^4 |");
+    println!("|---|---|---|");
+    let mut base = None;
+    for rows in [10_000i64, 100_000, 1_000_000] {
+        // Filler on 997 topics, and the subscriber's topic every rows/600th row.
+        admin
+            .execute(
+                "INSERT INTO mqtt_msg (msgid, sender, topic, qos, payload) \
+                 SELECT 'm' || g, 'bench', CASE WHEN g % ($1 / $2) = 0 THEN $3 ELSE 'fleet/' || (g % 997) END, 1, '\\x00' \
+                 FROM generate_series(1, $1) g",
+                &[&rows, &HOT_ROWS, &HOT],
+            )
+            .await?;
+        admin.batch_execute("ANALYZE mqtt_msg").await?;
+        let mut times = Vec::new();
+        for i in 0..(20 * runs) {
+            let client = Client { clientid: format!("reader-{rows}-{i}"), username: None, peerhost: None };
+            let subscription = Subscription { filter: HOT.into(), qos: 1 };
+            let started = Instant::now();
+            let page = host.instance.session_subscribed(&client, &subscription).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(page.messages.len(), 500);
+        }
+        let ms = median(times);
+        let base_ms = *base.get_or_insert(ms);
+        println!("| {rows} | {ms:.2} | {:.2}x |", ms / base_ms);
+        admin.batch_execute("TRUNCATE mqtt_msg; TRUNCATE mqtt_acked").await?;
+    }
+
+    println!("\n## fetch path: a backlog of 100 000 drained in pages of 500, each page's last message acked");
+    let mut rates = Vec::new();
+    for run in 0..runs {
+        admin
+            .batch_execute(
+                "TRUNCATE mqtt_msg; INSERT INTO mqtt_msg (msgid, sender, topic, qos, payload) \
+                 SELECT 'm' || g, 'bench', 'drain/x', 1, '\\x00' FROM generate_series(1, 100000) g; ANALYZE mqtt_msg",
+            )
+            .await?;
+        rates.push(drain(&mut host, &format!("drainer-{run}")).await?);
+    }
+    println!("| messages/s (median) |\n|---|\n| {:.0} |", median(rates));
+    Ok(())
+}
+
+async fn drain(host: &mut Host, clientid: &str) -> anyhow::Result<f64> {
+    let client = Client { clientid: clientid.into(), username: None, peerhost: None };
+    let subscription = Subscription { filter: "drain/x".into(), qos: 1 };
+    let started = Instant::now();
+    let mut delivered = 0;
+    let mut page = host.instance.session_subscribed(&client, &subscription).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    loop {
+        delivered += page.messages.len();
+        if let Some(last) = page.messages.last() {
+            host.instance.message_acked(&client, last).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
+        let Some(cursor) = page.next.take() else { break };
+        page = host.instance.session_fetch_next(&client, &subscription, &cursor).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    assert_eq!(delivered, 100_000);
+    Ok(per_second(delivered, started.elapsed()))
+}

@@ -1,0 +1,48 @@
+//! `bench`: figures for BENCHMARKS.md. Every figure of a table is measured side by side in one
+//! run on the same PostgreSQL, and the median of `--runs` runs is printed, so ratios hold on a
+//! noisy machine. Needs `make pg-up` and the guest (`make guest`); `make bench` does both.
+
+mod fetch;
+mod hook;
+mod memory;
+mod recording;
+mod store;
+
+use std::time::Duration;
+
+/// Median of measurements (the middle one; the upper middle of an even count).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn per_second(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
+    let suites: Vec<&str> = args.iter().filter(|a| !a.starts_with("--") && a.parse::<u32>().is_err()).map(String::as_str).collect();
+    let wanted = |suite: &str| suites.is_empty() || suites.contains(&suite);
+    println!("# bench: medians of {runs} runs; PostgreSQL on 127.0.0.1:{}", integration_tests::port());
+    if wanted("store") {
+        store::run(runs).await?;
+    }
+    if wanted("fetch") {
+        fetch::run(runs).await?;
+    }
+    if wanted("hook") {
+        hook::run(runs).await?;
+    }
+    if wanted("memory") {
+        memory::run().await?;
+    }
+    Ok(())
+}

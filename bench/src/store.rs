@@ -1,0 +1,150 @@
+//! Store path: messages/s stored through the guest's `message-publish`, against the same SQL
+//! issued natively (recorded from the guest, replayed without wasm), a native multi-row INSERT
+//! and COPY BINARY of the same rows (the physical limit), with synchronous_commit on and off.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures::pin_mut;
+use host_harness::bindings::{Message, Rules};
+use host_harness::config::RulesFile;
+use host_harness::metrics::Metrics;
+use host_harness::postgres::PgBackend;
+use integration_tests::{TestDb, guest_module, offline_rules};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+
+use crate::recording::{self, Recording};
+use crate::{median, per_second};
+
+const BATCHES: [usize; 4] = [1, 10, 100, 1000];
+const PAYLOAD: [u8; 100] = [7; 100];
+
+fn messages(count: usize) -> Vec<Message> {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+    (0..count)
+        .map(|i| Message {
+            id: None,
+            msgid: format!("m{i}"),
+            sender: "bench".into(),
+            topic: format!("bench/{}", i % 100),
+            payload: PAYLOAD.to_vec(),
+            qos: 1,
+            retain: false,
+            timestamp: now,
+            properties: vec![],
+        })
+        .collect()
+}
+
+pub async fn run(runs: usize) -> anyhow::Result<()> {
+    println!("\n## store path: messages/s (100-byte payloads, 100 topics)");
+    println!("| synchronous_commit | batch | guest | same SQL native | guest/native | multi-row INSERT | COPY BINARY | guest/multi-row |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for synchronous_commit in ["on", "off"] {
+        let db = TestDb::create(&format!("bench_store_{synchronous_commit}")).await;
+        let rules = db.rules(&offline_rules(""));
+        db.host(&rules).await; // applies the schema
+        let admin = db.client().await;
+        admin.batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = {synchronous_commit}", db.name)).await?;
+        for batch in BATCHES {
+            let total = if batch == 1 { 2_000 } else { 20_000 };
+            let mut figures: [Vec<f64>; 4] = Default::default();
+            for _ in 0..runs {
+                let all = messages(total);
+                admin.batch_execute("TRUNCATE mqtt_msg").await?;
+                let (guest, units) = through_guest(&rules, &all, batch).await?;
+                figures[0].push(guest);
+                admin.batch_execute("TRUNCATE mqtt_msg").await?;
+                figures[1].push(native_same_sql(&rules, &units, total).await?);
+                admin.batch_execute("TRUNCATE mqtt_msg").await?;
+                figures[2].push(multi_row_insert(&db, &all, batch).await?);
+                admin.batch_execute("TRUNCATE mqtt_msg").await?;
+                figures[3].push(copy_binary(&db, &all, batch).await?);
+            }
+            let [guest, native, multi, copy] = figures.map(median);
+            println!(
+                "| {synchronous_commit} | {batch} | {guest:.0} | {native:.0} | {:.0} % | {multi:.0} | {copy:.0} | {:.0} % |",
+                100.0 * guest / native,
+                100.0 * guest / multi
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Stores `all` through the guest in batches; returns messages/s and what the guest sent.
+async fn through_guest(rules: &str, all: &[Message], batch: usize) -> anyhow::Result<(f64, Vec<recording::Unit>)> {
+    let file = RulesFile::parse(rules)?;
+    let backend = Arc::new(PgBackend::new(&file.pools, None)?);
+    let recording = Recording::new(backend.clone());
+    let units = recording.units.clone();
+    let mut instance = guest_module().instantiate(Arc::new(recording), Arc::new(Metrics::default())).await?;
+    let guest_rules = Rules { source: "bench".into(), text: file.guest_text, pools: backend.pool_names(), node: "bench".into() };
+    instance.configure(&guest_rules).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    instance.message_publish(&all[..1]).await?; // opens the connection and prepares the statement
+    units.lock().unwrap().clear();
+    let started = Instant::now();
+    for chunk in all[1..].chunks(batch) {
+        instance.message_publish(chunk).await?;
+    }
+    let rate = per_second(all.len() - 1, started.elapsed());
+    let recorded = units.lock().unwrap().clone();
+    Ok((rate, recorded))
+}
+
+/// Replays the guest's recorded statements straight through the host's PostgreSQL backend.
+async fn native_same_sql(rules: &str, units: &[recording::Unit], messages: usize) -> anyhow::Result<f64> {
+    let file = RulesFile::parse(rules)?;
+    let backend = PgBackend::new(&file.pools, None)?;
+    recording::replay(&backend, "pool1", &units[..1]).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let started = Instant::now();
+    recording::replay(&backend, "pool1", &units[1..]).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The first unit warmed up; the rest hold all but its messages.
+    let first = match &units[0] {
+        recording::Unit::Single { .. } => 1,
+        recording::Unit::Transaction(calls) => calls.iter().map(|(_, p)| p.len()).sum(),
+    };
+    Ok(per_second(messages - 1 - first, started.elapsed()))
+}
+
+const COLUMNS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
+
+/// One multi-row INSERT per batch, each its own transaction: the best plain SQL can do.
+async fn multi_row_insert(db: &TestDb, all: &[Message], batch: usize) -> anyhow::Result<f64> {
+    let client = db.client().await;
+    let arrived = SystemTime::now();
+    let started = Instant::now();
+    for chunk in all.chunks(batch) {
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|r| format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", 7 * r + 1, 7 * r + 2, 7 * r + 3, 7 * r + 4, 7 * r + 5, 7 * r + 6, 7 * r + 7))
+            .collect();
+        let statement = format!("INSERT INTO mqtt_msg ({COLUMNS}) VALUES {}", rows.join(", "));
+        let qos: Vec<i16> = chunk.iter().map(|m| i16::from(m.qos)).collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(chunk.len() * 7);
+        for (m, qos) in chunk.iter().zip(&qos) {
+            params.extend([&m.msgid as &(dyn ToSql + Sync), &m.sender, &m.topic, qos, &m.retain, &m.payload, &arrived]);
+        }
+        client.execute(&statement, &params).await?;
+    }
+    Ok(per_second(all.len(), started.elapsed()))
+}
+
+/// COPY BINARY, one COPY per batch: the physical limit.
+async fn copy_binary(db: &TestDb, all: &[Message], batch: usize) -> anyhow::Result<f64> {
+    let client = db.client().await;
+    let arrived = SystemTime::now();
+    let types = [Type::TEXT, Type::TEXT, Type::TEXT, Type::INT2, Type::BOOL, Type::BYTEA, Type::TIMESTAMPTZ];
+    let started = Instant::now();
+    for chunk in all.chunks(batch) {
+        let sink = client.copy_in(&format!("COPY mqtt_msg ({COLUMNS}) FROM STDIN BINARY")).await?;
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        pin_mut!(writer);
+        for m in chunk {
+            let qos = i16::from(m.qos);
+            writer.as_mut().write(&[&m.msgid, &m.sender, &m.topic, &qos, &m.retain, &m.payload, &arrived]).await?;
+        }
+        writer.finish().await?;
+    }
+    Ok(per_second(all.len(), started.elapsed()))
+}
