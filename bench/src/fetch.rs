@@ -11,7 +11,7 @@ use integration_tests::{TestDb, offline_rules};
 use crate::{median, per_second};
 
 const HOT: &str = "fleet/hot";
-const HOT_ROWS: i64 = 600;
+const HOT_ROWS: i32 = 600;
 
 pub async fn run(runs: usize) -> anyhow::Result<()> {
     let db = TestDb::create("bench_fetch").await;
@@ -22,7 +22,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     println!("| rows in mqtt_msg | first page, median ms | vs 10^4 |");
     println!("|---|---|---|");
     let mut base = None;
-    for rows in [10_000i64, 100_000, 1_000_000] {
+    for rows in [10_000i32, 100_000, 1_000_000] {
         // Filler on 997 topics, and the subscriber's topic every rows/600th row.
         admin
             .execute(

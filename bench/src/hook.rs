@@ -36,7 +36,9 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     let mut instance = guest_module().instantiate(Arc::new(Stub), Arc::new(Metrics::default())).await?;
     let rules = Rules {
         source: "bench".into(),
-        text: r#"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "stub"}"#.into(),
+        text: "backend.pgsql.hook.message.acked.1 = {\"action\": {\"function\": \"on_message_acked\"}, \"pool\": \"stub\"}\n\
+               backend.pgsql.hook.message.publish.1 = {\"action\": {\"function\": \"on_message_publish\"}, \"pool\": \"stub\"}"
+            .into(),
         pools: vec!["stub".into()],
         node: "bench".into(),
     };
@@ -53,7 +55,8 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
         timestamp: 0,
         properties: vec![],
     };
-    let (mut no_op, mut one_sql) = (Vec::new(), Vec::new());
+    let (mut no_op, mut one_sql, mut publish) = (Vec::new(), Vec::new(), Vec::new());
+    let to_publish = [Message { id: None, ..message.clone() }];
     for _ in 0..runs {
         let started = Instant::now();
         for _ in 0..CALLS {
@@ -65,10 +68,16 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             instance.message_acked(&client, &message).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
         one_sql.push(started.elapsed().as_nanos() as f64 / f64::from(CALLS));
+        let started = Instant::now();
+        for _ in 0..CALLS {
+            instance.message_publish(&to_publish).await?;
+        }
+        publish.push(started.elapsed().as_nanos() as f64 / f64::from(CALLS));
     }
     println!("\n## hook overhead ({CALLS} calls, a 100-byte message)");
     println!("| call | median µs per call |\n|---|---|");
     println!("| message-delivered, no rule (a no-op hook) | {:.2} |", median(no_op) / 1000.0);
     println!("| message-acked, one host `sql` call (stubbed) | {:.2} |", median(one_sql) / 1000.0);
+    println!("| message-publish of one message, on_message_publish (its INSERT stubbed) | {:.2} |", median(publish) / 1000.0);
     Ok(())
 }

@@ -203,3 +203,25 @@ async fn a_batch_of_messages_is_stored_in_order_with_one_outcome_each() {
     let stored: Vec<(i64, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(stored, [(1, b"1".to_vec()), (2, b"3".to_vec()), (3, b"4".to_vec())]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_goes_out_in_multi_row_statements_and_ids_keep_message_order() {
+    let db = TestDb::create("publish_large_batch").await;
+    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    // 1000 = 512 + 7 x 64 + 5 x 8: every statement size but the single row.
+    let batch: Vec<Message> = (0..1000).map(|i| message(&format!("t/{}", i % 7), 1, &i.to_string())).collect();
+    let outcomes = host.instance.message_publish(&batch).await.unwrap();
+    let ids: Vec<i64> = outcomes
+        .iter()
+        .map(|o| match o {
+            PublishOutcome::Stored(id) => *id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ids, (1..=1000).collect::<Vec<i64>>(), "ids in message order");
+    let rows = db.client().await.query("SELECT id, payload FROM mqtt_msg ORDER BY id", &[]).await.unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.get::<_, Vec<u8>>(1), i.to_string().into_bytes(), "id {} holds message {i}", row.get::<_, i64>(0));
+    }
+    assert_eq!(rows.len(), 1000);
+}
