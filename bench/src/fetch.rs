@@ -15,7 +15,8 @@ const HOT_ROWS: i32 = 600;
 
 pub async fn run(runs: usize) -> anyhow::Result<()> {
     let db = TestDb::create("bench_fetch").await;
-    let mut host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 500, "first_fetch": "earliest"}"#))).await;
+    let mut host =
+        db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 500, "first_fetch": "earliest"}"#))).await;
     let admin = db.client().await;
 
     println!("\n## fetch path: first page of 500 ({HOT_ROWS} unread on the topic, spread through the table)");
@@ -38,7 +39,11 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             let client = Client { clientid: format!("reader-{rows}-{i}"), username: None, peerhost: None };
             let subscription = Subscription { filter: HOT.into(), qos: 1 };
             let started = Instant::now();
-            let page = host.instance.session_subscribed(&client, &subscription).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            let page = host
+                .instance
+                .session_subscribed(&client, &subscription)
+                .await?
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             times.push(started.elapsed().as_secs_f64() * 1000.0);
             assert_eq!(page.messages.len(), 500);
         }
@@ -68,14 +73,19 @@ async fn drain(host: &mut Host, clientid: &str) -> anyhow::Result<f64> {
     let subscription = Subscription { filter: "drain/x".into(), qos: 1 };
     let started = Instant::now();
     let mut delivered = 0;
-    let mut page = host.instance.session_subscribed(&client, &subscription).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut page =
+        host.instance.session_subscribed(&client, &subscription).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     loop {
         delivered += page.messages.len();
         if let Some(last) = page.messages.last() {
             host.instance.message_acked(&client, last).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
         let Some(cursor) = page.next.take() else { break };
-        page = host.instance.session_fetch_next(&client, &subscription, &cursor).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        page = host
+            .instance
+            .session_fetch_next(&client, &subscription, &cursor)
+            .await?
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     assert_eq!(delivered, 100_000);
     Ok(per_second(delivered, started.elapsed()))

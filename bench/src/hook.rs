@@ -78,6 +78,9 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     println!("| call | median µs per call |\n|---|---|");
     println!("| message-delivered, no rule (a no-op hook) | {:.2} |", median(no_op) / 1000.0);
     println!("| message-acked, one host `sql` call (stubbed) | {:.2} |", median(one_sql) / 1000.0);
-    println!("| message-publish of one message, on_message_publish (its INSERT stubbed) | {:.2} |", median(publish) / 1000.0);
+    println!(
+        "| message-publish of one message, on_message_publish (its INSERT stubbed) | {:.2} |",
+        median(publish) / 1000.0
+    );
     Ok(())
 }

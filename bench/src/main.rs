@@ -23,13 +23,10 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs = args
-        .iter()
-        .position(|a| a == "--runs")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(3);
-    let suites: Vec<&str> = args.iter().filter(|a| !a.starts_with("--") && a.parse::<u32>().is_err()).map(String::as_str).collect();
+    let runs =
+        args.iter().position(|a| a == "--runs").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok()).unwrap_or(3);
+    let suites: Vec<&str> =
+        args.iter().filter(|a| !a.starts_with("--") && a.parse::<u32>().is_err()).map(String::as_str).collect();
     let wanted = |suite: &str| suites.is_empty() || suites.contains(&suite);
     println!("# bench: medians of {runs} runs; PostgreSQL on 127.0.0.1:{}", integration_tests::port());
     if wanted("store") {

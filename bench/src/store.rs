@@ -39,14 +39,18 @@ fn messages(count: usize) -> Vec<Message> {
 
 pub async fn run(runs: usize) -> anyhow::Result<()> {
     println!("\n## store path: messages/s (100-byte payloads, 100 topics)");
-    println!("| synchronous_commit | batch | guest | same SQL native | guest/native | multi-row INSERT | COPY BINARY | guest/multi-row |");
+    println!(
+        "| synchronous_commit | batch | guest | same SQL native | guest/native | multi-row INSERT | COPY BINARY | guest/multi-row |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     for synchronous_commit in ["on", "off"] {
         let db = TestDb::create(&format!("bench_store_{synchronous_commit}")).await;
         let rules = db.rules(&offline_rules(""));
         db.host(&rules).await; // applies the schema
         let admin = db.client().await;
-        admin.batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = {synchronous_commit}", db.name)).await?;
+        admin
+            .batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = {synchronous_commit}", db.name))
+            .await?;
         for batch in BATCHES {
             let total = if batch == 1 { 2_000 } else { 20_000 };
             let mut figures: [Vec<f64>; 4] = Default::default();
@@ -94,7 +98,8 @@ async fn through_guest(
     let recording = Recording::new(backend.clone());
     let (units, on) = (recording.units.clone(), recording.on.clone());
     let mut instance = guest_module().instantiate(Arc::new(recording), Arc::new(Metrics::default())).await?;
-    let guest_rules = Rules { source: "bench".into(), text: file.guest_text, pools: backend.pool_names(), node: "bench".into() };
+    let guest_rules =
+        Rules { source: "bench".into(), text: file.guest_text, pools: backend.pool_names(), node: "bench".into() };
     instance.configure(&guest_rules).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     // Untimed: what the guest sends, for the native replay (it also opens the connection and
     // prepares the statements).
@@ -138,7 +143,18 @@ async fn multi_row_insert(db: &TestDb, all: &[Message], batch: usize) -> anyhow:
     let started = Instant::now();
     for chunk in all.chunks(batch) {
         let rows: Vec<String> = (0..chunk.len())
-            .map(|r| format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", 7 * r + 1, 7 * r + 2, 7 * r + 3, 7 * r + 4, 7 * r + 5, 7 * r + 6, 7 * r + 7))
+            .map(|r| {
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    7 * r + 1,
+                    7 * r + 2,
+                    7 * r + 3,
+                    7 * r + 4,
+                    7 * r + 5,
+                    7 * r + 6,
+                    7 * r + 7
+                )
+            })
             .collect();
         let statement = format!("INSERT INTO mqtt_msg ({COLUMNS}) VALUES {}", rows.join(", "));
         let qos: Vec<i16> = chunk.iter().map(|m| i16::from(m.qos)).collect();

@@ -118,12 +118,13 @@ impl Guest for Extension {
                 Action::Function(Function::ClientConnected) => {
                     client::connected(&rule.pool, &client.clientid, &config.node).map(|()| 1)
                 }
-                Action::Function(Function::SubscribeLookup) => client::subscriptions(&rule.pool, &client.clientid)
-                    .map(|found| {
+                Action::Function(Function::SubscribeLookup) => {
+                    client::subscriptions(&rule.pool, &client.clientid).map(|found| {
                         let rows = found.len() as u64;
                         subscriptions.extend(found);
                         rows
-                    }),
+                    })
+                }
                 Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
                 Action::Function(_) => continue,
             };
@@ -185,7 +186,10 @@ impl Guest for Extension {
         let cursor = fetch::Cursor::decode(&cursor).map_err(HookError::Invalid)?;
         let config = config();
         let Some(rule) = config.rules.find(Hookpoint::SessionSubscribed, cursor.rule_index) else {
-            return Err(HookError::Invalid(format!("the rule of cursor `{}` is no longer configured", cursor.encode())));
+            return Err(HookError::Invalid(format!(
+                "the rule of cursor `{}` is no longer configured",
+                cursor.encode()
+            )));
         };
         let Action::Function(Function::MessageFetch(opts)) = &rule.action else {
             return Err(HookError::Invalid(format!("{} is not an on_message_fetch rule", rule.key)));
@@ -236,7 +240,8 @@ impl Guest for Extension {
                 Action::Function(Function::MessageRetain) => retain::keep(&rule.pool, &batch).map(|()| rows),
                 Action::Function(Function::RetainDelete) => retain::delete(&rule.pool, &batch).map(|()| rows),
                 Action::Sql(statements) => {
-                    let events: Vec<Event<'_>> = batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
+                    let events: Vec<Event<'_>> =
+                        batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
                     action::run(&rule.pool, statements, &events)
                 }
                 Action::Function(_) => continue, // configuration keeps other functions off this hookpoint
@@ -277,7 +282,8 @@ impl Guest for Extension {
         let mut deleted = 0;
         let mut swept_pools: Vec<&str> = Vec::new();
         for rule in config.rules.for_hookpoint(Hookpoint::MessagePublish) {
-            let (Action::Function(Function::MessagePublish(opts)) | Action::Function(Function::MessageStore(opts))) = &rule.action
+            let (Action::Function(Function::MessagePublish(opts)) | Action::Function(Function::MessageStore(opts))) =
+                &rule.action
             else {
                 continue;
             };

@@ -69,11 +69,9 @@ impl Placeholder {
         let names = || available.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ");
         match ALL.iter().find(|p| p.name() == name) {
             Some(p) if available.contains(p) => Ok(*p),
-            Some(_) => Err(format!(
-                "placeholder ${{{name}}} is not available on {}; available: {}",
-                hookpoint.name(),
-                names()
-            )),
+            Some(_) => {
+                Err(format!("placeholder ${{{name}}} is not available on {}; available: {}", hookpoint.name(), names()))
+            }
             None => Err(format!("unknown placeholder ${{{name}}}; available on {}: {}", hookpoint.name(), names())),
         }
     }
@@ -110,7 +108,14 @@ impl Placeholder {
 /// What a hook is about, as far as placeholders are concerned.
 pub enum Event<'a> {
     Client(&'a Client),
-    Subscription { client: &'a Client, filter: &'a str, qos: Option<u8> },
+    Subscription {
+        client: &'a Client,
+        filter: &'a str,
+        qos: Option<u8>,
+    },
     /// `receiver` is the subscriber on message.delivered/acked, `None` on message.publish.
-    Message { receiver: Option<&'a Client>, message: &'a Message },
+    Message {
+        receiver: Option<&'a Client>,
+        message: &'a Message,
+    },
 }

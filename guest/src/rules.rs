@@ -258,8 +258,8 @@ fn parse_rule(
         *fetch_opts = parse_offline_opts(opts)?;
     }
     if let Some(retention) = object.get("retention") {
-        let (Action::Function(Function::MessagePublish(store_opts)) | Action::Function(Function::MessageStore(store_opts))) =
-            &mut action
+        let (Action::Function(Function::MessagePublish(store_opts))
+        | Action::Function(Function::MessageStore(store_opts))) = &mut action
         else {
             return Err("retention applies only to on_message_publish and on_message_store".into());
         };
@@ -285,10 +285,9 @@ fn parse_action(action: &Map<String, Value>, hookpoint: Hookpoint) -> Result<(Ac
         (None, Some(sql)) => {
             let texts: Vec<&str> = match sql {
                 Value::String(one) => vec![one.as_str()],
-                Value::Array(many) => many
-                    .iter()
-                    .map(|v| v.as_str().ok_or("action.sql must hold strings"))
-                    .collect::<Result<_, _>>()?,
+                Value::Array(many) => {
+                    many.iter().map(|v| v.as_str().ok_or("action.sql must hold strings")).collect::<Result<_, _>>()?
+                }
                 _ => return Err("action.sql must be a string or a list of strings".into()),
             };
             if texts.is_empty() {
@@ -377,16 +376,46 @@ backend.pgsql.hook.session.unsubscribed.1= {"topic": "#", "action": {"sql": ["de
     #[test]
     fn each_mistake_is_named_with_its_line() {
         let cases = [
-            (r##"backend.pgsql.hook.session.connected.2 = {"action": {"function": "on_subscribe_lookup"}, "pool": "pool1"}"##, "unknown hookpoint"),
-            (r##"backend.pgsql.hook.message.publish.1 = {"action": {"function": "on_message_publsh"}, "pool": "pool1"}"##, "unknown function"),
-            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_fetch"}, "pool": "pool1"}"##, "belongs on hookpoint session.subscribed"),
-            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"sql": ["select ${nope}"]}, "pool": "pool1"}"##, "unknown placeholder"),
-            (r##"backend.pgsql.hook.session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "offline_opts": {"time_range": "2x"}, "pool": "pool1"}"##, "bad duration"),
-            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool9"}"##, "pool `pool9` is not defined"),
-            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}}"##, "missing field `pool`"),
-            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool1", "topik": "#"}"##, "unknown field `topik`"),
-            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool1", "topic": "a/#/b"}"##, "whole level"),
-            (r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"} "pool": "pool1"}"##, "invalid JSON"),
+            (
+                r##"backend.pgsql.hook.session.connected.2 = {"action": {"function": "on_subscribe_lookup"}, "pool": "pool1"}"##,
+                "unknown hookpoint",
+            ),
+            (
+                r##"backend.pgsql.hook.message.publish.1 = {"action": {"function": "on_message_publsh"}, "pool": "pool1"}"##,
+                "unknown function",
+            ),
+            (
+                r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_fetch"}, "pool": "pool1"}"##,
+                "belongs on hookpoint session.subscribed",
+            ),
+            (
+                r##"backend.pgsql.hook.message.acked.1 = {"action": {"sql": ["select ${nope}"]}, "pool": "pool1"}"##,
+                "unknown placeholder",
+            ),
+            (
+                r##"backend.pgsql.hook.session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "offline_opts": {"time_range": "2x"}, "pool": "pool1"}"##,
+                "bad duration",
+            ),
+            (
+                r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool9"}"##,
+                "pool `pool9` is not defined",
+            ),
+            (
+                r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}}"##,
+                "missing field `pool`",
+            ),
+            (
+                r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool1", "topik": "#"}"##,
+                "unknown field `topik`",
+            ),
+            (
+                r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool1", "topic": "a/#/b"}"##,
+                "whole level",
+            ),
+            (
+                r##"backend.pgsql.hook.message.acked.1 = {"action": {"function": "on_message_acked"} "pool": "pool1"}"##,
+                "invalid JSON",
+            ),
         ];
         for (line, expected) in cases {
             let err = error_of(line);

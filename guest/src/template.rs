@@ -92,8 +92,9 @@ mod tests {
 
     #[test]
     fn strings_and_identifiers_are_left_alone() {
-        let s = Statement::compile("select 'it''s $', \"odd$col\" from t where x = ${qos}", Hookpoint::SessionSubscribed)
-            .unwrap();
+        let s =
+            Statement::compile("select 'it''s $', \"odd$col\" from t where x = ${qos}", Hookpoint::SessionSubscribed)
+                .unwrap();
         assert_eq!(s.sql, "select 'it''s $', \"odd$col\" from t where x = $1");
     }
 

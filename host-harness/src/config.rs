@@ -27,7 +27,9 @@ pub enum Tls {
     Off,
     /// TLS required; the server's certificate is checked against `cacertfile` (PEM), or against
     /// the usual public roots when there is none.
-    On { cacertfile: Option<String> },
+    On {
+        cacertfile: Option<String>,
+    },
 }
 
 impl fmt::Debug for PoolSettings {
@@ -87,10 +89,7 @@ impl RulesFile {
     }
 }
 
-fn pool_settings(
-    pool: &str,
-    settings: &BTreeMap<String, (Option<u32>, String)>,
-) -> Result<PoolSettings, RulesError> {
+fn pool_settings(pool: &str, settings: &BTreeMap<String, (Option<u32>, String)>) -> Result<PoolSettings, RulesError> {
     let key = |setting: &str| format!("backend.pgsql.{pool}.{setting}");
     let error = |setting: &str, message: String| {
         let line = settings.get(setting).and_then(|(line, _)| *line);
@@ -98,9 +97,12 @@ fn pool_settings(
     };
     let get = |setting: &str| settings.get(setting).map(|(_, v)| v.as_str());
 
-    let server = get("server").ok_or_else(|| error("server", "missing: every pool needs a server (host:port)".into()))?;
+    let server =
+        get("server").ok_or_else(|| error("server", "missing: every pool needs a server (host:port)".into()))?;
     let (host, port) = match server.rsplit_once(':') {
-        Some((host, port)) => (host, port.parse::<u16>().map_err(|_| error("server", format!("bad port in `{server}`")))?),
+        Some((host, port)) => {
+            (host, port.parse::<u16>().map_err(|_| error("server", format!("bad port in `{server}`")))?)
+        }
         None => (server, 5432),
     };
     let pool_size = match get("pool_size") {

@@ -19,8 +19,9 @@ use crate::sql::SqlBackend;
 use crate::state::HostState;
 use sha2::{Digest, Sha256};
 
-/// The wasmtime engine and a linker holding what a guest may import: the contract's `sql` and
-/// `log`, and WASI (which a Rust guest's std imports even when it does no I/O). One per process.
+/// The wasmtime engine and a linker holding what a guest may import: the contract's `sql`, `log`
+/// and `metrics`, and WASI (which a Rust guest's std imports even when it does no I/O). One per
+/// process.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
@@ -56,7 +57,12 @@ impl Runtime {
         let component = self.compile(bytes)?;
         sandbox::check_imports(&self.engine, &component)?;
         let pre = self.linker.instantiate_pre(&component).map_err(anyhow::Error::from)?;
-        Ok(ExtensionModule { engine: self.engine.clone(), pre: ExtensionPre::new(pre)?, name: name.to_owned(), limits: self.limits })
+        Ok(ExtensionModule {
+            engine: self.engine.clone(),
+            pre: ExtensionPre::new(pre)?,
+            name: name.to_owned(),
+            limits: self.limits,
+        })
     }
 
     fn compile(&self, bytes: &[u8]) -> anyhow::Result<Component> {
@@ -130,15 +136,31 @@ impl Instance {
     }
 
     pub async fn client_connected(&mut self, client: &Client) -> Call<Result<Vec<Subscription>, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_client_connected(armed(&mut self.store, self.deadline), client).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_client_connected(armed(&mut self.store, self.deadline), client)
+            .await?)
     }
 
     pub async fn client_disconnected(&mut self, client: &Client, reason: &str) -> Call<Result<(), HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_client_disconnected(armed(&mut self.store, self.deadline), client, reason).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_client_disconnected(armed(&mut self.store, self.deadline), client, reason)
+            .await?)
     }
 
-    pub async fn session_subscribed(&mut self, client: &Client, subscription: &Subscription) -> Call<Result<FetchPage, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_session_subscribed(armed(&mut self.store, self.deadline), client, subscription).await?)
+    pub async fn session_subscribed(
+        &mut self,
+        client: &Client,
+        subscription: &Subscription,
+    ) -> Call<Result<FetchPage, HookError>> {
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_session_subscribed(armed(&mut self.store, self.deadline), client, subscription)
+            .await?)
     }
 
     pub async fn session_fetch_next(
@@ -147,23 +169,43 @@ impl Instance {
         subscription: &Subscription,
         cursor: &str,
     ) -> Call<Result<FetchPage, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_session_fetch_next(armed(&mut self.store, self.deadline), client, subscription, cursor).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_session_fetch_next(armed(&mut self.store, self.deadline), client, subscription, cursor)
+            .await?)
     }
 
     pub async fn session_unsubscribed(&mut self, client: &Client, filter: &str) -> Call<Result<(), HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_session_unsubscribed(armed(&mut self.store, self.deadline), client, filter).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_session_unsubscribed(armed(&mut self.store, self.deadline), client, filter)
+            .await?)
     }
 
     pub async fn message_publish(&mut self, messages: &[Message]) -> Call<Vec<PublishOutcome>> {
-        Ok(self.hooks.broker_extension_hooks().call_message_publish(armed(&mut self.store, self.deadline), messages).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_message_publish(armed(&mut self.store, self.deadline), messages)
+            .await?)
     }
 
     pub async fn message_delivered(&mut self, client: &Client, message: &Message) -> Call<Result<(), HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_message_delivered(armed(&mut self.store, self.deadline), client, message).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_message_delivered(armed(&mut self.store, self.deadline), client, message)
+            .await?)
     }
 
     pub async fn message_acked(&mut self, client: &Client, message: &Message) -> Call<Result<(), HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_message_acked(armed(&mut self.store, self.deadline), client, message).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_message_acked(armed(&mut self.store, self.deadline), client, message)
+            .await?)
     }
 
     pub async fn tick(&mut self) -> Call<Result<u64, HookError>> {

@@ -70,7 +70,11 @@ impl Host {
         let result = call(&mut self.instance).await;
         self.metrics.hook(hook, result.is_err(), started.elapsed());
         if let Err(e) = &result {
-            tracing::error!(extension = self.module.name(), hook, "the extension trapped; replacing its instance: {e:#}");
+            tracing::error!(
+                extension = self.module.name(),
+                hook,
+                "the extension trapped; replacing its instance: {e:#}"
+            );
             self.instance = configured(&self.module, &self.backend, &self.metrics, &self.rules).await?;
         }
         result
@@ -143,10 +147,16 @@ fn read_rules(path: &Path) -> anyhow::Result<(String, String)> {
 
 /// Parses a rules text into its pools (reusing `previous` pools whose settings are unchanged)
 /// and the guest's part.
-fn prepare(text: &str, source: &str, node: &str, previous: Option<&PgBackend>) -> anyhow::Result<(Arc<PgBackend>, Rules)> {
+fn prepare(
+    text: &str,
+    source: &str,
+    node: &str,
+    previous: Option<&PgBackend>,
+) -> anyhow::Result<(Arc<PgBackend>, Rules)> {
     let file = RulesFile::parse(text).map_err(|e| anyhow!("{source}: {e}"))?;
     let backend = Arc::new(PgBackend::new(&file.pools, previous)?);
-    let rules = Rules { source: source.to_owned(), text: file.guest_text, pools: backend.pool_names(), node: node.to_owned() };
+    let rules =
+        Rules { source: source.to_owned(), text: file.guest_text, pools: backend.pool_names(), node: node.to_owned() };
     Ok((backend, rules))
 }
 

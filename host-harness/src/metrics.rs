@@ -108,7 +108,13 @@ impl Metrics {
             counter(&mut out, name, help, "function", s.functions.iter().map(|(k, v)| (k.as_str(), value(v))));
         }
         let functions = s.functions.iter().map(|(k, v)| (k.as_str(), &v.latency));
-        histograms(&mut out, "mqtt_offline_function_duration_seconds", "Rule run time, by function.", "function", functions);
+        histograms(
+            &mut out,
+            "mqtt_offline_function_duration_seconds",
+            "Rule run time, by function.",
+            "function",
+            functions,
+        );
         let hook_counters: [(&str, &str, fn(&HookStats) -> u64); 2] = [
             ("mqtt_offline_hook_calls_total", "Hook calls.", |h| h.calls),
             ("mqtt_offline_hook_traps_total", "Hook calls that trapped.", |h| h.traps),
@@ -132,7 +138,13 @@ fn counter<'a>(out: &mut String, name: &str, help: &str, label: &str, series: im
     }
 }
 
-fn histograms<'a>(out: &mut String, name: &str, help: &str, label: &str, series: impl Iterator<Item = (&'a str, &'a Histogram)>) {
+fn histograms<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl Iterator<Item = (&'a str, &'a Histogram)>,
+) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     for (key, histogram) in series {
         let mut cumulative = 0;

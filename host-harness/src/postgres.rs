@@ -37,7 +37,8 @@ impl PgBackend {
         let pools = settings
             .iter()
             .map(|(name, s)| {
-                let kept = previous.and_then(|p| p.pools.get(name)).filter(|(old, _)| old == s).map(|(_, pool)| pool.clone());
+                let kept =
+                    previous.and_then(|p| p.pools.get(name)).filter(|(old, _)| old == s).map(|(_, pool)| pool.clone());
                 let pool = match kept {
                     Some(pool) => pool,
                     None => build_pool(s)?,
@@ -156,8 +157,7 @@ impl SqlTransaction for PgTransaction {
     async fn query_batch(&mut self, statement: &str, params: &[Vec<Value>]) -> Result<Vec<RowSet>, SqlError> {
         let client = self.client()?;
         let prepared = prepare(client, statement).await?;
-        let bound: Vec<Vec<Param<'_>>> =
-            params.iter().map(|p| bind(&prepared, p)).collect::<Result<_, _>>()?;
+        let bound: Vec<Vec<Param<'_>>> = params.iter().map(|p| bind(&prepared, p)).collect::<Result<_, _>>()?;
         let bound_refs: Vec<Vec<&(dyn ToSql + Sync)>> = bound.iter().map(|p| refs(p)).collect();
         // Polled together, the queries are pipelined on the connection: one round trip.
         let results = try_join_all(bound_refs.iter().map(|p| client.query(&prepared, p))).await.map_err(sql_error)?;
@@ -395,9 +395,13 @@ fn row_set(statement: &Statement, rows: Vec<Row>) -> Result<RowSet, SqlError> {
         .map(|row| {
             (0..columns.len())
                 .map(|i| {
-                    row.try_get::<_, Cell>(i)
-                        .map(|cell| cell.0)
-                        .map_err(|e| SqlError::UnsupportedType(format!("column {}: {}", columns[i], e.source().map_or(e.to_string(), |s| s.to_string()))))
+                    row.try_get::<_, Cell>(i).map(|cell| cell.0).map_err(|e| {
+                        SqlError::UnsupportedType(format!(
+                            "column {}: {}",
+                            columns[i],
+                            e.source().map_or(e.to_string(), |s| s.to_string())
+                        ))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()
         })

@@ -214,7 +214,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // The broker has accepted the connection when the hook fires (as in EMQX): a
                 // failing rule is reported, the client stays connected. A new connection takes
                 // over the client id's old one, as in MQTT.
-                let session = Session { client: client.clone(), subscriptions: BTreeMap::new(), unacked: HashMap::new() };
+                let session =
+                    Session { client: client.clone(), subscriptions: BTreeMap::new(), unacked: HashMap::new() };
                 self.sessions.insert(clientid.clone(), session);
                 let stored = self.host.call("client-connected", async |i| i.client_connected(&client).await).await??;
                 for subscription in stored {
@@ -226,7 +227,11 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // Unacked deliveries are simply forgotten: the position did not move past them,
                 // so they come again on the next subscription (at least once).
                 self.sessions.remove(&clientid);
-                self.host.call("client-disconnected", async |i| i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await).await??;
+                self.host
+                    .call("client-disconnected", async |i| {
+                        i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await
+                    })
+                    .await??;
             }
             Event::SessionSubscribed { clientid, topic, qos, auto_ack } => {
                 if qos > 2 {
@@ -241,12 +246,16 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     return failed(format!("{clientid} is not subscribed to {topic}"));
                 }
                 let client = session.client.clone();
-                self.host.call("session-unsubscribed", async |i| i.session_unsubscribed(&client, &topic).await).await??;
+                self.host
+                    .call("session-unsubscribed", async |i| i.session_unsubscribed(&client, &topic).await)
+                    .await??;
             }
             Event::MessagePublish { clientid, topic, qos, retain, payload, payload_base64, properties } => {
                 let payload = match (payload, payload_base64) {
                     (Some(text), None) => text.into_bytes(),
-                    (None, Some(b64)) => BASE64.decode(b64).map_err(|e| Stop::Failed(format!("payload_base64: {e}")))?,
+                    (None, Some(b64)) => {
+                        BASE64.decode(b64).map_err(|e| Stop::Failed(format!("payload_base64: {e}")))?
+                    }
                     (None, None) => Vec::new(),
                     (Some(_), Some(_)) => return failed("give payload or payload_base64, not both"),
                 };
@@ -279,7 +288,10 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         let session = self.session(clientid)?;
         session.subscriptions.insert(subscription.filter.clone(), (subscription.qos, auto_ack));
         let client = session.client.clone();
-        let mut page = self.host.call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await).await??;
+        let mut page = self
+            .host
+            .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
+            .await??;
         // The whole backlog, in order, one page in memory at a time.
         loop {
             for message in page.messages {
@@ -287,7 +299,10 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 self.deliver(clientid, message, qos, auto_ack).await?;
             }
             let Some(cursor) = page.next else { return Ok(()) };
-            page = self.host.call("session-fetch-next", async |i| i.session_fetch_next(&client, &subscription, &cursor).await).await??;
+            page = self
+                .host
+                .call("session-fetch-next", async |i| i.session_fetch_next(&client, &subscription, &cursor).await)
+                .await??;
         }
     }
 
@@ -313,7 +328,11 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             timestamp: now.as_millis() as i64,
             properties: properties.into_iter().map(|(key, value)| Property { key, value }).collect(),
         };
-        let outcome = self.host.call("message-publish", async |i| i.message_publish(std::slice::from_ref(&message)).await).await?.pop();
+        let outcome = self
+            .host
+            .call("message-publish", async |i| i.message_publish(std::slice::from_ref(&message)).await)
+            .await?
+            .pop();
         match outcome {
             Some(PublishOutcome::Stored(id)) => message.id = Some(id),
             Some(PublishOutcome::NotStored) => {}
@@ -324,7 +343,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             }
             None => return failed("message-publish returned no outcome"),
         }
-        let published = json!({"published": {"clientid": message.sender, "topic": message.topic, "qos": qos, "id": message.id}});
+        let published =
+            json!({"published": {"clientid": message.sender, "topic": message.topic, "qos": qos, "id": message.id}});
         self.emit(published).await?;
 
         // Live routing: each online client once, at the highest QoS among its matching filters.
@@ -364,7 +384,9 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         let client = session.client.clone();
         let message = Message { qos, ..message };
         let mut failures = Vec::new();
-        if let Err(e) = self.host.call("message-delivered", async |i| i.message_delivered(&client, &message).await).await? {
+        if let Err(e) =
+            self.host.call("message-delivered", async |i| i.message_delivered(&client, &message).await).await?
+        {
             failures.push(e);
         }
         if qos > 0 {
@@ -373,7 +395,9 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     session.unacked.insert(id, message);
                 }
                 _ if auto_ack => {
-                    if let Err(e) = self.host.call("message-acked", async |i| i.message_acked(&client, &message).await).await? {
+                    if let Err(e) =
+                        self.host.call("message-acked", async |i| i.message_acked(&client, &message).await).await?
+                    {
                         failures.push(e);
                     }
                 }

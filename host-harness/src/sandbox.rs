@@ -64,7 +64,10 @@ const ALLOWED_IMPORTS: [&str; 6] =
 pub fn check_imports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
     for (name, _) in component.component_type().imports(engine) {
         if !ALLOWED_IMPORTS.iter().any(|prefix| name.starts_with(prefix)) {
-            anyhow::bail!("the component imports `{name}`, which extensions may not use (allowed: {})", ALLOWED_IMPORTS.join(", "));
+            anyhow::bail!(
+                "the component imports `{name}`, which extensions may not use (allowed: {})",
+                ALLOWED_IMPORTS.join(", ")
+            );
         }
     }
     Ok(())

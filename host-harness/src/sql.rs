@@ -32,11 +32,21 @@ pub trait SqlTransaction: Send {
 pub struct Transaction(Box<dyn SqlTransaction>);
 
 impl Host for HostState {
-    async fn query(&mut self, pool: String, statement: String, params: Vec<Value>) -> wasmtime::Result<Result<RowSet, SqlError>> {
+    async fn query(
+        &mut self,
+        pool: String,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<RowSet, SqlError>> {
         Ok(self.sql.query(&pool, &statement, &params).await)
     }
 
-    async fn execute(&mut self, pool: String, statement: String, params: Vec<Value>) -> wasmtime::Result<Result<u64, SqlError>> {
+    async fn execute(
+        &mut self,
+        pool: String,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<u64, SqlError>> {
         Ok(self.sql.execute(&pool, &statement, &params).await)
     }
 }
@@ -49,11 +59,21 @@ impl HostTransaction for HostState {
         }
     }
 
-    async fn query(&mut self, this: Resource<Transaction>, statement: String, params: Vec<Value>) -> wasmtime::Result<Result<RowSet, SqlError>> {
+    async fn query(
+        &mut self,
+        this: Resource<Transaction>,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<RowSet, SqlError>> {
         Ok(self.table.get_mut(&this)?.0.query(&statement, &params).await)
     }
 
-    async fn execute(&mut self, this: Resource<Transaction>, statement: String, params: Vec<Value>) -> wasmtime::Result<Result<u64, SqlError>> {
+    async fn execute(
+        &mut self,
+        this: Resource<Transaction>,
+        statement: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<u64, SqlError>> {
         Ok(self.table.get_mut(&this)?.0.execute(&statement, &params).await)
     }
 

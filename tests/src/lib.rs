@@ -16,9 +16,9 @@ pub fn port() -> u16 {
 
 /// The guest component under test.
 pub fn guest_wasm() -> PathBuf {
-    let path = std::env::var_os("GUEST_WASM").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/guest/guest.wasm")
-    });
+    let path = std::env::var_os("GUEST_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/guest/guest.wasm"));
     assert!(path.exists(), "{} is missing: run `make guest` (or `make test`)", path.display());
     path
 }
@@ -134,13 +134,15 @@ pub mod event {
         json!({"event": "session.subscribed", "clientid": clientid, "topic": filter, "qos": qos}).to_string()
     }
     pub fn subscribe_manual_ack(clientid: &str, filter: &str, qos: u8) -> String {
-        json!({"event": "session.subscribed", "clientid": clientid, "topic": filter, "qos": qos, "auto_ack": false}).to_string()
+        json!({"event": "session.subscribed", "clientid": clientid, "topic": filter, "qos": qos, "auto_ack": false})
+            .to_string()
     }
     pub fn unsubscribe(clientid: &str, filter: &str) -> String {
         json!({"event": "session.unsubscribed", "clientid": clientid, "topic": filter}).to_string()
     }
     pub fn publish(clientid: &str, topic: &str, qos: u8, payload: &str) -> String {
-        json!({"event": "message.publish", "clientid": clientid, "topic": topic, "qos": qos, "payload": payload}).to_string()
+        json!({"event": "message.publish", "clientid": clientid, "topic": topic, "qos": qos, "payload": payload})
+            .to_string()
     }
     pub fn ack(clientid: &str, id: i64) -> String {
         json!({"event": "message.acked", "clientid": clientid, "id": id}).to_string()

@@ -62,10 +62,12 @@ async fn concurrent_publishers_and_a_reconnecting_subscriber_lose_nothing_and_re
             start.wait().await;
             let mut sequence = 0;
             for batch in 0..BATCHES {
-                let messages: Vec<Message> = (0..1 + (batch + publisher) % 4).map(|_| {
-                    sequence += 1;
-                    message(publisher, sequence)
-                }).collect();
+                let messages: Vec<Message> = (0..1 + (batch + publisher) % 4)
+                    .map(|_| {
+                        sequence += 1;
+                        message(publisher, sequence)
+                    })
+                    .collect();
                 for outcome in host.instance.message_publish(&messages).await.unwrap() {
                     assert!(matches!(outcome, PublishOutcome::Stored(_)), "{outcome:?}");
                 }

@@ -55,7 +55,8 @@ fn message(sequence: usize) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recovers() {
-    let cluster = OwnCluster { port: 15498, base: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/pg-failures") };
+    let cluster =
+        OwnCluster { port: 15498, base: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/pg-failures") };
     cluster.pg("up");
     cluster.pg("fresh");
     let rules = format!(
@@ -63,7 +64,8 @@ async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recover
         cluster.port,
         offline_rules("")
     );
-    let mut host = host_harness::Host::with_rules(integration_tests::guest_module(), &rules, "t.conf", "n").await.unwrap();
+    let mut host =
+        host_harness::Host::with_rules(integration_tests::guest_module(), &rules, "t.conf", "n").await.unwrap();
     host.migrate().await.unwrap();
     replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s")])).await;
 
@@ -73,7 +75,9 @@ async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recover
     let mut restart = None;
     let started = Instant::now();
     let mut sequence = 0;
-    while started.elapsed() < Duration::from_secs(6) || restart.as_ref().is_some_and(|r: &std::thread::JoinHandle<()>| !r.is_finished()) {
+    while started.elapsed() < Duration::from_secs(6)
+        || restart.as_ref().is_some_and(|r: &std::thread::JoinHandle<()>| !r.is_finished())
+    {
         sequence += 1;
         if restart.is_none() && started.elapsed() > Duration::from_secs(2) {
             let (port, base) = (cluster.port, cluster.base.clone());
@@ -97,12 +101,14 @@ async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recover
 
     // Recovered without a restart of the host: the stream ends with successes again.
     let messages = [message(0)];
-    let outcome = host.call("message-publish", async |instance| instance.message_publish(&messages).await).await.unwrap();
+    let outcome =
+        host.call("message-publish", async |instance| instance.message_publish(&messages).await).await.unwrap();
     assert!(matches!(outcome[0], PublishOutcome::Stored(_)), "{outcome:?}");
 
     // Everything reported stored is there, and the offline subscriber gets all of it, once, in order.
     let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
-    let delivered: Vec<i64> = output.iter().filter_map(|l| l.get("deliver")).map(|d| d["id"].as_i64().unwrap()).collect();
+    let delivered: Vec<i64> =
+        output.iter().filter_map(|l| l.get("deliver")).map(|d| d["id"].as_i64().unwrap()).collect();
     let mut sorted = delivered.clone();
     sorted.sort();
     sorted.dedup();
@@ -137,7 +143,8 @@ async fn a_slow_statement_is_cancelled_by_the_pool_statement_timeout() {
     );
     let mut host = db.host(&rules).await;
     let started = Instant::now();
-    let output = replay(&mut host, &lines(&[connect("c"), subscribe("c", "t", 1), publish("p", "t", 1, "after")])).await;
+    let output =
+        replay(&mut host, &lines(&[connect("c"), subscribe("c", "t", 1), publish("p", "t", 1, "after")])).await;
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
     let error = errors(&output)[0]["message"].as_str().unwrap().to_owned();
     assert!(error.contains("57014"), "cancelled by statement_timeout: {error}");

@@ -41,15 +41,24 @@ async fn an_emqx4_database_converts_without_losing_rows_or_positions() {
         async move { client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get::<_, i64>(0) }
     };
     assert_eq!(
-        (count("mqtt_msg").await, count("mqtt_acked").await, count("mqtt_client").await, count("mqtt_sub").await, count("mqtt_retain").await),
+        (
+            count("mqtt_msg").await,
+            count("mqtt_acked").await,
+            count("mqtt_client").await,
+            count("mqtt_sub").await,
+            count("mqtt_retain").await
+        ),
         (4, 1, 1, 1, 1)
     );
     assert_eq!(count("emqx4.mqtt_msg").await, 4, "the originals are kept aside");
-    let payload: Vec<u8> = client.query_one("SELECT payload FROM mqtt_msg WHERE msgid = 'm3'", &[]).await.unwrap().get(0);
+    let payload: Vec<u8> =
+        client.query_one("SELECT payload FROM mqtt_msg WHERE msgid = 'm3'", &[]).await.unwrap().get(0);
     assert_eq!(payload, "unread: ünïcödé".as_bytes());
 
     // The subscriber resumes after its old position; new ids continue after the old ones.
-    let output = replay(&mut host, &lines(&[publish("pub", "room/1", 1, "new"), connect("sub"), subscribe("sub", "room/1", 1)])).await;
+    let output =
+        replay(&mut host, &lines(&[publish("pub", "room/1", 1, "new"), connect("sub"), subscribe("sub", "room/1", 1)]))
+            .await;
     assert_eq!(output[0]["published"]["id"], 5);
     let got: Vec<String> = deliveries(&output).into_iter().map(|(_, p)| p).collect();
     assert_eq!(got, ["unread: ünïcödé", "new"]);

@@ -15,13 +15,17 @@ fn function(hook: &str, name: &str) -> String {
 }
 
 fn publish_retained(topic: &str, payload: &str) -> String {
-    json!({"event": "message.publish", "clientid": "p", "topic": topic, "qos": 1, "retain": true, "payload": payload}).to_string()
+    json!({"event": "message.publish", "clientid": "p", "topic": topic, "qos": 1, "retain": true, "payload": payload})
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_state_is_kept_in_mqtt_client() {
     let db = TestDb::create("client_state").await;
-    let rules = [function("client.connected.1", "on_client_connected"), function("client.disconnected.1", "on_client_disconnected")];
+    let rules = [
+        function("client.connected.1", "on_client_connected"),
+        function("client.disconnected.1", "on_client_disconnected"),
+    ];
     let mut host = db.host(&db.rules(&rules.join("\n"))).await;
     let client = db.client().await;
     let state = || async {
@@ -80,11 +84,19 @@ async fn retained_messages_reach_wildcard_subscriptions_and_an_empty_payload_del
     let retained: Vec<(String, bool, u64)> = output
         .iter()
         .filter_map(|l| l.get("deliver"))
-        .map(|d| (d["payload"].as_str().unwrap().to_owned(), d["retain"].as_bool().unwrap(), d["qos"].as_u64().unwrap()))
+        .map(|d| {
+            (d["payload"].as_str().unwrap().to_owned(), d["retain"].as_bool().unwrap(), d["qos"].as_u64().unwrap())
+        })
         .collect();
-    assert_eq!(retained, [("18".to_owned(), true, 0), ("21".to_owned(), true, 0)], "the latest per topic, to a QoS 0 subscription too");
+    assert_eq!(
+        retained,
+        [("18".to_owned(), true, 0), ("21".to_owned(), true, 0)],
+        "the latest per topic, to a QoS 0 subscription too"
+    );
 
-    let output = replay(&mut host, &lines(&[publish_retained("home/hall/temp", ""), connect("c"), subscribe("c", "home/#", 1)])).await;
+    let output =
+        replay(&mut host, &lines(&[publish_retained("home/hall/temp", ""), connect("c"), subscribe("c", "home/#", 1)]))
+            .await;
     assert_eq!(deliveries(&output), vec![("c".to_owned(), "21".to_owned())]);
 }
 
@@ -112,7 +124,12 @@ async fn every_placeholder_binds_its_value() {
         .await
         .unwrap();
     let insert = |hook: &str, columns: &str, values: &str| {
-        rule(hook, &format!(r#"{{"action": {{"sql": ["insert into seen (hook, {columns}) values ('{hook}', {values})"]}}, "pool": "pool1"}}"#))
+        rule(
+            hook,
+            &format!(
+                r#"{{"action": {{"sql": ["insert into seen (hook, {columns}) values ('{hook}', {values})"]}}, "pool": "pool1"}}"#
+            ),
+        )
     };
     let client = "clientid, username, peerhost, node";
     let client_values = "${clientid}, ${username}, ${peerhost}, ${node}";
@@ -122,17 +139,32 @@ async fn every_placeholder_binds_its_value() {
         offline_rules(""),
         insert("client.connected.1", client, client_values),
         insert("client.disconnected.1", client, client_values),
-        insert("session.subscribed.2", &format!("{client}, topic, qos"), &format!("{client_values}, ${{topic}}, ${{qos}}")),
+        insert(
+            "session.subscribed.2",
+            &format!("{client}, topic, qos"),
+            &format!("{client_values}, ${{topic}}, ${{qos}}"),
+        ),
         insert("session.unsubscribed.1", &format!("{client}, topic"), &format!("{client_values}, ${{topic}}")),
-        insert("message.publish.2", &format!("clientid, node, {message}"), &format!("${{clientid}}, ${{node}}, {message_values}")),
+        insert(
+            "message.publish.2",
+            &format!("clientid, node, {message}"),
+            &format!("${{clientid}}, ${{node}}, {message_values}"),
+        ),
         insert("message.delivered.1", &format!("{client}, {message}"), &format!("{client_values}, {message_values}")),
         insert("message.acked.2", &format!("{client}, {message}"), &format!("{client_values}, {message_values}")),
     ];
     let mut host = db.host(&db.rules(&rules.join("\n"))).await;
-    let connect_u = json!({"event": "client.connected", "clientid": "c", "username": "u", "peerhost": "10.0.0.7"}).to_string();
+    let connect_u =
+        json!({"event": "client.connected", "clientid": "c", "username": "u", "peerhost": "10.0.0.7"}).to_string();
     let output = replay(
         &mut host,
-        &lines(&[connect_u, subscribe("c", "t/+", 2), publish("p", "t/1", 1, "hi"), integration_tests::event::unsubscribe("c", "t/+"), disconnect("c")]),
+        &lines(&[
+            connect_u,
+            subscribe("c", "t/+", 2),
+            publish("p", "t/1", 1, "hi"),
+            integration_tests::event::unsubscribe("c", "t/+"),
+            disconnect("c"),
+        ]),
     )
     .await;
     assert!(errors(&output).is_empty(), "{output:?}");
@@ -227,7 +259,13 @@ async fn expired_messages_are_never_delivered_and_the_rest_carry_what_is_left() 
     };
     replay(
         &mut host,
-        &lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s"), with_expiry("short", 60), with_expiry("long", 3600)]),
+        &lines(&[
+            connect("s"),
+            subscribe("s", "t", 1),
+            disconnect("s"),
+            with_expiry("short", 60),
+            with_expiry("long", 3600),
+        ]),
     )
     .await;
     // The short one's minute passes.
@@ -243,7 +281,8 @@ async fn expired_messages_are_never_delivered_and_the_rest_carry_what_is_left() 
     let client = host_harness::bindings::Client { clientid: "fresh".into(), username: None, peerhost: None };
     let subscription = host_harness::bindings::Subscription { filter: "t".into(), qos: 1 };
     let page = host_direct.instance.session_subscribed(&client, &subscription).await.unwrap().unwrap();
-    let properties: Vec<(String, String)> = page.messages[0].properties.iter().map(|p| (p.key.clone(), p.value.clone())).collect();
+    let properties: Vec<(String, String)> =
+        page.messages[0].properties.iter().map(|p| (p.key.clone(), p.value.clone())).collect();
     let left: u32 = properties.iter().find(|(k, _)| k == "message-expiry-interval").unwrap().1.parse().unwrap();
     assert!((3590..=3600).contains(&left), "{properties:?}");
     assert!(properties.contains(&("content-type".into(), "text/plain".into())));
@@ -252,7 +291,10 @@ async fn expired_messages_are_never_delivered_and_the_rest_carry_what_is_left() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tick_deletes_expired_and_too_old_messages_in_bounded_batches() {
     let db = TestDb::create("retention").await;
-    let rules = rule("message.publish.1", r#"{"action": {"function": "on_message_publish"}, "retention": "1d", "pool": "pool1"}"#);
+    let rules = rule(
+        "message.publish.1",
+        r#"{"action": {"function": "on_message_publish"}, "retention": "1d", "pool": "pool1"}"#,
+    );
     let mut host = db.host(&db.rules(&rules)).await;
     db.client()
         .await
@@ -266,7 +308,8 @@ async fn tick_deletes_expired_and_too_old_messages_in_bounded_batches() {
         .unwrap();
     let tick = json!({"event": "tick"}).to_string();
     let output = replay(&mut host, &lines(&[tick.clone(), tick.clone(), tick.clone(), tick])).await;
-    let deleted: Vec<u64> = output.iter().filter_map(|l| l.get("tick")).map(|t| t["deleted"].as_u64().unwrap()).collect();
+    let deleted: Vec<u64> =
+        output.iter().filter_map(|l| l.get("tick")).map(|t| t["deleted"].as_u64().unwrap()).collect();
     assert_eq!(deleted, [1001, 1000, 500, 0], "a batch is at most 1000 rows per kind");
     let left: Vec<String> =
         db.client().await.query("SELECT topic FROM mqtt_msg", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
@@ -293,10 +336,14 @@ async fn tls_pools_check_the_server_certificate() {
     assert!(ssl, "the pool's connection is encrypted");
 
     // Without the CA file only public roots are trusted: the test CA's certificate is refused.
-    let mut untrusting =
-        host_harness::Host::with_rules(integration_tests::guest_module(), &format!("{tls_pool}{record_ssl}"), "t.conf", "n")
-            .await
-            .unwrap();
+    let mut untrusting = host_harness::Host::with_rules(
+        integration_tests::guest_module(),
+        &format!("{tls_pool}{record_ssl}"),
+        "t.conf",
+        "n",
+    )
+    .await
+    .unwrap();
     let output = replay(&mut untrusting, &connect("c")).await;
     let error = errors(&output).first().map(|e| e["message"].to_string()).unwrap_or_default();
     assert!(error.contains("certificate"), "{output:?}");
@@ -322,8 +369,10 @@ async fn the_every_function_example_runs_as_documented() {
         [("online".into(), false), ("online".into(), true), ("21.5".into(), false), ("".into(), false)]
     );
     let client = db.client().await;
-    let archived: i64 = client.query_one("SELECT count(*) FROM mqtt_msg WHERE topic = 'log/gw'", &[]).await.unwrap().get(0);
+    let archived: i64 =
+        client.query_one("SELECT count(*) FROM mqtt_msg WHERE topic = 'log/gw'", &[]).await.unwrap().get(0);
     let retained: i64 = client.query_one("SELECT count(*) FROM mqtt_retain", &[]).await.unwrap().get(0);
-    let state: i16 = client.query_one("SELECT state FROM mqtt_client WHERE clientid = 'dash'", &[]).await.unwrap().get(0);
+    let state: i16 =
+        client.query_one("SELECT state FROM mqtt_client WHERE clientid = 'dash'", &[]).await.unwrap().get(0);
     assert_eq!((archived, retained, state), (1, 0, 1));
 }

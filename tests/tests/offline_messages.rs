@@ -1,7 +1,9 @@
 //! Offline messages, one-to-many: the seed's flow and the defects of the original it must not
 //! have (wildcards, positions moving back, pages that skip, QoS rules, time_range).
 
-use integration_tests::event::{ack, connect, disconnect, lines, publish, subscribe, subscribe_manual_ack, unsubscribe};
+use integration_tests::event::{
+    ack, connect, disconnect, lines, publish, subscribe, subscribe_manual_ack, unsubscribe,
+};
 use integration_tests::{TestDb, deliveries, errors, offline_rules, replay};
 
 fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -148,10 +150,7 @@ async fn unacked_messages_come_again_and_acked_ones_do_not() {
     ]);
     let output = replay(&mut host, &events).await;
     assert!(errors(&output).is_empty(), "{output:?}");
-    assert_eq!(
-        deliveries(&output),
-        pairs(&[("s", "one"), ("s", "two"), ("s", "one"), ("s", "two"), ("s", "two")])
-    );
+    assert_eq!(deliveries(&output), pairs(&[("s", "one"), ("s", "two"), ("s", "one"), ("s", "two"), ("s", "two")]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,13 +22,36 @@ async fn each_bad_rule_is_refused_with_its_file_line_and_problem() {
     let hook = |rule: &str| format!("{POOL}## a comment\n\nbackend.pgsql.hook.{rule}\n");
     let cases = [
         (hook(r#"message.publish.1 = {"action": {"function": "on_message_publish"}, "pool": "pool1""#), "invalid JSON"),
-        (hook(r#"session.connected.2 = {"action": {"function": "on_subscribe_lookup"}, "pool": "pool1"}"#), "unknown hookpoint `session.connected`"),
-        (hook(r#"message.publish.1 = {"action": {"function": "on_message_pub"}, "pool": "pool1"}"#), "unknown function `on_message_pub`"),
-        (hook(r#"message.publish.1 = {"action": {"function": "on_message_acked"}, "pool": "pool1"}"#), "belongs on hookpoint message.acked"),
-        (hook(r#"client.connected.1 = {"action": {"sql": ["insert into t values (${topic})"]}, "pool": "pool1"}"#), "${topic} is not available on client.connected"),
-        (hook(r#"message.acked.1 = {"action": {"sql": ["insert into t values (${mystery})"]}, "pool": "pool1"}"#), "unknown placeholder ${mystery}"),
-        (hook(r#"session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "offline_opts": {"time_range": "two hours"}, "pool": "pool1"}"#), "bad duration"),
-        (hook(r#"message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool2"}"#), "pool `pool2` is not defined"),
+        (
+            hook(r#"session.connected.2 = {"action": {"function": "on_subscribe_lookup"}, "pool": "pool1"}"#),
+            "unknown hookpoint `session.connected`",
+        ),
+        (
+            hook(r#"message.publish.1 = {"action": {"function": "on_message_pub"}, "pool": "pool1"}"#),
+            "unknown function `on_message_pub`",
+        ),
+        (
+            hook(r#"message.publish.1 = {"action": {"function": "on_message_acked"}, "pool": "pool1"}"#),
+            "belongs on hookpoint message.acked",
+        ),
+        (
+            hook(r#"client.connected.1 = {"action": {"sql": ["insert into t values (${topic})"]}, "pool": "pool1"}"#),
+            "${topic} is not available on client.connected",
+        ),
+        (
+            hook(r#"message.acked.1 = {"action": {"sql": ["insert into t values (${mystery})"]}, "pool": "pool1"}"#),
+            "unknown placeholder ${mystery}",
+        ),
+        (
+            hook(
+                r#"session.subscribed.1 = {"action": {"function": "on_message_fetch"}, "offline_opts": {"time_range": "two hours"}, "pool": "pool1"}"#,
+            ),
+            "bad duration",
+        ),
+        (
+            hook(r#"message.acked.1 = {"action": {"function": "on_message_acked"}, "pool": "pool2"}"#),
+            "pool `pool2` is not defined",
+        ),
     ];
     for (rules, problem) in cases {
         let error = refused(&rules).await;
@@ -119,7 +142,8 @@ async fn binary_payloads_round_trip_unchanged() {
     let db = TestDb::create("binary_payload").await;
     let mut host = db.host(&db.rules(&offline_rules(""))).await;
     let bytes = "//79AAEC"; // base64 of ff fe fd 00 01 02: not UTF-8
-    let publish_binary = json!({"event": "message.publish", "clientid": "p", "topic": "bin", "qos": 1, "payload_base64": bytes});
+    let publish_binary =
+        json!({"event": "message.publish", "clientid": "p", "topic": "bin", "qos": 1, "payload_base64": bytes});
     let events = lines(&[
         connect("s"),
         subscribe("s", "bin", 1),
@@ -164,7 +188,8 @@ async fn a_message_that_could_not_be_stored_is_not_accepted() {
     let mut host = db.host(&db.rules(&offline_rules(""))).await;
     replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
     db.client().await.batch_execute("ALTER TABLE mqtt_msg RENAME TO mqtt_msg_gone").await.unwrap();
-    let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 0), publish("p", "t", 1, "lost?")])).await;
+    let output =
+        replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 0), publish("p", "t", 1, "lost?")])).await;
     let error = errors(&output).last().map(|e| e["message"].as_str().unwrap().to_owned()).unwrap_or_default();
     assert!(error.starts_with("message not stored: backend.pgsql.hook.message.publish.1"), "{output:?}");
     assert!(output.iter().all(|l| l.get("published").is_none() && l.get("deliver").is_none()), "{output:?}");
@@ -221,7 +246,12 @@ async fn a_large_batch_goes_out_in_multi_row_statements_and_ids_keep_message_ord
     assert_eq!(ids, (1..=1000).collect::<Vec<i64>>(), "ids in message order");
     let rows = db.client().await.query("SELECT id, payload FROM mqtt_msg ORDER BY id", &[]).await.unwrap();
     for (i, row) in rows.iter().enumerate() {
-        assert_eq!(row.get::<_, Vec<u8>>(1), i.to_string().into_bytes(), "id {} holds message {i}", row.get::<_, i64>(0));
+        assert_eq!(
+            row.get::<_, Vec<u8>>(1),
+            i.to_string().into_bytes(),
+            "id {} holds message {i}",
+            row.get::<_, i64>(0)
+        );
     }
     assert_eq!(rows.len(), 1000);
 }

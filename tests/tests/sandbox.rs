@@ -109,14 +109,20 @@ async fn a_bad_rules_file_never_replaces_a_good_one() {
     replay(&mut host, &publish("p", "t", 1, "warm up the pool")).await;
     assert_eq!(open_connections(&host), 1);
 
-    let bad = format!("{good}\nbackend.pgsql.hook.message.publish.9 = {{\"action\": {{\"function\": \"on_mesage_publish\"}}, \"pool\": \"pool1\"}}\n");
+    let bad = format!(
+        "{good}\nbackend.pgsql.hook.message.publish.9 = {{\"action\": {{\"function\": \"on_mesage_publish\"}}, \"pool\": \"pool1\"}}\n"
+    );
     let error = host.reload_rules(&bad, "rules.conf").await.unwrap_err();
-    assert!(format!("{error:#}").contains("rules.conf: line 9, backend.pgsql.hook.message.publish.9: unknown function"), "{error:#}");
+    assert!(
+        format!("{error:#}").contains("rules.conf: line 9, backend.pgsql.hook.message.publish.9: unknown function"),
+        "{error:#}"
+    );
     let output = replay(&mut host, &publish("p", "t", 1, "still stored")).await;
     assert!(output[0]["published"]["id"].is_i64(), "the old rules still run: {output:?}");
 
     // A good new file is swapped in; the unchanged pool keeps its open connection.
-    let without_publish: String = good.lines().filter(|l| !l.contains("message.publish")).collect::<Vec<_>>().join("\n");
+    let without_publish: String =
+        good.lines().filter(|l| !l.contains("message.publish")).collect::<Vec<_>>().join("\n");
     host.reload_rules(&without_publish, "rules.conf").await.unwrap();
     assert_eq!(open_connections(&host), 1, "pool1 was not rebuilt");
     let output = replay(&mut host, &publish("p", "t", 1, "no longer stored")).await;
@@ -145,12 +151,21 @@ async fn a_control_line_reloads_from_the_files_and_a_bad_file_is_reported_not_us
     host.migrate().await.unwrap();
 
     // The operator breaks the file: the reload is refused, with the line, and nothing changes.
-    std::fs::write(&rules_path, format!("{}\nbackend.pgsql.hook.message.acked.1 = {{\"pool\": \"pool1\"", db.rules(""))).unwrap();
+    std::fs::write(
+        &rules_path,
+        format!("{}\nbackend.pgsql.hook.message.acked.1 = {{\"pool\": \"pool1\"", db.rules("")),
+    )
+    .unwrap();
     let reload = r#"{"control":"reload"}"#.to_owned();
-    let events = lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s"), reload.clone(), publish("p", "t", 1, "one")]);
+    let events =
+        lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s"), reload.clone(), publish("p", "t", 1, "one")]);
     let output = replay_reloading(&mut host, &runtime, &sources, &events).await;
     let error = errors(&output)[0]["message"].as_str().unwrap().to_owned();
-    assert!(error.starts_with("reload refused, the running configuration stays") && error.contains("line 7, backend.pgsql.hook.message.acked.1: invalid JSON"), "{error}");
+    assert!(
+        error.starts_with("reload refused, the running configuration stays")
+            && error.contains("line 7, backend.pgsql.hook.message.acked.1: invalid JSON"),
+        "{error}"
+    );
     assert!(output.iter().any(|l| l["published"]["id"].is_i64()), "still stored with the old rules: {output:?}");
 
     // Fixed, with a page size of 1: the reload takes, and the backlog still arrives whole.
@@ -162,7 +177,12 @@ async fn a_control_line_reloads_from_the_files_and_a_bad_file_is_reported_not_us
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-async fn replay_reloading(host: &mut Host, runtime: &Runtime, sources: &Sources, events: &str) -> Vec<serde_json::Value> {
+async fn replay_reloading(
+    host: &mut Host,
+    runtime: &Runtime,
+    sources: &Sources,
+    events: &str,
+) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     Broker::new(host, &mut out).reloading_from(runtime, sources.clone()).replay(events.as_bytes(), None).await.unwrap();
     String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()

@@ -13,9 +13,7 @@ pub fn validate_filter(filter: &str) -> Result<(), String> {
         let wildcard_inside = level.len() > 1 && (level.contains('+') || level.contains('#'));
         let hash_not_last = *level == "#" && i + 1 != levels.len();
         if wildcard_inside || hash_not_last {
-            return Err(format!(
-                "topic filter `{filter}`: `+` must fill a whole level and `#` must be the last level"
-            ));
+            return Err(format!("topic filter `{filter}`: `+` must fill a whole level and `#` must be the last level"));
         }
     }
     Ok(())

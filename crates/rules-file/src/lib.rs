@@ -109,8 +109,7 @@ fn parse_conf(text: &str) -> Result<Vec<Entry>, RulesError> {
         let value = value.trim();
         let kind = classify(key).map_err(|message| RulesError::new(line, Some(key), message))?;
         let value = match kind {
-            Key::Hook { .. } => parse_hook_value(value)
-                .map_err(|message| RulesError::new(line, Some(key), message))?,
+            Key::Hook { .. } => parse_hook_value(value).map_err(|message| RulesError::new(line, Some(key), message))?,
             Key::Pool { .. } => Value::String(value.to_owned()),
         };
         entries.push(Entry { line, key: key.to_owned(), kind, value });
@@ -141,7 +140,8 @@ fn parse_json(text: &str) -> Result<Vec<Entry>, RulesError> {
             Key::Pool { .. } => value.is_string() || value.is_number() || value.is_boolean(),
         };
         if !well_formed {
-            let expected = if matches!(kind, Key::Hook { .. }) { "a JSON object" } else { "a string, number or boolean" };
+            let expected =
+                if matches!(kind, Key::Hook { .. }) { "a JSON object" } else { "a string, number or boolean" };
             return Err(RulesError::new(None, Some(&key), format!("the value must be {expected}")));
         }
         entries.push(Entry { line: None, key, kind, value });
@@ -155,9 +155,8 @@ fn classify(key: &str) -> Result<Key, String> {
         let Some((hookpoint, index)) = rest.rsplit_once('.') else {
             return Err(format!("unknown key: {expected}"));
         };
-        let index = index
-            .parse::<u32>()
-            .map_err(|_| format!("the last part of a hook key must be a number, not `{index}`"))?;
+        let index =
+            index.parse::<u32>().map_err(|_| format!("the last part of a hook key must be a number, not `{index}`"))?;
         return Ok(Key::Hook { hookpoint: hookpoint.to_owned(), index });
     }
     let Some(rest) = key.strip_prefix(PREFIX) else {
@@ -190,8 +189,7 @@ pub fn redact_pools(text: &str) -> Result<String, RulesError> {
     let mut out = String::with_capacity(text.len());
     for raw in text.lines() {
         let key = raw.split_once('=').map(|(k, _)| k.trim());
-        let is_pool = !raw.trim_start().starts_with('#')
-            && matches!(key.map(classify), Some(Ok(Key::Pool { .. })));
+        let is_pool = !raw.trim_start().starts_with('#') && matches!(key.map(classify), Some(Ok(Key::Pool { .. })));
         if !is_pool {
             out.push_str(raw);
         }

@@ -37,4 +37,3 @@ pub fn subscriptions(pool: &str, clientid: &str) -> Result<Vec<Subscription>, sq
     }
     Ok(subscriptions)
 }
-

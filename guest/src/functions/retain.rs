@@ -38,7 +38,8 @@ pub fn delete(pool: &str, messages: &[&Message]) -> Result<(), sql::Error> {
 
 /// The retained messages `filter` matches, unexpired, by topic.
 pub fn lookup(pool: &str, filter: &str) -> Result<Vec<Message>, sql::Error> {
-    let select = format!("SELECT NULL::bigint, true, {} FROM mqtt_retain WHERE true{}", rows::COLUMNS, rows::NOT_EXPIRED);
+    let select =
+        format!("SELECT NULL::bigint, true, {} FROM mqtt_retain WHERE true{}", rows::COLUMNS, rows::NOT_EXPIRED);
     let mut query = Query::new(&select, Vec::new());
     topic::push_match(&mut query, filter);
     query.push(" ORDER BY topic");

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use host_harness::replay::Broker;
 use host_harness::host::Sources;
+use host_harness::replay::Broker;
 use host_harness::{Host, Runtime};
 use std::time::{Duration, SystemTime};
 
@@ -94,7 +94,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let limits = Limits { call_timeout: Duration::from_millis(cli.call_timeout_ms), memory_bytes: cli.memory_mib << 20 };
+    let limits =
+        Limits { call_timeout: Duration::from_millis(cli.call_timeout_ms), memory_bytes: cli.memory_mib << 20 };
     let runtime = Runtime::with_limits(limits, cli.cache_dir)?;
     match cli.command {
         Command::Check(load) => {
@@ -136,9 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Each SIGHUP asks for a reload.
 fn forward_sighup(reload: mpsc::UnboundedSender<String>) -> anyhow::Result<()> {
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() && reload.send("SIGHUP".into()).is_ok() {}
-    });
+    tokio::spawn(async move { while hangups.recv().await.is_some() && reload.send("SIGHUP".into()).is_ok() {} });
     Ok(())
 }
 
