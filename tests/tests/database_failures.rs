@@ -152,3 +152,20 @@ async fn a_slow_statement_is_cancelled_by_the_pool_statement_timeout() {
     assert!(output.iter().any(|l| l["published"]["id"].is_i64()), "{output:?}");
     assert_eq!(deliveries(&output), vec![("c".to_owned(), "after".to_owned())]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_past_the_size_cap_is_refused_not_loaded() {
+    let db = TestDb::create("result_cap").await;
+    let mut host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 200000, "first_fetch": "earliest"}"#))).await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO mqtt_msg (topic, qos, payload) SELECT 't', 1, '' FROM generate_series(1, 100001)",
+        )
+        .await
+        .unwrap();
+    let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
+    let error = errors(&output)[0]["message"].as_str().unwrap().to_owned();
+    assert!(error.contains("result too large") && error.contains("100000 rows"), "{error}");
+    assert!(deliveries(&output).is_empty());
+}
