@@ -58,7 +58,11 @@ case "${1:-}" in
       [ "$(id -u)" = 0 ] && chown postgres:postgres "$tls/server.key" "$tls/server.crt"
     fi
     if ! as_server "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-      as_server "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 -o "$server_options" start >/dev/null
+      if ! as_server "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 -o "$server_options" start >/dev/null; then
+        echo "pg.sh: PostgreSQL did not start on 127.0.0.1:$port; the end of $data/server.log:" >&2
+        tail -n 5 "$data/server.log" >&2
+        exit 1
+      fi
     fi
     "$bindir/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -tAq -v ON_ERROR_STOP=1 \
       -c "SELECT 1 FROM pg_database WHERE datname = 'mqtt'" | grep -q 1 \
