@@ -41,5 +41,7 @@ async fn main() -> anyhow::Result<()> {
     if wanted("memory") {
         memory::run().await?;
     }
+    // Run one suite per process to read this as the peak under that suite's load.
+    println!("\npeak RSS of this run ({}): {} KiB", suites.join(" "), memory::status_kib("VmHWM"));
     Ok(())
 }

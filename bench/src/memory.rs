@@ -8,7 +8,7 @@ use integration_tests::guest_module;
 use crate::hook::Stub;
 
 /// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`).
-fn status_kib(field: &str) -> u64 {
+pub fn status_kib(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
