@@ -89,17 +89,12 @@ impl Host {
     /// change keep their connections. On error nothing changes.
     pub async fn reload_rules(&mut self, text: &str, source: &str) -> anyhow::Result<()> {
         let (backend, rules) = prepare(text, source, &self.rules.node, Some(&self.backend))?;
-        self.instance = configured(&self.module, &backend, &self.metrics, &rules).await?;
-        self.backend = backend;
-        self.rules = rules;
-        Ok(())
+        self.swap(self.module.clone(), backend, rules).await
     }
 
     /// Swaps in a new module once a fresh instance of it has accepted the current rules.
     pub async fn reload_module(&mut self, module: ExtensionModule) -> anyhow::Result<()> {
-        self.instance = configured(&module, &self.backend, &self.metrics, &self.rules).await?;
-        self.module = module;
-        Ok(())
+        self.swap(module, self.backend.clone(), self.rules.clone()).await
     }
 
     /// Reloads both from their files (what `{"control":"reload"}`, `--watch` and SIGHUP do).
@@ -108,6 +103,12 @@ impl Host {
         let module = runtime.load(&sources.module)?;
         let (text, source) = read_rules(&sources.rules)?;
         let (backend, rules) = prepare(&text, &source, &self.rules.node, Some(&self.backend))?;
+        self.swap(module, backend, rules).await
+    }
+
+    /// Configures a fresh instance of `module` with `rules` and, only if that works, makes the
+    /// three the running ones.
+    async fn swap(&mut self, module: ExtensionModule, backend: Arc<PgBackend>, rules: Rules) -> anyhow::Result<()> {
         self.instance = configured(&module, &backend, &self.metrics, &rules).await?;
         self.module = module;
         self.backend = backend;

@@ -48,7 +48,10 @@ fn check_exits_zero_for_good_rules_and_names_the_line_of_bad_ones() {
     let output = check(&rules);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("rules.conf: line 3, backend.pgsql.hook.message.acked.1: unknown function `on_message_ackd`"), "{stderr}");
+    assert!(
+        stderr.contains("rules.conf: line 3, backend.pgsql.hook.message.acked.1: unknown function `on_message_ackd`"),
+        "{stderr}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -82,7 +85,10 @@ fn run_reloads_on_a_file_change_and_on_sighup_and_keeps_good_rules_over_bad_ones
     std::thread::sleep(Duration::from_millis(1100)); // a new modification time
     std::fs::write(&rules, BAD).unwrap();
     let refused = next();
-    assert!(refused.contains("reload refused, the running configuration stays") && refused.contains("line 3"), "{refused}");
+    assert!(
+        refused.contains("reload refused, the running configuration stays") && refused.contains("line 3"),
+        "{refused}"
+    );
 
     // Fixed: taken.
     std::thread::sleep(Duration::from_millis(1100));

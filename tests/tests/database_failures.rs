@@ -156,12 +156,11 @@ async fn a_slow_statement_is_cancelled_by_the_pool_statement_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_past_the_size_cap_is_refused_not_loaded() {
     let db = TestDb::create("result_cap").await;
-    let mut host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 200000, "first_fetch": "earliest"}"#))).await;
+    let mut host =
+        db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 200000, "first_fetch": "earliest"}"#))).await;
     db.client()
         .await
-        .batch_execute(
-            "INSERT INTO mqtt_msg (topic, qos, payload) SELECT 't', 1, '' FROM generate_series(1, 100001)",
-        )
+        .batch_execute("INSERT INTO mqtt_msg (topic, qos, payload) SELECT 't', 1, '' FROM generate_series(1, 100001)")
         .await
         .unwrap();
     let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;

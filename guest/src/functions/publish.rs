@@ -13,11 +13,21 @@ const CHUNKS: [usize; 4] = [512, 64, 8, 1];
 /// Parameters per row: retain, then `rows::values` (8), then the row's place in the statement.
 const PARAMS_PER_ROW: usize = 10;
 
-/// The INSERT of `count` rows. It takes the commit-order lock (see schema/schema.sql) before any
+/// The INSERT of `count` rows (one of [`CHUNKS`]). It takes the commit-order lock (see schema/schema.sql) before any
 /// id is drawn, so that ids become visible in id order and a read position "up to id N" never
 /// skips a late commit. Rows are inserted, and their ids returned, in the order given (`ord`).
 /// The casts fix the parameter types, which VALUES alone would not.
-fn insert_statement(count: usize) -> String {
+fn insert_statement(count: usize) -> &'static str {
+    thread_local! {
+        /// Built once per size: a 512-row statement is some 60 KB of text.
+        static STATEMENTS: [&'static str; CHUNKS.len()] =
+            CHUNKS.map(|size| &*Box::leak(build_insert(size).into_boxed_str()));
+    }
+    let index = CHUNKS.iter().position(|&size| size == count).expect("a statement size of CHUNKS");
+    STATEMENTS.with(|statements| statements[index])
+}
+
+fn build_insert(count: usize) -> String {
     let rows: Vec<String> = (0..count)
         .map(|row| {
             let p = |i: usize| row * PARAMS_PER_ROW + i;
@@ -61,11 +71,11 @@ pub fn store(pool: &str, messages: &[&Message]) -> Result<Vec<i64>, sql::Error> 
         }
     }
     let row_sets = match by_size.as_slice() {
-        [(1, lists)] if lists.len() == 1 => vec![sql::query(pool, &insert_statement(1), &lists[0])?],
+        [(1, lists)] if lists.len() == 1 => vec![sql::query(pool, insert_statement(1), &lists[0])?],
         _ => db::in_transaction(pool, |tx| {
             let mut all = Vec::new();
             for (size, lists) in &by_size {
-                all.extend(tx.query_batch(&insert_statement(*size), lists)?);
+                all.extend(tx.query_batch(insert_statement(*size), lists)?);
             }
             Ok(all)
         })?,
