@@ -15,8 +15,7 @@ const HOT_ROWS: i32 = 600;
 
 pub async fn run(runs: usize) -> anyhow::Result<()> {
     let db = TestDb::create("bench_fetch").await;
-    let mut host =
-        db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 500, "first_fetch": "earliest"}"#))).await;
+    let host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 500, "first_fetch": "earliest"}"#))).await;
     let admin = db.client().await;
 
     println!("\n## fetch path: first page of 500 ({HOT_ROWS} unread on the topic, spread through the table)");
@@ -40,8 +39,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             let subscription = Subscription { filter: HOT.into(), qos: 1 };
             let started = Instant::now();
             let page = host
-                .instance
-                .session_subscribed(&client, &subscription)
+                .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
                 .await?
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             times.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -62,28 +60,31 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
                  SELECT 'm' || g, 'bench', 'drain/x', 1, '\\x00' FROM generate_series(1, 100000) g; ANALYZE mqtt_msg",
             )
             .await?;
-        rates.push(drain(&mut host, &format!("drainer-{run}")).await?);
+        rates.push(drain(&host, &format!("drainer-{run}")).await?);
     }
     println!("| messages/s (median) |\n|---|\n| {:.0} |", median(rates));
     Ok(())
 }
 
-async fn drain(host: &mut Host, clientid: &str) -> anyhow::Result<f64> {
+async fn drain(host: &Host, clientid: &str) -> anyhow::Result<f64> {
     let client = Client { clientid: clientid.into(), username: None, peerhost: None };
     let subscription = Subscription { filter: "drain/x".into(), qos: 1 };
     let started = Instant::now();
     let mut delivered = 0;
-    let mut page =
-        host.instance.session_subscribed(&client, &subscription).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let mut page = host
+        .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     loop {
         delivered += page.messages.len();
         if let Some(last) = page.messages.last() {
-            host.instance.message_acked(&client, last).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            host.call("message-acked", async |i| i.message_acked(&client, last).await)
+                .await?
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
         let Some(cursor) = page.next.take() else { break };
         page = host
-            .instance
-            .session_fetch_next(&client, &subscription, &cursor)
+            .call("session-fetch-next", async |i| i.session_fetch_next(&client, &subscription, &cursor).await)
             .await?
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }

@@ -1,17 +1,21 @@
-//! A guest running with its rules: reads the rules file, builds the pools it names, and
-//! instantiates and configures the guest. What a broker embeds.
+//! A guest running with its rules: reads the rules file, builds the pools it names, and runs
+//! configured instances of the guest. What a broker embeds.
 //!
-//! A host survives its guest: a call that traps (a loop past the deadline, a memory bomb, a
-//! panic) fails alone, and the instance is replaced by a fresh, configured one. Rules and module
-//! can be reloaded while it runs; a new configuration is validated on a fresh instance before it
-//! is swapped in, and a bad one leaves the running configuration untouched.
+//! A host serves concurrent calls: each call takes an idle instance (or configures a new one, up
+//! to a bound) and gives it back afterwards, so a broker's sessions never wait for each other's
+//! database round trips. A host survives its guest: a call that traps (a loop past the deadline,
+//! a memory bomb, a panic) fails alone, and its instance is discarded. Rules and module can be
+//! reloaded while it runs; a new configuration is validated on a fresh instance before it is
+//! swapped in, and a bad one leaves the running configuration untouched. Calls already running
+//! finish on the configuration they started with.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use rules_file::RulesError;
+use tokio::sync::Semaphore;
 
 use crate::bindings::Rules;
 use crate::config::RulesFile;
@@ -23,15 +27,29 @@ use crate::schema;
 /// The node name a host reports when none is given (EMQX's `node`).
 pub const DEFAULT_NODE: &str = "harness@localhost";
 
+/// How many instances may run calls at once, unless [`Host::with_max_instances`] says otherwise.
+/// Each costs little (tens of KiB); calls mostly wait on the database, whose pools bound the
+/// real concurrency.
+pub const DEFAULT_MAX_INSTANCES: usize = 32;
+
 pub struct Host {
-    /// The running instance. Calls made through [`Host::call`] survive a trap.
-    pub instance: Instance,
-    module: ExtensionModule,
-    backend: Arc<PgBackend>,
-    /// What the instance was configured with.
-    rules: Rules,
+    /// The running configuration; a reload replaces it whole.
+    running: RwLock<Arc<Running>>,
+    /// Instances between calls, each with the configuration it was made with.
+    idle: Mutex<Vec<(Arc<Running>, Instance)>>,
+    /// Bounds the instances in use at once.
+    slots: Semaphore,
     /// Shared by every instance this host runs.
     metrics: Arc<Metrics>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// A module, its pools and its rules: what instances are made from.
+struct Running {
+    module: ExtensionModule,
+    backend: Arc<PgBackend>,
+    rules: Rules,
 }
 
 /// The files a host was loaded from, for reloading them.
@@ -54,30 +72,65 @@ impl Host {
     pub async fn with_rules(module: &ExtensionModule, text: &str, source: &str, node: &str) -> anyhow::Result<Host> {
         let (backend, rules) = prepare(text, source, node, None)?;
         let metrics = Arc::new(Metrics::default());
-        let instance = configured(module, &backend, &metrics, &rules).await?;
-        Ok(Host { instance, module: module.clone(), backend, rules, metrics })
+        let running = Arc::new(Running { module: module.clone(), backend, rules });
+        let instance = configured(&running, &metrics).await?;
+        Ok(Host {
+            idle: Mutex::new(vec![(running.clone(), instance)]),
+            running: RwLock::new(running),
+            slots: Semaphore::new(DEFAULT_MAX_INSTANCES),
+            metrics,
+            reloading: tokio::sync::Mutex::new(()),
+        })
     }
 
-    /// Runs one call of the hook named `hook` on the instance, timed for the metrics. If it
-    /// traps, the instance is replaced by a fresh one with the same configuration, and the error
-    /// is returned for this call alone.
+    /// Allows up to `max` calls at once (at least one).
+    pub fn with_max_instances(mut self, max: usize) -> Host {
+        self.slots = Semaphore::new(max.max(1));
+        self
+    }
+
+    /// Runs one call of the hook named `hook` on an instance, timed for the metrics. If it traps,
+    /// the instance is discarded (the next call gets a fresh one with the same configuration),
+    /// and the error is returned for this call alone.
     pub async fn call<T>(
-        &mut self,
+        &self,
         hook: &str,
         call: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
+        let _slot = self.slots.acquire().await.expect("the semaphore is never closed");
+        let (running, mut instance) = self.checkout().await?;
         let started = Instant::now();
-        let result = call(&mut self.instance).await;
+        let result = call(&mut instance).await;
         self.metrics.hook(hook, result.is_err(), started.elapsed());
-        if let Err(e) = &result {
-            tracing::error!(
-                extension = self.module.name(),
+        match &result {
+            Ok(_) => self.idle.lock().unwrap().push((running, instance)),
+            Err(e) => tracing::error!(
+                extension = running.module.name(),
                 hook,
-                "the extension trapped; replacing its instance: {e:#}"
-            );
-            self.instance = configured(&self.module, &self.backend, &self.metrics, &self.rules).await?;
+                "the extension trapped; its instance is discarded: {e:#}"
+            ),
         }
         result
+    }
+
+    /// An idle instance of the running configuration, or a new one. Idle instances of an older
+    /// configuration are dropped on the way.
+    async fn checkout(&self) -> anyhow::Result<(Arc<Running>, Instance)> {
+        let running = self.running();
+        {
+            let mut idle = self.idle.lock().unwrap();
+            while let Some((made_with, instance)) = idle.pop() {
+                if Arc::ptr_eq(&made_with, &running) {
+                    return Ok((made_with, instance));
+                }
+            }
+        }
+        let instance = configured(&running, &self.metrics).await?;
+        Ok((running, instance))
+    }
+
+    fn running(&self) -> Arc<Running> {
+        self.running.read().unwrap().clone()
     }
 
     /// This host's metrics (`Metrics::prometheus` for a scrape endpoint).
@@ -85,41 +138,55 @@ impl Host {
         &self.metrics
     }
 
+    /// The module's name (its file stem).
+    pub fn name(&self) -> String {
+        self.running().module.name().to_owned()
+    }
+
     /// Swaps in new rules once a fresh instance has accepted them. Pools whose settings did not
     /// change keep their connections. On error nothing changes.
-    pub async fn reload_rules(&mut self, text: &str, source: &str) -> anyhow::Result<()> {
-        let (backend, rules) = prepare(text, source, &self.rules.node, Some(&self.backend))?;
-        self.swap(self.module.clone(), backend, rules).await
+    pub async fn reload_rules(&self, text: &str, source: &str) -> anyhow::Result<()> {
+        let _one = self.reloading.lock().await;
+        let current = self.running();
+        let (backend, rules) = prepare(text, source, &current.rules.node, Some(&current.backend))?;
+        self.swap(Running { module: current.module.clone(), backend, rules }).await
     }
 
     /// Swaps in a new module once a fresh instance of it has accepted the current rules.
-    pub async fn reload_module(&mut self, module: ExtensionModule) -> anyhow::Result<()> {
-        self.swap(module, self.backend.clone(), self.rules.clone()).await
+    pub async fn reload_module(&self, module: ExtensionModule) -> anyhow::Result<()> {
+        let _one = self.reloading.lock().await;
+        let current = self.running();
+        self.swap(Running { module, backend: current.backend.clone(), rules: current.rules.clone() }).await
     }
 
     /// Reloads both from their files (what `{"control":"reload"}`, `--watch` and SIGHUP do).
     /// Either both are swapped in or, on any error, neither.
-    pub async fn reload(&mut self, runtime: &Runtime, sources: &Sources) -> anyhow::Result<()> {
+    pub async fn reload(&self, runtime: &Runtime, sources: &Sources) -> anyhow::Result<()> {
+        let _one = self.reloading.lock().await;
+        let current = self.running();
         let module = runtime.load(&sources.module)?;
         let (text, source) = read_rules(&sources.rules)?;
-        let (backend, rules) = prepare(&text, &source, &self.rules.node, Some(&self.backend))?;
-        self.swap(module, backend, rules).await
+        let (backend, rules) = prepare(&text, &source, &current.rules.node, Some(&current.backend))?;
+        self.swap(Running { module, backend, rules }).await
     }
 
-    /// Configures a fresh instance of `module` with `rules` and, only if that works, makes the
-    /// three the running ones.
-    async fn swap(&mut self, module: ExtensionModule, backend: Arc<PgBackend>, rules: Rules) -> anyhow::Result<()> {
-        self.instance = configured(&module, &backend, &self.metrics, &rules).await?;
-        self.module = module;
-        self.backend = backend;
-        self.rules = rules;
+    /// Configures a fresh instance of `next` and, only if that works, makes `next` the running
+    /// configuration.
+    async fn swap(&self, next: Running) -> anyhow::Result<()> {
+        let next = Arc::new(next);
+        let instance = configured(&next, &self.metrics).await?;
+        *self.running.write().unwrap() = next.clone();
+        let mut idle = self.idle.lock().unwrap();
+        idle.clear();
+        idle.push((next, instance));
         Ok(())
     }
 
     /// Applies the schema to the database of every pool.
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        for name in self.backend.pool_names() {
-            let pool = self.backend.pool(&name).map_err(|e| anyhow!("{e:?}"))?;
+        let backend = self.backend();
+        for name in backend.pool_names() {
+            let pool = backend.pool(&name).map_err(|e| anyhow!("{e:?}"))?;
             schema::migrate(pool).await.with_context(|| format!("migrating pool {name}"))?;
         }
         Ok(())
@@ -127,17 +194,19 @@ impl Host {
 
     /// Converts the EMQX 4 tables of `pool`'s database (see schema/from-emqx4.sql).
     pub async fn migrate_from_emqx4(&self, pool: &str) -> anyhow::Result<()> {
-        let pool_ref = self.backend.pool(pool).map_err(|e| anyhow!("{e:?}"))?;
+        let backend = self.backend();
+        let pool_ref = backend.pool(pool).map_err(|e| anyhow!("{e:?}"))?;
         schema::migrate_from_emqx4(pool_ref).await.with_context(|| format!("converting pool {pool} from EMQX 4"))
     }
 
     pub fn pool_names(&self) -> Vec<String> {
-        self.backend.pool_names()
+        self.backend().pool_names()
     }
 
-    /// The pools, for a host that wants to look at them (tests check that unchanged pools survive a reload).
-    pub fn backend(&self) -> &PgBackend {
-        &self.backend
+    /// The running pools, for a host that wants to look at them (tests check that unchanged
+    /// pools survive a reload).
+    pub fn backend(&self) -> Arc<PgBackend> {
+        self.running().backend.clone()
     }
 }
 
@@ -161,13 +230,9 @@ fn prepare(
     Ok((backend, rules))
 }
 
-/// A fresh instance of `module`, configured with `rules`.
-async fn configured(
-    module: &ExtensionModule,
-    backend: &Arc<PgBackend>,
-    metrics: &Arc<Metrics>,
-    rules: &Rules,
-) -> anyhow::Result<Instance> {
+/// A fresh instance of `running`'s module, configured with its rules.
+async fn configured(running: &Running, metrics: &Arc<Metrics>) -> anyhow::Result<Instance> {
+    let Running { module, backend, rules } = running;
     let mut instance = module.instantiate(backend.clone(), metrics.clone()).await?;
     if let Err(e) = instance.configure(rules).await? {
         return Err(anyhow!("{}: {}", rules.source, RulesError { line: e.line, key: e.key, message: e.message }));

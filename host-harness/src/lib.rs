@@ -9,6 +9,7 @@ pub mod host;
 mod log;
 pub mod metrics;
 pub mod postgres;
+pub mod reload;
 pub mod replay;
 pub mod sandbox;
 pub mod schema;

@@ -118,7 +118,7 @@ enum ControlCommand {
 }
 
 pub struct Broker<'a, W> {
-    host: &'a mut Host,
+    host: &'a Host,
     /// Where reloads come from, when the host was loaded from files.
     reload_from: Option<(&'a Runtime, Sources)>,
     out: W,
@@ -127,7 +127,7 @@ pub struct Broker<'a, W> {
 }
 
 impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
-    pub fn new(host: &'a mut Host, out: W) -> Self {
+    pub fn new(host: &'a Host, out: W) -> Self {
         Broker { host, reload_from: None, out, sessions: BTreeMap::new(), published: 0 }
     }
 

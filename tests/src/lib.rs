@@ -97,7 +97,7 @@ pub fn offline_rules(offline_opts: &str) -> String {
 }
 
 /// Replays `events` (JSON lines) through `host` like `harness run`, and returns its output lines.
-pub async fn replay(host: &mut Host, events: &str) -> Vec<Value> {
+pub async fn replay(host: &Host, events: &str) -> Vec<Value> {
     let mut out = Vec::new();
     Broker::new(host, &mut out).replay(events.as_bytes(), None).await.expect("replay");
     String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()

@@ -28,15 +28,23 @@ fn message(publisher: usize, sequence: usize) -> Message {
 
 /// Receives every message it can: one subscription's backlog, page by page. Acking a page's last
 /// message moves the position as far as acking each would (a position is a maximum), faster.
-async fn drain(host: &mut Host, client: &Client, subscription: &Subscription, got: &mut Vec<Vec<u8>>) {
-    let mut page = host.instance.session_subscribed(client, subscription).await.unwrap().unwrap();
+async fn drain(host: &Host, client: &Client, subscription: &Subscription, got: &mut Vec<Vec<u8>>) {
+    let mut page = host
+        .call("session-subscribed", async |i| i.session_subscribed(client, subscription).await)
+        .await
+        .unwrap()
+        .unwrap();
     loop {
         got.extend(page.messages.iter().map(|m| m.payload.clone()));
         if let Some(last) = page.messages.last() {
-            host.instance.message_acked(client, last).await.unwrap().unwrap();
+            host.call("message-acked", async |i| i.message_acked(client, last).await).await.unwrap().unwrap();
         }
         let Some(cursor) = page.next.take() else { break };
-        page = host.instance.session_fetch_next(client, subscription, &cursor).await.unwrap().unwrap();
+        page = host
+            .call("session-fetch-next", async |i| i.session_fetch_next(client, subscription, &cursor).await)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -47,16 +55,16 @@ async fn concurrent_publishers_and_a_reconnecting_subscriber_lose_nothing_and_re
     let client = Client { clientid: "sub".into(), username: None, peerhost: None };
     let subscription = Subscription { filter: "load/#".into(), qos: 1 };
 
-    let mut subscriber = db.host(&rules).await;
+    let subscriber = db.host(&rules).await;
     let mut got = Vec::new();
-    drain(&mut subscriber, &client, &subscription, &mut got).await; // first subscription: starts here
+    drain(&subscriber, &client, &subscription, &mut got).await; // first subscription: starts here
 
     // Each publisher has its own instance and connections; batches of 1 to 4 messages, so that
     // single inserts and pipelined transactions interleave. All start at once.
     let start = Arc::new(tokio::sync::Barrier::new(PUBLISHERS + 1));
     let mut publishers = Vec::new();
     for publisher in 0..PUBLISHERS {
-        let mut host = db.host(&rules).await;
+        let host = db.host(&rules).await;
         let start = start.clone();
         publishers.push(tokio::spawn(async move {
             start.wait().await;
@@ -68,7 +76,8 @@ async fn concurrent_publishers_and_a_reconnecting_subscriber_lose_nothing_and_re
                         message(publisher, sequence)
                     })
                     .collect();
-                for outcome in host.instance.message_publish(&messages).await.unwrap() {
+                for outcome in host.call("message-publish", async |i| i.message_publish(&messages).await).await.unwrap()
+                {
                     assert!(matches!(outcome, PublishOutcome::Stored(_)), "{outcome:?}");
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
@@ -80,14 +89,14 @@ async fn concurrent_publishers_and_a_reconnecting_subscriber_lose_nothing_and_re
     start.wait().await;
     let mut drains = 0;
     while !publishers.iter().all(|p| p.is_finished()) {
-        drain(&mut subscriber, &client, &subscription, &mut got).await;
+        drain(&subscriber, &client, &subscription, &mut got).await;
         drains += 1;
     }
     let mut sent = 0;
     for publisher in publishers {
         sent += publisher.await.unwrap();
     }
-    drain(&mut subscriber, &client, &subscription, &mut got).await;
+    drain(&subscriber, &client, &subscription, &mut got).await;
     assert!(drains > 10, "the subscriber came back only {drains} times while publishers ran");
 
     // Exactly once each, and each publisher's messages in the order it sent them.

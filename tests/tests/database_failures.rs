@@ -64,10 +64,9 @@ async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recover
         cluster.port,
         offline_rules("")
     );
-    let mut host =
-        host_harness::Host::with_rules(integration_tests::guest_module(), &rules, "t.conf", "n").await.unwrap();
+    let host = host_harness::Host::with_rules(integration_tests::guest_module(), &rules, "t.conf", "n").await.unwrap();
     host.migrate().await.unwrap();
-    replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s")])).await;
+    replay(&host, &lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s")])).await;
 
     // A steady stream of publishes; a third of the way in, the server restarts.
     let mut stored: Vec<i64> = Vec::new();
@@ -106,7 +105,7 @@ async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recover
     assert!(matches!(outcome[0], PublishOutcome::Stored(_)), "{outcome:?}");
 
     // Everything reported stored is there, and the offline subscriber gets all of it, once, in order.
-    let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
+    let output = replay(&host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
     let delivered: Vec<i64> =
         output.iter().filter_map(|l| l.get("deliver")).map(|d| d["id"].as_i64().unwrap()).collect();
     let mut sorted = delivered.clone();
@@ -125,8 +124,8 @@ async fn on_error_ignore_lets_the_message_through_and_reject_refuses_it() {
         let audit = format!(
             r#"backend.pgsql.hook.message.publish.2 = {{"action": {{"sql": "insert into no_such_table values (${{topic}})"}}, "on_error": "{policy}", "pool": "pool1"}}"#
         );
-        let mut host = db.host(&db.rules(&format!("{}\n{audit}", offline_rules("")))).await;
-        let output = replay(&mut host, &publish("p", "t", 1, "x")).await;
+        let host = db.host(&db.rules(&format!("{}\n{audit}", offline_rules("")))).await;
+        let output = replay(&host, &publish("p", "t", 1, "x")).await;
         assert_eq!(output.iter().any(|l| l["published"]["id"].is_i64()), accepted, "{policy}: {output:?}");
         assert_eq!(errors(&output).is_empty(), accepted, "{policy}: {output:?}");
     }
@@ -141,10 +140,9 @@ async fn a_slow_statement_is_cancelled_by_the_pool_statement_timeout() {
         db.pool_lines("pool1"),
         offline_rules("")
     );
-    let mut host = db.host(&rules).await;
+    let host = db.host(&rules).await;
     let started = Instant::now();
-    let output =
-        replay(&mut host, &lines(&[connect("c"), subscribe("c", "t", 1), publish("p", "t", 1, "after")])).await;
+    let output = replay(&host, &lines(&[connect("c"), subscribe("c", "t", 1), publish("p", "t", 1, "after")])).await;
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
     let error = errors(&output)[0]["message"].as_str().unwrap().to_owned();
     assert!(error.contains("57014"), "cancelled by statement_timeout: {error}");
@@ -156,14 +154,13 @@ async fn a_slow_statement_is_cancelled_by_the_pool_statement_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_past_the_size_cap_is_refused_not_loaded() {
     let db = TestDb::create("result_cap").await;
-    let mut host =
-        db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 200000, "first_fetch": "earliest"}"#))).await;
+    let host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 200000, "first_fetch": "earliest"}"#))).await;
     db.client()
         .await
         .batch_execute("INSERT INTO mqtt_msg (topic, qos, payload) SELECT 't', 1, '' FROM generate_series(1, 100001)")
         .await
         .unwrap();
-    let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
+    let output = replay(&host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
     let error = errors(&output)[0]["message"].as_str().unwrap().to_owned();
     assert!(error.contains("result too large") && error.contains("100000 rows"), "{error}");
     assert!(deliveries(&output).is_empty());

@@ -32,7 +32,7 @@ async fn an_emqx4_database_converts_without_losing_rows_or_positions() {
     let db = TestDb::create("from_emqx4").await;
     db.client().await.batch_execute(EMQX4).await.unwrap();
     let rules = db.rules(&offline_rules(""));
-    let mut host = host_harness::Host::with_rules(guest_module(), &rules, "test.conf", "node1@test").await.unwrap();
+    let host = host_harness::Host::with_rules(guest_module(), &rules, "test.conf", "node1@test").await.unwrap();
     host.migrate_from_emqx4("pool1").await.unwrap();
 
     let client = db.client().await;
@@ -57,7 +57,7 @@ async fn an_emqx4_database_converts_without_losing_rows_or_positions() {
 
     // The subscriber resumes after its old position; new ids continue after the old ones.
     let output =
-        replay(&mut host, &lines(&[publish("pub", "room/1", 1, "new"), connect("sub"), subscribe("sub", "room/1", 1)]))
+        replay(&host, &lines(&[publish("pub", "room/1", 1, "new"), connect("sub"), subscribe("sub", "room/1", 1)]))
             .await;
     assert_eq!(output[0]["published"]["id"], 5);
     let got: Vec<String> = deliveries(&output).into_iter().map(|(_, p)| p).collect();

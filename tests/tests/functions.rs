@@ -26,7 +26,7 @@ async fn client_state_is_kept_in_mqtt_client() {
         function("client.connected.1", "on_client_connected"),
         function("client.disconnected.1", "on_client_disconnected"),
     ];
-    let mut host = db.host(&db.rules(&rules.join("\n"))).await;
+    let host = db.host(&db.rules(&rules.join("\n"))).await;
     let client = db.client().await;
     let state = || async {
         let row = client
@@ -35,11 +35,11 @@ async fn client_state_is_kept_in_mqtt_client() {
             .unwrap();
         (row.get::<_, i16>(0), row.get::<_, String>(1), row.get::<_, bool>(2), row.get::<_, bool>(3))
     };
-    replay(&mut host, &connect("c1")).await;
+    replay(&host, &connect("c1")).await;
     assert_eq!(state().await, (1, "node1@test".into(), true, false));
-    replay(&mut host, &lines(&[connect("c1"), disconnect("c1")])).await;
+    replay(&host, &lines(&[connect("c1"), disconnect("c1")])).await;
     assert_eq!(state().await, (0, "node1@test".into(), true, true));
-    replay(&mut host, &connect("c1")).await;
+    replay(&host, &connect("c1")).await;
     assert_eq!(state().await, (1, "node1@test".into(), true, false), "back online clears offline_at");
 }
 
@@ -47,15 +47,15 @@ async fn client_state_is_kept_in_mqtt_client() {
 async fn stored_subscriptions_are_applied_at_connect_and_fetch_their_backlog() {
     let db = TestDb::create("subscribe_lookup").await;
     let rules = format!("{}\n{}", offline_rules(""), function("client.connected.1", "on_subscribe_lookup"));
-    let mut host = db.host(&db.rules(&rules)).await;
-    replay(&mut host, &lines(&[connect("c1"), subscribe("c1", "news/#", 1), disconnect("c1")])).await;
+    let host = db.host(&db.rules(&rules)).await;
+    replay(&host, &lines(&[connect("c1"), subscribe("c1", "news/#", 1), disconnect("c1")])).await;
     db.client()
         .await
         .batch_execute("INSERT INTO mqtt_sub (clientid, topic, qos) VALUES ('c1', 'news/#', 1), ('c1', 'bad/#/x', 1)")
         .await
         .unwrap();
     // The client connects without subscribing: the stored subscription does it, as a broker would.
-    let output = replay(&mut host, &lines(&[publish("p", "news/today", 1, "headline"), connect("c1")])).await;
+    let output = replay(&host, &lines(&[publish("p", "news/today", 1, "headline"), connect("c1")])).await;
     assert_eq!(deliveries(&output), vec![("c1".to_owned(), "headline".to_owned())]);
 }
 
@@ -67,9 +67,9 @@ async fn retained_messages_reach_wildcard_subscriptions_and_an_empty_payload_del
         function("message.publish.1", "on_message_retain"),
         function("message.publish.2", "on_retain_delete"),
     ];
-    let mut host = db.host(&db.rules(&rules.join("\n"))).await;
+    let host = db.host(&db.rules(&rules.join("\n"))).await;
     let output = replay(
-        &mut host,
+        &host,
         &lines(&[
             publish_retained("home/kitchen/temp", "20"),
             publish_retained("home/kitchen/temp", "21"),
@@ -95,7 +95,7 @@ async fn retained_messages_reach_wildcard_subscriptions_and_an_empty_payload_del
     );
 
     let output =
-        replay(&mut host, &lines(&[publish_retained("home/hall/temp", ""), connect("c"), subscribe("c", "home/#", 1)]))
+        replay(&host, &lines(&[publish_retained("home/hall/temp", ""), connect("c"), subscribe("c", "home/#", 1)]))
             .await;
     assert_eq!(deliveries(&output), vec![("c".to_owned(), "21".to_owned())]);
 }
@@ -103,8 +103,8 @@ async fn retained_messages_reach_wildcard_subscriptions_and_an_empty_payload_del
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_message_store_keeps_every_qos_without_giving_out_ids() {
     let db = TestDb::create("message_store").await;
-    let mut host = db.host(&db.rules(&function("message.publish.1", "on_message_store"))).await;
-    let output = replay(&mut host, &lines(&[publish("p", "log/a", 0, "zero"), publish("p", "log/a", 2, "two")])).await;
+    let host = db.host(&db.rules(&function("message.publish.1", "on_message_store"))).await;
+    let output = replay(&host, &lines(&[publish("p", "log/a", 0, "zero"), publish("p", "log/a", 2, "two")])).await;
     let ids: Vec<&Value> = output.iter().filter_map(|l| l.get("published")).map(|p| &p["id"]).collect();
     assert!(ids.iter().all(|id| id.is_null()), "no id travels: {ids:?}");
     let rows = db.client().await.query("SELECT qos, payload FROM mqtt_msg ORDER BY id", &[]).await.unwrap();
@@ -153,11 +153,11 @@ async fn every_placeholder_binds_its_value() {
         insert("message.delivered.1", &format!("{client}, {message}"), &format!("{client_values}, {message_values}")),
         insert("message.acked.2", &format!("{client}, {message}"), &format!("{client_values}, {message_values}")),
     ];
-    let mut host = db.host(&db.rules(&rules.join("\n"))).await;
+    let host = db.host(&db.rules(&rules.join("\n"))).await;
     let connect_u =
         json!({"event": "client.connected", "clientid": "c", "username": "u", "peerhost": "10.0.0.7"}).to_string();
     let output = replay(
-        &mut host,
+        &host,
         &lines(&[
             connect_u,
             subscribe("c", "t/+", 2),
@@ -224,8 +224,8 @@ async fn rules_on_two_pools_write_to_two_databases() {
         db2.pool_lines("pool2"),
         offline_rules("")
     );
-    let mut host = db1.host(&rules).await;
-    let output = replay(&mut host, &publish("p", "t", 1, "x")).await;
+    let host = db1.host(&rules).await;
+    let output = replay(&host, &publish("p", "t", 1, "x")).await;
     assert!(errors(&output).is_empty(), "{output:?}");
     let in_db1: i64 = db1.client().await.query_one("SELECT count(*) FROM mqtt_msg", &[]).await.unwrap().get(0);
     let in_db2: i64 = db2.client().await.query_one("SELECT count(*) FROM audit", &[]).await.unwrap().get(0);
@@ -237,9 +237,9 @@ async fn rules_on_two_pools_write_to_two_databases() {
 async fn first_fetch_latest_or_earliest() {
     for (policy, expected) in [("latest", vec![]), ("earliest", vec!["old1", "old2"])] {
         let db = TestDb::create(&format!("first_fetch_{policy}")).await;
-        let mut host = db.host(&db.rules(&offline_rules(&format!(r#"{{"first_fetch": "{policy}"}}"#)))).await;
+        let host = db.host(&db.rules(&offline_rules(&format!(r#"{{"first_fetch": "{policy}"}}"#)))).await;
         let output = replay(
-            &mut host,
+            &host,
             &lines(&[publish("p", "t", 1, "old1"), publish("p", "t", 1, "old2"), connect("s"), subscribe("s", "t", 1)]),
         )
         .await;
@@ -251,14 +251,14 @@ async fn first_fetch_latest_or_earliest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_messages_are_never_delivered_and_the_rest_carry_what_is_left() {
     let db = TestDb::create("expiry").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let with_expiry = |payload: &str, secs: u32| {
         json!({"event": "message.publish", "clientid": "p", "topic": "t", "qos": 1, "payload": payload,
                "properties": {"message-expiry-interval": secs.to_string(), "content-type": "text/plain"}})
         .to_string()
     };
     replay(
-        &mut host,
+        &host,
         &lines(&[
             connect("s"),
             subscribe("s", "t", 1),
@@ -274,13 +274,17 @@ async fn expired_messages_are_never_delivered_and_the_rest_carry_what_is_left() 
         .execute("UPDATE mqtt_msg SET expires_at = now() - interval '1 second' WHERE payload = 'short'::bytea", &[])
         .await
         .unwrap();
-    let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
+    let output = replay(&host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
     assert_eq!(deliveries(&output), vec![("s".to_owned(), "long".to_owned())]);
     // What is left of the hour is handed on, so the broker can pass it to the subscriber.
-    let mut host_direct = db.host(&db.rules(&offline_rules(r#"{"first_fetch": "earliest"}"#))).await;
+    let host_direct = db.host(&db.rules(&offline_rules(r#"{"first_fetch": "earliest"}"#))).await;
     let client = host_harness::bindings::Client { clientid: "fresh".into(), username: None, peerhost: None };
     let subscription = host_harness::bindings::Subscription { filter: "t".into(), qos: 1 };
-    let page = host_direct.instance.session_subscribed(&client, &subscription).await.unwrap().unwrap();
+    let page = host_direct
+        .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
+        .await
+        .unwrap()
+        .unwrap();
     let properties: Vec<(String, String)> =
         page.messages[0].properties.iter().map(|p| (p.key.clone(), p.value.clone())).collect();
     let left: u32 = properties.iter().find(|(k, _)| k == "message-expiry-interval").unwrap().1.parse().unwrap();
@@ -295,7 +299,7 @@ async fn tick_deletes_expired_and_too_old_messages_in_bounded_batches() {
         "message.publish.1",
         r#"{"action": {"function": "on_message_publish"}, "retention": "1d", "pool": "pool1"}"#,
     );
-    let mut host = db.host(&db.rules(&rules)).await;
+    let host = db.host(&db.rules(&rules)).await;
     db.client()
         .await
         .batch_execute(
@@ -307,7 +311,7 @@ async fn tick_deletes_expired_and_too_old_messages_in_bounded_batches() {
         .await
         .unwrap();
     let tick = json!({"event": "tick"}).to_string();
-    let output = replay(&mut host, &lines(&[tick.clone(), tick.clone(), tick.clone(), tick])).await;
+    let output = replay(&host, &lines(&[tick.clone(), tick.clone(), tick.clone(), tick])).await;
     let deleted: Vec<u64> =
         output.iter().filter_map(|l| l.get("tick")).map(|t| t["deleted"].as_u64().unwrap()).collect();
     assert_eq!(deleted, [1001, 1000, 500, 0], "a batch is at most 1000 rows per kind");
@@ -329,8 +333,8 @@ async fn tls_pools_check_the_server_certificate() {
     );
     let tls_pool = format!("{}\nbackend.pgsql.pool1.ssl = true\n", db.pool_lines("pool1"));
 
-    let mut host = db.host(&format!("{tls_pool}backend.pgsql.pool1.ssl_opts.cacertfile = {ca}\n{record_ssl}")).await;
-    let output = replay(&mut host, &connect("c")).await;
+    let host = db.host(&format!("{tls_pool}backend.pgsql.pool1.ssl_opts.cacertfile = {ca}\n{record_ssl}")).await;
+    let output = replay(&host, &connect("c")).await;
     assert!(errors(&output).is_empty(), "{output:?}");
     let ssl: bool = db.client().await.query_one("SELECT ssl FROM conn", &[]).await.unwrap().get(0);
     assert!(ssl, "the pool's connection is encrypted");
@@ -354,8 +358,8 @@ async fn the_every_function_example_runs_as_documented() {
     let db = TestDb::create("example_all_functions").await;
     let example = include_str!("../../examples/all-functions.conf");
     let rules: Vec<&str> = example.lines().filter(|l| !l.starts_with("backend.pgsql.pool1.")).collect();
-    let mut host = db.host(&db.rules(&rules.join("\n"))).await;
-    let output = replay(&mut host, include_str!("../../examples/all-functions.jsonl")).await;
+    let host = db.host(&db.rules(&rules.join("\n"))).await;
+    let output = replay(&host, include_str!("../../examples/all-functions.jsonl")).await;
     assert!(errors(&output).is_empty(), "{output:?}");
     let delivered: Vec<(String, bool)> = output
         .iter()

@@ -6,8 +6,8 @@ use integration_tests::{TestDb, deliveries, offline_rules, replay};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_flow_is_counted_per_function_and_per_hook() {
     let db = TestDb::create("metrics").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
-    let output = replay(&mut host, include_str!("../../examples/seed.jsonl")).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
+    let output = replay(&host, include_str!("../../examples/seed.jsonl")).await;
     let snapshot = host.metrics().snapshot();
 
     let publish = &snapshot.functions["on_message_publish"];

@@ -13,9 +13,9 @@ fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_flow_two_subscribers_each_get_every_message_once() {
     let db = TestDb::create("seed_flow").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let events = include_str!("../../examples/seed.jsonl");
-    let output = replay(&mut host, events).await;
+    let output = replay(&host, events).await;
     assert!(errors(&output).is_empty(), "{output:?}");
     assert_eq!(
         deliveries(&output),
@@ -39,7 +39,7 @@ async fn seed_flow_two_subscribers_each_get_every_message_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_again_and_again_never_repeats_a_message() {
     let db = TestDb::create("reconnect_no_duplicates").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let mut events = vec![connect("s"), subscribe("s", "t", 1), disconnect("s")];
     for round in 0..3 {
         events.push(publish("p", "t", 1, &format!("m{round}")));
@@ -47,7 +47,7 @@ async fn reconnecting_again_and_again_never_repeats_a_message() {
             events.extend([connect("s"), subscribe("s", "t", 2), disconnect("s")]);
         }
     }
-    let output = replay(&mut host, &lines(&events)).await;
+    let output = replay(&host, &lines(&events)).await;
     assert_eq!(deliveries(&output), pairs(&[("s", "m0"), ("s", "m1"), ("s", "m2")]));
 }
 
@@ -56,7 +56,7 @@ async fn wildcard_subscriptions_fetch_every_matching_topic_and_no_other() {
     let db = TestDb::create("wildcards").await;
     // Rules without "topic" fire for every event, `$` topics included (a rule's "#" would not).
     let rules = offline_rules("").replace("\"topic\": \"#\", ", "");
-    let mut host = db.host(&db.rules(&rules)).await;
+    let host = db.host(&db.rules(&rules)).await;
     let subscribers = [("plus", "a/+/c"), ("hash", "a/#"), ("all", "#"), ("sys", "$SYS/#")];
     let mut events = Vec::new();
     for (client, filter) in subscribers {
@@ -68,7 +68,7 @@ async fn wildcard_subscriptions_fetch_every_matching_topic_and_no_other() {
     for (client, filter) in subscribers {
         events.extend([connect(client), subscribe(client, filter, 1)]);
     }
-    let output = replay(&mut host, &lines(&events)).await;
+    let output = replay(&host, &lines(&events)).await;
     let got = |client: &str| -> Vec<String> {
         deliveries(&output).into_iter().filter(|(c, _)| c == client).map(|(_, p)| p).collect()
     };
@@ -81,14 +81,14 @@ async fn wildcard_subscriptions_fetch_every_matching_topic_and_no_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_larger_than_a_page_arrives_completely_in_order() {
     let db = TestDb::create("backlog_pages").await;
-    let mut host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 7}"#))).await;
+    let host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 7}"#))).await;
     let mut events = vec![connect("s"), subscribe("s", "t/#", 1), disconnect("s")];
     let sent: Vec<String> = (0..40).map(|i| format!("m{i:02}")).collect();
     for (i, payload) in sent.iter().enumerate() {
         events.push(publish("p", &format!("t/{}", i % 3), 1, payload));
     }
     events.extend([connect("s"), subscribe("s", "t/#", 1), disconnect("s"), connect("s"), subscribe("s", "t/#", 1)]);
-    let output = replay(&mut host, &lines(&events)).await;
+    let output = replay(&host, &lines(&events)).await;
     let got: Vec<String> = deliveries(&output).into_iter().map(|(_, p)| p).collect();
     assert_eq!(got, sent, "40 messages in pages of 7: all of them, oldest first, once");
 }
@@ -97,7 +97,7 @@ async fn a_backlog_larger_than_a_page_arrives_completely_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_ack_after_a_newer_one_leaves_the_position() {
     let db = TestDb::create("old_ack").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let events = lines(&[
         connect("s"),
         subscribe("s", "t", 1),
@@ -113,7 +113,7 @@ async fn an_old_ack_after_a_newer_one_leaves_the_position() {
         connect("s"),
         subscribe("s", "t", 1),
     ]);
-    let output = replay(&mut host, &events).await;
+    let output = replay(&host, &events).await;
     assert!(errors(&output).is_empty(), "{output:?}");
     assert_eq!(deliveries(&output), pairs(&[("s", "one"), ("s", "two")]), "nothing comes twice");
     let position: i64 = db
@@ -129,7 +129,7 @@ async fn an_old_ack_after_a_newer_one_leaves_the_position() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_messages_come_again_and_acked_ones_do_not() {
     let db = TestDb::create("unacked_redelivered").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let events = lines(&[
         connect("s"),
         subscribe("s", "t", 1),
@@ -148,7 +148,7 @@ async fn unacked_messages_come_again_and_acked_ones_do_not() {
         connect("s"),
         subscribe("s", "t", 1),
     ]);
-    let output = replay(&mut host, &events).await;
+    let output = replay(&host, &events).await;
     assert!(errors(&output).is_empty(), "{output:?}");
     assert_eq!(deliveries(&output), pairs(&[("s", "one"), ("s", "two"), ("s", "one"), ("s", "two"), ("s", "two")]));
 }
@@ -156,7 +156,7 @@ async fn unacked_messages_come_again_and_acked_ones_do_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_subscription_starts_at_the_newest_message() {
     let db = TestDb::create("first_subscription").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let events = lines(&[
         publish("p", "t", 1, "before"),
         connect("s"),
@@ -166,14 +166,14 @@ async fn first_subscription_starts_at_the_newest_message() {
         connect("s"),
         subscribe("s", "t", 1),
     ]);
-    let output = replay(&mut host, &events).await;
+    let output = replay(&host, &events).await;
     assert_eq!(deliveries(&output), pairs(&[("s", "after")]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos0_is_not_stored_and_qos0_subscriptions_do_not_fetch() {
     let db = TestDb::create("qos_rules").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let events = lines(&[
         connect("s1"),
         subscribe("s1", "t", 1),
@@ -188,7 +188,7 @@ async fn qos0_is_not_stored_and_qos0_subscriptions_do_not_fetch() {
         connect("s0"),
         subscribe("s0", "t", 0),
     ]);
-    let output = replay(&mut host, &events).await;
+    let output = replay(&host, &events).await;
     assert_eq!(deliveries(&output), pairs(&[("s1", "kept")]));
     let published: Vec<_> = output.iter().filter_map(|l| l.get("published")).map(|p| p["id"].clone()).collect();
     assert!(published[0].is_null() && published[1].is_i64(), "{published:?}");
@@ -199,7 +199,7 @@ async fn qos0_is_not_stored_and_qos0_subscriptions_do_not_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_range_leaves_older_messages_out() {
     let db = TestDb::create("time_range").await;
-    let mut host = db.host(&db.rules(&offline_rules(r#"{"time_range": "1h"}"#))).await;
+    let host = db.host(&db.rules(&offline_rules(r#"{"time_range": "1h"}"#))).await;
     let setup = lines(&[
         connect("s"),
         subscribe("s", "t", 1),
@@ -207,13 +207,13 @@ async fn time_range_leaves_older_messages_out() {
         publish("p", "t", 1, "old"),
         publish("p", "t", 1, "recent"),
     ]);
-    replay(&mut host, &setup).await;
+    replay(&host, &setup).await;
     db.client()
         .await
         .execute("UPDATE mqtt_msg SET arrived = now() - interval '2 hours' WHERE payload = 'old'::bytea", &[])
         .await
         .unwrap();
-    let output = replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
+    let output = replay(&host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
     assert_eq!(deliveries(&output), pairs(&[("s", "recent")]));
 }
 
@@ -224,7 +224,7 @@ async fn unsubscribe_rule_forgets_the_position() {
         "{}\nbackend.pgsql.hook.session.unsubscribed.1 = {{\"topic\": \"#\", \"action\": {{\"sql\": [\"delete from mqtt_acked where clientid = ${{clientid}} and topic = ${{topic}}\"]}}, \"pool\": \"pool1\"}}",
         offline_rules("")
     );
-    let mut host = db.host(&db.rules(&rules)).await;
+    let host = db.host(&db.rules(&rules)).await;
     let events = lines(&[
         connect("s"),
         subscribe("s", "t", 1),
@@ -235,7 +235,7 @@ async fn unsubscribe_rule_forgets_the_position() {
         connect("s"),
         subscribe("s", "t", 1),
     ]);
-    let output = replay(&mut host, &events).await;
+    let output = replay(&host, &events).await;
     // After the position is forgotten, the next subscription is a first one again.
     assert_eq!(deliveries(&output), pairs(&[("s", "while subscribed")]));
     let positions: i64 = db.client().await.query_one("SELECT count(*) FROM mqtt_acked", &[]).await.unwrap().get(0);

@@ -73,9 +73,9 @@ async fn the_same_rules_as_a_json_document_work() {
         "backend.pgsql.hook.session.subscribed.1": {"action": {"function": "on_message_fetch"}, "pool": "pool1"},
         "backend.pgsql.hook.message.publish.1": {"action": {"function": "on_message_publish"}, "pool": "pool1"},
     });
-    let mut host = db.host(&document.to_string()).await;
+    let host = db.host(&document.to_string()).await;
     let output = replay(
-        &mut host,
+        &host,
         &lines(&[
             connect("s"),
             subscribe("s", "t", 1),
@@ -105,11 +105,11 @@ async fn sql_action_values_are_bound_never_pasted() {
         "{}\nbackend.pgsql.hook.message.publish.2 = {{\"action\": {{\"sql\": [\"insert into audit (clientid, topic, payload, qos, retain) values (${{clientid}}, ${{topic}}, ${{payload}}, ${{qos}}, ${{retain}})\"]}}, \"pool\": \"pool1\"}}",
         offline_rules("")
     ));
-    let mut host = db.host(&rules).await;
+    let host = db.host(&rules).await;
     let hostile_client = "'; drop table mqtt_msg; --";
     let hostile_topic = "t/'\"$1${clientid}\\";
     let hostile_payload = "'); delete from audit; --";
-    replay(&mut host, &publish(hostile_client, hostile_topic, 1, hostile_payload)).await;
+    replay(&host, &publish(hostile_client, hostile_topic, 1, hostile_payload)).await;
 
     let client = db.client().await;
     let row = client.query_one("SELECT clientid, topic, payload, qos, retain FROM audit", &[]).await.unwrap();
@@ -129,8 +129,8 @@ async fn a_rules_statements_are_all_or_nothing() {
     let rules = db.rules(
         r#"backend.pgsql.hook.client.connected.1 = {"action": {"sql": ["insert into seen values (${clientid})", "insert into missing values (${clientid})"]}, "pool": "pool1"}"#,
     );
-    let mut host = db.host(&rules).await;
-    let output = replay(&mut host, &connect("c1")).await;
+    let host = db.host(&rules).await;
+    let output = replay(&host, &connect("c1")).await;
     let error = errors(&output)[0]["message"].as_str().unwrap().to_owned();
     assert!(error.contains("backend.pgsql.hook.client.connected.1") && error.contains("42P01"), "{error}");
     let rows: i64 = db.client().await.query_one("SELECT count(*) FROM seen", &[]).await.unwrap().get(0);
@@ -140,7 +140,7 @@ async fn a_rules_statements_are_all_or_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_payloads_round_trip_unchanged() {
     let db = TestDb::create("binary_payload").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let bytes = "//79AAEC"; // base64 of ff fe fd 00 01 02: not UTF-8
     let publish_binary =
         json!({"event": "message.publish", "clientid": "p", "topic": "bin", "qos": 1, "payload_base64": bytes});
@@ -152,7 +152,7 @@ async fn binary_payloads_round_trip_unchanged() {
         connect("s"),
         subscribe("s", "bin", 1),
     ]);
-    let output = replay(&mut host, &events).await;
+    let output = replay(&host, &events).await;
     let delivered = output.iter().find_map(|l| l.get("deliver")).expect("delivered");
     assert_eq!(delivered["payload_base64"], bytes);
     let stored: Vec<u8> = db.client().await.query_one("SELECT payload FROM mqtt_msg", &[]).await.unwrap().get(0);
@@ -162,7 +162,7 @@ async fn binary_payloads_round_trip_unchanged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_event_lines_are_error_lines_and_the_replay_goes_on() {
     let db = TestDb::create("malformed_events").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let events = [
         "{not json",
         r#"{"event":"client.exploded","clientid":"c"}"#,
@@ -175,7 +175,7 @@ async fn malformed_event_lines_are_error_lines_and_the_replay_goes_on() {
         &publish("p", "t", 1, "still working"),
     ]
     .join("\n");
-    let output = replay(&mut host, &events).await;
+    let output = replay(&host, &events).await;
     let error_lines: Vec<u64> = errors(&output).iter().map(|e| e["line"].as_u64().unwrap()).collect();
     assert_eq!(error_lines, [1, 2, 3, 4, 5, 7]);
     assert!(errors(&output)[2]["message"].as_str().unwrap().contains("not connected"));
@@ -185,11 +185,10 @@ async fn malformed_event_lines_are_error_lines_and_the_replay_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_could_not_be_stored_is_not_accepted() {
     let db = TestDb::create("fail_closed").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
-    replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
+    replay(&host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
     db.client().await.batch_execute("ALTER TABLE mqtt_msg RENAME TO mqtt_msg_gone").await.unwrap();
-    let output =
-        replay(&mut host, &lines(&[connect("s"), subscribe("s", "t", 0), publish("p", "t", 1, "lost?")])).await;
+    let output = replay(&host, &lines(&[connect("s"), subscribe("s", "t", 0), publish("p", "t", 1, "lost?")])).await;
     let error = errors(&output).last().map(|e| e["message"].as_str().unwrap().to_owned()).unwrap_or_default();
     assert!(error.starts_with("message not stored: backend.pgsql.hook.message.publish.1"), "{output:?}");
     assert!(output.iter().all(|l| l.get("published").is_none() && l.get("deliver").is_none()), "{output:?}");
@@ -212,9 +211,9 @@ fn message(topic: &str, qos: u8, payload: &str) -> Message {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_messages_is_stored_in_order_with_one_outcome_each() {
     let db = TestDb::create("publish_batch").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     let batch = [message("a", 1, "1"), message("b", 0, "2"), message("a", 2, "3"), message("c", 1, "4")];
-    let outcomes = host.instance.message_publish(&batch).await.unwrap();
+    let outcomes = host.call("message-publish", async |i| i.message_publish(&batch).await).await.unwrap();
     let ids: Vec<Option<i64>> = outcomes
         .iter()
         .map(|o| match o {
@@ -232,10 +231,10 @@ async fn a_batch_of_messages_is_stored_in_order_with_one_outcome_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_batch_goes_out_in_multi_row_statements_and_ids_keep_message_order() {
     let db = TestDb::create("publish_large_batch").await;
-    let mut host = db.host(&db.rules(&offline_rules(""))).await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
     // 1000 = 512 + 7 x 64 + 5 x 8: every statement size but the single row.
     let batch: Vec<Message> = (0..1000).map(|i| message(&format!("t/{}", i % 7), 1, &i.to_string())).collect();
-    let outcomes = host.instance.message_publish(&batch).await.unwrap();
+    let outcomes = host.call("message-publish", async |i| i.message_publish(&batch).await).await.unwrap();
     let ids: Vec<i64> = outcomes
         .iter()
         .map(|o| match o {

@@ -42,7 +42,7 @@ async fn hostile_host(limits: Limits) -> (Runtime, Host) {
     (runtime, host)
 }
 
-async fn publish_to(host: &mut Host, topic: &str) -> anyhow::Result<Vec<PublishOutcome>> {
+async fn publish_to(host: &Host, topic: &str) -> anyhow::Result<Vec<PublishOutcome>> {
     let messages = [message(topic)];
     host.call("message-publish", async |instance| instance.message_publish(&messages).await).await
 }
@@ -50,29 +50,29 @@ async fn publish_to(host: &mut Host, topic: &str) -> anyhow::Result<Vec<PublishO
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_call_is_stopped_at_its_deadline_and_the_host_goes_on() {
     let limits = Limits { call_timeout: Duration::from_millis(300), ..Limits::default() };
-    let (_runtime, mut host) = hostile_host(limits).await;
+    let (_runtime, host) = hostile_host(limits).await;
     let started = Instant::now();
-    let error = publish_to(&mut host, "loop").await.unwrap_err();
+    let error = publish_to(&host, "loop").await.unwrap_err();
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(5), "stopped after {took:?}");
     assert!(format!("{error:#}").contains("interrupt"), "{error:#}");
-    assert!(publish_to(&mut host, "fine").await.is_ok(), "a fresh instance serves the next call");
+    assert!(publish_to(&host, "fine").await.is_ok(), "a fresh instance serves the next call");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_hits_the_cap_and_the_host_goes_on() {
     let limits = Limits { memory_bytes: 32 << 20, ..Limits::default() };
-    let (_runtime, mut host) = hostile_host(limits).await;
-    assert!(publish_to(&mut host, "bomb").await.is_err());
-    assert!(publish_to(&mut host, "fine").await.is_ok());
+    let (_runtime, host) = hostile_host(limits).await;
+    assert!(publish_to(&host, "bomb").await.is_err());
+    assert!(publish_to(&host, "fine").await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_guest_fails_that_call_only() {
-    let (_runtime, mut host) = hostile_host(Limits::default()).await;
-    assert!(publish_to(&mut host, "panic").await.is_err());
-    assert!(publish_to(&mut host, "print").await.is_ok(), "its output goes to the log, not to stdout");
-    assert!(publish_to(&mut host, "fine").await.is_ok());
+    let (_runtime, host) = hostile_host(Limits::default()).await;
+    assert!(publish_to(&host, "panic").await.is_err());
+    assert!(publish_to(&host, "print").await.is_ok(), "its output goes to the log, not to stdout");
+    assert!(publish_to(&host, "fine").await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,8 +106,8 @@ async fn compiled_modules_are_cached_by_digest() {
 async fn a_bad_rules_file_never_replaces_a_good_one() {
     let db = TestDb::create("reload_rules").await;
     let good = db.rules(&offline_rules(""));
-    let mut host = db.host(&good).await;
-    replay(&mut host, &publish("p", "t", 1, "warm up the pool")).await;
+    let host = db.host(&good).await;
+    replay(&host, &publish("p", "t", 1, "warm up the pool")).await;
     assert_eq!(open_connections(&host), 1);
 
     let bad = format!(
@@ -118,7 +118,7 @@ async fn a_bad_rules_file_never_replaces_a_good_one() {
         format!("{error:#}").contains("rules.conf: line 9, backend.pgsql.hook.message.publish.9: unknown function"),
         "{error:#}"
     );
-    let output = replay(&mut host, &publish("p", "t", 1, "still stored")).await;
+    let output = replay(&host, &publish("p", "t", 1, "still stored")).await;
     assert!(output[0]["published"]["id"].is_i64(), "the old rules still run: {output:?}");
 
     // A good new file is swapped in; the unchanged pool keeps its open connection.
@@ -126,7 +126,7 @@ async fn a_bad_rules_file_never_replaces_a_good_one() {
         good.lines().filter(|l| !l.contains("message.publish")).collect::<Vec<_>>().join("\n");
     host.reload_rules(&without_publish, "rules.conf").await.unwrap();
     assert_eq!(open_connections(&host), 1, "pool1 was not rebuilt");
-    let output = replay(&mut host, &publish("p", "t", 1, "no longer stored")).await;
+    let output = replay(&host, &publish("p", "t", 1, "no longer stored")).await;
     assert!(output[0]["published"]["id"].is_null(), "{output:?}");
 
     // A changed pool is rebuilt.
@@ -148,7 +148,7 @@ async fn a_control_line_reloads_from_the_files_and_a_bad_file_is_reported_not_us
     let sources = Sources { module: guest_wasm(), rules: rules_path.clone() };
     std::fs::write(&rules_path, db.rules(&offline_rules(""))).unwrap();
     let runtime = Runtime::new().unwrap();
-    let mut host = Host::load(&runtime, &sources, "n").await.unwrap();
+    let host = Host::load(&runtime, &sources, "n").await.unwrap();
     host.migrate().await.unwrap();
 
     // The operator breaks the file: the reload is refused, with the line, and nothing changes.
@@ -160,7 +160,7 @@ async fn a_control_line_reloads_from_the_files_and_a_bad_file_is_reported_not_us
     let reload = r#"{"control":"reload"}"#.to_owned();
     let events =
         lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s"), reload.clone(), publish("p", "t", 1, "one")]);
-    let output = replay_reloading(&mut host, &runtime, &sources, &events).await;
+    let output = replay_reloading(&host, &runtime, &sources, &events).await;
     let error = errors(&output)[0]["message"].as_str().unwrap().to_owned();
     assert!(
         error.starts_with("reload refused, the running configuration stays")
@@ -172,18 +172,13 @@ async fn a_control_line_reloads_from_the_files_and_a_bad_file_is_reported_not_us
     // Fixed, with a page size of 1: the reload takes, and the backlog still arrives whole.
     std::fs::write(&rules_path, db.rules(&offline_rules(r#"{"max_returned_count": 1}"#))).unwrap();
     let events = lines(&[publish("p", "t", 1, "two"), reload, connect("s"), subscribe("s", "t", 1)]);
-    let output = replay_reloading(&mut host, &runtime, &sources, &events).await;
+    let output = replay_reloading(&host, &runtime, &sources, &events).await;
     assert!(output.iter().any(|l| l.get("reloaded").is_some()), "{output:?}");
     assert_eq!(deliveries(&output), vec![("s".to_owned(), "one".to_owned()), ("s".to_owned(), "two".to_owned())]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-async fn replay_reloading(
-    host: &mut Host,
-    runtime: &Runtime,
-    sources: &Sources,
-    events: &str,
-) -> Vec<serde_json::Value> {
+async fn replay_reloading(host: &Host, runtime: &Runtime, sources: &Sources, events: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     Broker::new(host, &mut out).reloading_from(runtime, sources.clone()).replay(events.as_bytes(), None).await.unwrap();
     String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()

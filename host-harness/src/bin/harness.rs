@@ -6,9 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use host_harness::host::Sources;
+use host_harness::reload::{forward_sighup, watch_files};
 use host_harness::replay::Broker;
 use host_harness::{Host, Runtime};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use host_harness::sandbox::Limits;
 use tokio::io::BufReader;
@@ -115,13 +116,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { load, scenario, watch, stats } => {
             let sources = load.sources();
-            let mut host = Host::load(&runtime, &sources, &load.node).await?;
+            let host = Host::load(&runtime, &sources, &load.node).await?;
             let (reload, reloads) = mpsc::unbounded_channel();
             forward_sighup(reload.clone())?;
             if watch {
-                watch_files(&sources, reload);
+                watch_files(std::slice::from_ref(&sources), reload);
             }
-            let mut broker = Broker::new(&mut host, tokio::io::stdout()).reloading_from(&runtime, sources);
+            let mut broker = Broker::new(&host, tokio::io::stdout()).reloading_from(&runtime, sources);
             match scenario {
                 Some(path) => broker.replay(BufReader::new(tokio::fs::File::open(&path).await?), Some(reloads)).await?,
                 None => broker.replay(BufReader::new(tokio::io::stdin()), Some(reloads)).await?,
@@ -132,32 +133,4 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Each SIGHUP asks for a reload.
-fn forward_sighup(reload: mpsc::UnboundedSender<String>) -> anyhow::Result<()> {
-    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    tokio::spawn(async move { while hangups.recv().await.is_some() && reload.send("SIGHUP".into()).is_ok() {} });
-    Ok(())
-}
-
-/// Asks for a reload whenever the module or the rules file changes (checked twice a second).
-fn watch_files(sources: &Sources, reload: mpsc::UnboundedSender<String>) {
-    let files = [sources.module.clone(), sources.rules.clone()];
-    let modified = move || -> Vec<Option<SystemTime>> {
-        files.iter().map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok()).collect()
-    };
-    tokio::spawn(async move {
-        let mut last = modified();
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let now = modified();
-            if now != last {
-                last = now;
-                if reload.send("file changed".into()).is_err() {
-                    return;
-                }
-            }
-        }
-    });
 }
