@@ -7,7 +7,7 @@ export PGPORT ?= 15432
 
 HOSTILE := target/wasm32-wasip2/guest/hostile_guest.wasm
 
-.PHONY: build guest test-guests host pg-up pg-down run test bench clean
+.PHONY: build guest test-guests host broker pg-up pg-down run test bench clean
 
 build: guest host
 
@@ -22,6 +22,12 @@ test-guests:
 ## The host library and the `harness` command. `make run` and `make test` share this release build.
 host:
 	$(CARGO) build --release -p host-harness
+
+## The MQTT broker with the example extension and rules (examples/broker.toml) on the local
+## PostgreSQL, listening on 127.0.0.1:1883 until Ctrl-C.
+broker: guest pg-up
+	$(CARGO) build --release -p broker
+	target/release/broker --config examples/broker.toml --migrate
 
 ## A throwaway PostgreSQL under target/pg, on 127.0.0.1:$(PGPORT).
 pg-up:

@@ -1,0 +1,166 @@
+//! The broker's configuration file (TOML). Paths in it are relative to the file's folder.
+//!
+//! ```toml
+//! node = "broker1@127.0.0.1"
+//! listen = "127.0.0.1:1883"
+//!
+//! [[extension]]
+//! module = "../target/wasm32-wasip2/guest/guest.wasm"
+//! rules = "rules.conf"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use host_harness::host::Sources;
+use host_harness::sandbox::Limits;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// This node's name: `mqtt_client.node` and `${node}` in the rules.
+    #[serde(default = "default_node")]
+    pub node: String,
+    /// Where MQTT clients connect (plain TCP).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The extensions, each a module with its rules. Every hook goes to each, in this order.
+    #[serde(rename = "extension")]
+    pub extensions: Vec<ExtensionConfig>,
+    #[serde(default)]
+    pub publish_batch: BatchConfig,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    /// Seconds between housekeeping calls (`tick`: expiry and retention).
+    #[serde(default = "default_tick_seconds")]
+    pub tick_seconds: u64,
+    /// Reload when a module or rules file changes (SIGHUP always reloads).
+    #[serde(default)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionConfig {
+    /// Names the extension in logs and in the stored-id property; the module's file stem when
+    /// absent.
+    pub name: Option<String>,
+    pub module: PathBuf,
+    pub rules: PathBuf,
+}
+
+/// Group commit: publishes from all clients are handed to `message-publish` in batches.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// A batch closes when it holds this many messages...
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+    /// ...or this many microseconds after its first message arrived, whichever comes first.
+    /// While a batch is being stored the next one fills up, so under load batches grow by
+    /// themselves; the linger only matters when the broker is nearly idle.
+    #[serde(default = "default_linger_us")]
+    pub linger_us: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Time one hook call may take, SQL waits included, in milliseconds.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    /// Memory one extension instance may use, in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: usize,
+    /// Instances of each extension that may run calls at once.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+}
+
+impl BrokerConfig {
+    /// Reads and checks the file at `path`; relative paths in it become relative to its folder.
+    pub fn load(path: &Path) -> anyhow::Result<BrokerConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut config: BrokerConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        if config.extensions.is_empty() {
+            anyhow::bail!("{}: no [[extension]]: name at least one module and its rules", path.display());
+        }
+        if config.publish_batch.max_messages == 0 {
+            anyhow::bail!("{}: publish_batch.max_messages must be at least 1", path.display());
+        }
+        let folder = path.parent().unwrap_or(Path::new("."));
+        for extension in &mut config.extensions {
+            extension.module = folder.join(&extension.module);
+            extension.rules = folder.join(&extension.rules);
+        }
+        Ok(config)
+    }
+}
+
+impl ExtensionConfig {
+    pub fn sources(&self) -> Sources {
+        Sources { module: self.module.clone(), rules: self.rules.clone() }
+    }
+
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.module.file_stem().map_or_else(|| "extension".into(), |s| s.to_string_lossy().into_owned())
+        })
+    }
+}
+
+impl BatchConfig {
+    pub fn linger(&self) -> Duration {
+        Duration::from_micros(self.linger_us)
+    }
+}
+
+impl SandboxConfig {
+    pub fn limits(&self) -> Limits {
+        Limits { call_timeout: Duration::from_millis(self.call_timeout_ms), memory_bytes: self.memory_mib << 20 }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig { max_messages: default_max_messages(), linger_us: default_linger_us() }
+    }
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            call_timeout_ms: default_call_timeout_ms(),
+            memory_mib: default_memory_mib(),
+            max_instances: default_max_instances(),
+        }
+    }
+}
+
+fn default_node() -> String {
+    "broker@127.0.0.1".into()
+}
+fn default_listen() -> SocketAddr {
+    ([127, 0, 0, 1], 1883).into()
+}
+fn default_tick_seconds() -> u64 {
+    5
+}
+fn default_max_messages() -> usize {
+    256
+}
+fn default_linger_us() -> u64 {
+    200
+}
+fn default_call_timeout_ms() -> u64 {
+    10_000
+}
+fn default_memory_mib() -> usize {
+    64
+}
+fn default_max_instances() -> usize {
+    host_harness::host::DEFAULT_MAX_INSTANCES
+}

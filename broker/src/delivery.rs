@@ -1,0 +1,213 @@
+//! What the broker keeps per connected client so that stored messages reach it once, in order,
+//! and acks never move a read position past an unread message:
+//!
+//! - **Backlogs.** After a SUBSCRIBE, the backlog the extension returns is forwarded to the
+//!   client page by page, each page once the previous one has left the broker. Until the whole
+//!   backlog has gone out, live stored messages for that subscription are held back; they follow
+//!   the backlog, minus those the backlog already held. (The extension's store commits ids in
+//!   order, so a live message the last page did not see has a higher id than all it saw.)
+//! - **The ack gate.** An ack moves a read position to the acked message. Clients may ack out of
+//!   order, and live messages from different publishers may arrive out of id order, so an ack is
+//!   passed on only when no lower stored id delivered to that client is still unacked: what a
+//!   client acks past an unacked message waits for it.
+//!
+//! One [`Deliveries`] per extension: ids are the extension's own.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use host_harness::bindings::Message;
+use rmqtt::types::Publish;
+use tokio::sync::Notify;
+
+/// A client connection: its client id and when rmqtt created it (a reconnection is another).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub clientid: String,
+    pub since: i64,
+}
+
+#[derive(Default)]
+pub struct Deliveries {
+    clients: Mutex<HashMap<String, ClientState>>,
+}
+
+struct ClientState {
+    since: i64,
+    /// Subscriptions whose backlog is still going out, by filter.
+    backlogs: HashMap<String, Backlog>,
+    /// Messages this extension forwarded to the session that have not left the broker yet.
+    queued: usize,
+    /// Woken when `queued` drops or the client goes away.
+    progress: Arc<Notify>,
+    /// Stored ids delivered with QoS 1 or 2 and not acked yet.
+    unacked: BTreeSet<i64>,
+    /// Acked, but waiting for a lower unacked id.
+    acked: BTreeMap<i64, Message>,
+    /// Filters whose backlog could not be fetched: their acks are not passed on during this
+    /// connection, so that the positions stay before the unread messages.
+    stalled: Vec<String>,
+}
+
+#[derive(Default)]
+struct Backlog {
+    /// The highest stored id the backlog has sent.
+    last_id: i64,
+    /// Live stored messages held back meanwhile.
+    held: Vec<(i64, Publish)>,
+}
+
+/// What is left to do when a backlog's last page has gone out.
+pub enum BacklogEnd {
+    /// Live messages were held back meanwhile: forward these (in id order), wait for them to go
+    /// out, and ask again.
+    Release(Vec<Publish>),
+    /// The subscription is live now.
+    Live,
+}
+
+impl Deliveries {
+    pub fn connected(&self, connection: &Connection) {
+        let state = ClientState {
+            since: connection.since,
+            backlogs: HashMap::new(),
+            queued: 0,
+            progress: Arc::new(Notify::new()),
+            unacked: BTreeSet::new(),
+            acked: BTreeMap::new(),
+            stalled: Vec::new(),
+        };
+        if let Some(old) = self.clients.lock().unwrap().insert(connection.clientid.clone(), state) {
+            old.progress.notify_waiters();
+        }
+    }
+
+    pub fn disconnected(&self, connection: &Connection) {
+        let mut clients = self.clients.lock().unwrap();
+        if clients.get(&connection.clientid).is_some_and(|s| s.since == connection.since) {
+            let state = clients.remove(&connection.clientid).expect("present");
+            state.progress.notify_waiters();
+        }
+    }
+
+    /// Runs `f` on the state of `connection`, if it is still the client's current connection.
+    fn with<T>(&self, connection: &Connection, f: impl FnOnce(&mut ClientState) -> T) -> Option<T> {
+        let mut clients = self.clients.lock().unwrap();
+        clients.get_mut(&connection.clientid).filter(|s| s.since == connection.since).map(f)
+    }
+
+    /// A backlog starts for `filter`: live stored messages for it are held back from now on.
+    pub fn backlog_started(&self, connection: &Connection, filter: &str) {
+        self.with(connection, |s| s.backlogs.insert(filter.to_owned(), Backlog::default()));
+    }
+
+    /// The subscription went away: nothing more of its backlog is sent, nothing held back.
+    pub fn unsubscribed(&self, connection: &Connection, filter: &str) {
+        self.with(connection, |s| s.backlogs.remove(filter));
+    }
+
+    /// `count` messages, of which the highest stored id is `last_id`, were forwarded. Returns
+    /// false when the backlog is no longer wanted (client gone, unsubscribed).
+    pub fn page_forwarded(&self, connection: &Connection, filter: &str, count: usize, last_id: Option<i64>) -> bool {
+        self.with(connection, |s| {
+            let Some(backlog) = s.backlogs.get_mut(filter) else { return false };
+            backlog.last_id = backlog.last_id.max(last_id.unwrap_or(0));
+            s.queued += count;
+            true
+        })
+        .unwrap_or(false)
+    }
+
+    /// Waits until everything forwarded has left the broker. False if the client went away.
+    pub async fn sent(&self, connection: &Connection) -> bool {
+        loop {
+            let Some((queued, progress)) = self.with(connection, |s| (s.queued, s.progress.clone())) else {
+                return false;
+            };
+            if queued == 0 {
+                return true;
+            }
+            // The timeout covers a wake-up sent between the check and the wait.
+            let _ = tokio::time::timeout(Duration::from_millis(50), progress.notified()).await;
+        }
+    }
+
+    /// The last page of `filter`'s backlog has gone out. Either held-back messages are left to
+    /// release, or the subscription goes live, atomically with respect to [`Deliveries::hold`].
+    pub fn backlog_end(&self, connection: &Connection, filter: &str) -> Option<BacklogEnd> {
+        self.with(connection, |s| {
+            let backlog = s.backlogs.get_mut(filter)?;
+            let mut held = std::mem::take(&mut backlog.held);
+            if held.is_empty() {
+                s.backlogs.remove(filter);
+                return Some(BacklogEnd::Live);
+            }
+            held.sort_by_key(|(id, _)| *id);
+            held.dedup_by_key(|(id, _)| *id);
+            let last_id = backlog.last_id;
+            let release: Vec<Publish> = held.into_iter().filter(|(id, _)| *id > last_id).map(|(_, p)| p).collect();
+            Some(BacklogEnd::Release(release))
+        })
+        .flatten()
+    }
+
+    /// The backlog of `filter` could not be fetched: the subscription goes live, but acks of
+    /// what it matches are kept back until the client reconnects.
+    pub fn backlog_failed(&self, connection: &Connection, filter: &str) {
+        self.with(connection, |s| {
+            s.backlogs.remove(filter);
+            s.stalled.push(filter.to_owned());
+        });
+    }
+
+    /// A live message stored as `id` is about to go to the client: holds it back (returns true)
+    /// if a backlog it belongs to is still going out.
+    pub fn hold(&self, connection: &Connection, id: i64, publish: &Publish) -> bool {
+        self.with(connection, |s| {
+            let topic = &publish.topic;
+            match s.backlogs.iter_mut().find(|(filter, _)| mqtt_topic::matches(filter, topic)) {
+                Some((_, backlog)) => {
+                    backlog.held.push((id, publish.clone()));
+                    true
+                }
+                None => false,
+            }
+        })
+        .unwrap_or(false)
+    }
+
+    /// A message this extension forwarded left the broker (or was dropped).
+    pub fn forwarded_gone(&self, connection: &Connection) {
+        self.with(connection, |s| {
+            s.queued = s.queued.saturating_sub(1);
+            s.progress.notify_waiters();
+        });
+    }
+
+    /// A stored message went to the client with QoS 1 or 2: its ack is awaited.
+    pub fn delivered(&self, connection: &Connection, id: i64) {
+        self.with(connection, |s| s.unacked.insert(id));
+    }
+
+    /// The client acked `message` (stored as `id`). Returns the acks to pass on: for each topic,
+    /// the highest acked id below every unacked one.
+    pub fn acked(&self, connection: &Connection, id: i64, message: Message) -> Vec<Message> {
+        self.with(connection, |s| {
+            s.unacked.remove(&id);
+            s.acked.insert(id, message);
+            let floor = s.unacked.first().copied().unwrap_or(i64::MAX);
+            let rest = s.acked.split_off(&floor);
+            let passable = std::mem::replace(&mut s.acked, rest);
+            let mut by_topic: HashMap<String, Message> = HashMap::new();
+            for (_, message) in passable {
+                if s.stalled.iter().any(|filter| mqtt_topic::matches(filter, &message.topic)) {
+                    continue;
+                }
+                by_topic.insert(message.topic.clone(), message);
+            }
+            by_topic.into_values().collect()
+        })
+        .unwrap_or_default()
+    }
+}

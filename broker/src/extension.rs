@@ -1,0 +1,103 @@
+//! One loaded extension as the broker runs it: its host (instances, pools, reloads), its
+//! publish queue and its per-client delivery state.
+
+use std::sync::Arc;
+
+use host_harness::bindings::{Client, Describe, HookError, Message, PublishOutcome, Subscription};
+use host_harness::host::Sources;
+use host_harness::{Host, Runtime};
+
+use crate::config::{BatchConfig, ExtensionConfig};
+use crate::delivery::Deliveries;
+use crate::group_commit::GroupCommit;
+
+pub struct Extension {
+    /// Names it in logs and in the stored-id property.
+    pub name: String,
+    pub host: Arc<Host>,
+    pub sources: Sources,
+    pub publish: GroupCommit,
+    pub deliveries: Deliveries,
+}
+
+impl Extension {
+    pub async fn load(
+        runtime: &Runtime,
+        config: &ExtensionConfig,
+        node: &str,
+        batch: BatchConfig,
+        max_instances: usize,
+    ) -> anyhow::Result<Extension> {
+        let sources = config.sources();
+        let host = Arc::new(Host::load(runtime, &sources, node).await?.with_max_instances(max_instances));
+        Ok(Extension {
+            name: config.name(),
+            publish: GroupCommit::start(host.clone(), batch),
+            host,
+            sources,
+            deliveries: Deliveries::default(),
+        })
+    }
+
+    /// Calls a hook that answers `Result<T, HookError>`; a trap or an error is logged and
+    /// becomes `None`: the broker carries on, as the rules' `on_error` decided in the guest.
+    pub async fn call<T>(
+        &self,
+        hook: &str,
+        call: impl AsyncFnOnce(&mut host_harness::Instance) -> anyhow::Result<Result<T, HookError>>,
+    ) -> Option<T> {
+        match self.host.call(hook, call).await {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                tracing::warn!(extension = self.name, hook, "{}", e.describe());
+                None
+            }
+            Err(e) => {
+                tracing::error!(extension = self.name, hook, "{e:#}");
+                None
+            }
+        }
+    }
+
+    pub async fn client_connected(&self, client: &Client) -> Vec<Subscription> {
+        self.call("client-connected", async |i| i.client_connected(client).await).await.unwrap_or_default()
+    }
+
+    pub async fn client_disconnected(&self, client: &Client, reason: &str) {
+        self.call("client-disconnected", async |i| i.client_disconnected(client, reason).await).await;
+    }
+
+    pub async fn session_unsubscribed(&self, client: &Client, filter: &str) {
+        self.call("session-unsubscribed", async |i| i.session_unsubscribed(client, filter).await).await;
+    }
+
+    pub async fn message_delivered(&self, client: &Client, message: &Message) {
+        self.call("message-delivered", async |i| i.message_delivered(client, message).await).await;
+    }
+
+    pub async fn message_acked(&self, client: &Client, message: &Message) {
+        self.call("message-acked", async |i| i.message_acked(client, message).await).await;
+    }
+
+    /// Stores `message` with the next batch.
+    pub async fn message_publish(&self, message: Message) -> PublishOutcome {
+        self.publish.store(message).await
+    }
+
+    /// Housekeeping until a call deletes nothing (at most `rounds` calls).
+    pub async fn tick(&self, rounds: usize) {
+        for _ in 0..rounds {
+            match self.call("tick", async |i| i.tick().await).await {
+                Some(deleted) if deleted > 0 => continue,
+                _ => return,
+            }
+        }
+    }
+
+    pub async fn reload(&self, runtime: &Runtime, why: &str) {
+        match self.host.reload(runtime, &self.sources).await {
+            Ok(()) => tracing::info!(extension = self.name, "reloaded ({why})"),
+            Err(e) => tracing::error!(extension = self.name, "reload ({why}) refused, the running rules stay: {e:#}"),
+        }
+    }
+}

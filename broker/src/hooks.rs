@@ -1,0 +1,263 @@
+//! rmqtt's hooks mapped onto the contract: one handler, registered for each hook type it
+//! serves, calling every extension in order.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use host_harness::bindings::{Describe, PublishOutcome, Subscription};
+use rmqtt::codec::v5::PublishAckReason;
+use rmqtt::context::ServerContext;
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
+use rmqtt::session::Session;
+use rmqtt::types::{From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Subscribe};
+
+use crate::delivery::{BacklogEnd, Connection};
+use crate::extension::Extension;
+use crate::message::{self, STORE_FAILED};
+
+/// The hook types [`Hooks`] handles.
+pub const TYPES: [Type; 9] = [
+    Type::ClientConnected,
+    Type::ClientDisconnected,
+    Type::SessionSubscribed,
+    Type::SessionUnsubscribed,
+    Type::MessagePublish,
+    Type::MessagePublishCheckAcl,
+    Type::MessageExpiryCheck,
+    Type::MessageDelivered,
+    Type::MessageAcked,
+];
+
+#[derive(Clone)]
+pub struct Hooks {
+    pub extensions: Arc<Vec<Arc<Extension>>>,
+    pub scx: ServerContext,
+}
+
+/// Registers the hooks with rmqtt and enables them.
+pub async fn register(hooks: Hooks) {
+    let register = hooks.scx.extends.hook_mgr().register();
+    for typ in TYPES {
+        register.add(typ, Box::new(hooks.clone())).await;
+    }
+    register.add(Type::MessageDropped, Box::new(hooks.clone())).await;
+    register.start().await;
+}
+
+fn connection(session: &Session) -> Connection {
+    Connection { clientid: session.id.client_id.to_string(), since: session.id.create_time }
+}
+
+/// Messages an extension forwards to a session come "from" it: a system sender named after it.
+fn from_extension(session: &Session, extension: &Extension) -> From {
+    From::from_system(Id::new(session.id.node_id, 0, None, None, extension.name.as_str().into(), None))
+}
+
+fn is_from(from: &From, extension: &Extension) -> bool {
+    from.is_system() && *from.id.client_id == *extension.name
+}
+
+#[async_trait]
+impl Handler for Hooks {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        match param {
+            Parameter::ClientConnected(session) => self.client_connected(session).await,
+            Parameter::ClientDisconnected(session, reason) => {
+                let client = message::client(session);
+                for extension in self.extensions.iter() {
+                    extension.deliveries.disconnected(&connection(session));
+                    extension.client_disconnected(&client, &reason.to_string()).await;
+                }
+            }
+            Parameter::SessionSubscribed(session, subscribe) => self.session_subscribed(session, subscribe),
+            Parameter::SessionUnsubscribed(session, unsubscribe) => {
+                let client = message::client(session);
+                let filter = unsubscribe.topic_filter.to_string();
+                for extension in self.extensions.iter() {
+                    extension.deliveries.unsubscribed(&connection(session), &filter);
+                    extension.session_unsubscribed(&client, &filter).await;
+                }
+            }
+            Parameter::MessagePublish(_, from, publish) => {
+                let publish = match acc {
+                    Some(HookResult::Publish(p)) => p,
+                    _ => (*publish).clone(),
+                };
+                return (true, Some(HookResult::Publish(self.message_publish(from, publish).await)));
+            }
+            Parameter::MessagePublishCheckAcl(session, publish) if message::has_flag(publish, STORE_FAILED) => {
+                // Fail-closed. MQTT 3.1.1 has no negative PUBACK: the connection closes instead, and the
+                // client sends the message again when it reconnects.
+                let v5 = session.protocol().await.is_ok_and(|p| p >= 5);
+                let refused = PublishResult::reason_code(
+                    PublishAckReason::ImplementationSpecificError,
+                    Some("message not stored".into()),
+                    !v5,
+                );
+                return (false, Some(HookResult::PublishAclResult(PublishAclResult(refused))));
+            }
+            Parameter::MessageExpiryCheck(session, from, publish) if !from.is_system() => {
+                // Held back behind a backlog: the broker drops it here, the backlog sends it later.
+                for extension in self.extensions.iter() {
+                    if let Some(id) = message::stored_id(publish, &extension.name)
+                        && extension.deliveries.hold(&connection(session), id, publish)
+                    {
+                        return (false, Some(HookResult::MessageExpiry));
+                    }
+                }
+            }
+            Parameter::MessageDelivered(session, from, publish) => self.message_delivered(session, from, publish).await,
+            Parameter::MessageAcked(session, from, publish) => self.message_acked(session, from, publish).await,
+            Parameter::MessageDropped(Some(to), from, _, reason) if from.is_system() => {
+                for extension in self.extensions.iter().filter(|e| is_from(from, e)) {
+                    tracing::warn!(extension = extension.name, clientid = %to.client_id, "a stored message was dropped: {reason}");
+                    let connection = Connection { clientid: to.client_id.to_string(), since: to.create_time };
+                    extension.deliveries.forwarded_gone(&connection);
+                }
+            }
+            _ => {}
+        }
+        (true, acc)
+    }
+}
+
+impl Hooks {
+    async fn client_connected(&self, session: &Session) {
+        let client = message::client(session);
+        let mut stored = Vec::new();
+        for extension in self.extensions.iter() {
+            extension.deliveries.connected(&connection(session));
+            stored.extend(extension.client_connected(&client).await);
+        }
+        // Stored subscriptions (on_subscribe_lookup) are applied like the client's own.
+        let subscribes: Vec<Subscribe> = stored
+            .iter()
+            .filter_map(|s| {
+                let qos = QoS::try_from(s.qos).unwrap_or(QoS::AtMostOnce);
+                Subscribe::from_v3(&s.filter.as_str().into(), qos, false, false)
+                    .inspect_err(|e| {
+                        tracing::warn!(clientid = client.clientid, "stored subscription {}: {e}", s.filter)
+                    })
+                    .ok()
+            })
+            .collect();
+        if !subscribes.is_empty()
+            && let Some(tx) = self.scx.extends.shared().await.entry(session.id.clone()).tx()
+        {
+            let _ = tx.unbounded_send(SessionMessage::Subscribes(subscribes, None));
+        }
+    }
+
+    /// Called before the SUBACK goes out: holds live messages back from now on, and sends the
+    /// backlog from a task of its own, so that it follows the SUBACK.
+    fn session_subscribed(&self, session: &Session, subscribe: &Subscribe) {
+        let subscription = message::subscription(subscribe);
+        for extension in self.extensions.iter() {
+            extension.deliveries.backlog_started(&connection(session), &subscription.filter);
+            let (extension, session, subscription) = (extension.clone(), session.clone(), subscription.clone());
+            let scx = self.scx.clone();
+            tokio::spawn(async move {
+                send_backlog(&scx, &extension, &session, &subscription).await;
+            });
+        }
+    }
+
+    /// Stores the message with every extension; returns it carrying the stored ids, or marked
+    /// as failed for the ACL check that follows.
+    async fn message_publish(&self, from: &From, mut publish: Publish) -> Publish {
+        message::strip_own_properties(&mut publish);
+        let sender = from.id.client_id.to_string();
+        let message = message::to_message(&publish, &sender, None);
+        for extension in self.extensions.iter() {
+            match extension.message_publish(message.clone()).await {
+                PublishOutcome::Stored(id) => message::attach_stored_id(&mut publish, &extension.name, id),
+                PublishOutcome::NotStored => {}
+                PublishOutcome::Failed(e) => {
+                    tracing::warn!(extension = extension.name, topic = message.topic, "not stored: {}", e.describe());
+                    message::set_flag(&mut publish, STORE_FAILED);
+                }
+            }
+        }
+        publish
+    }
+
+    async fn message_delivered(&self, session: &Session, from: &From, publish: &Publish) {
+        let client = message::client(session);
+        for extension in self.extensions.iter() {
+            let id = message::stored_id(publish, &extension.name);
+            if is_from(from, extension) {
+                extension.deliveries.forwarded_gone(&connection(session));
+            }
+            if let Some(id) = id
+                && publish.qos != QoS::AtMostOnce
+            {
+                extension.deliveries.delivered(&connection(session), id);
+            }
+            let message = message::to_message(publish, &from.id.client_id, id);
+            extension.message_delivered(&client, &message).await;
+        }
+    }
+
+    async fn message_acked(&self, session: &Session, from: &From, publish: &Publish) {
+        let client = message::client(session);
+        for extension in self.extensions.iter() {
+            let Some(id) = message::stored_id(publish, &extension.name) else { continue };
+            let acked = message::to_message(publish, &from.id.client_id, Some(id));
+            for message in extension.deliveries.acked(&connection(session), id, acked) {
+                extension.message_acked(&client, &message).await;
+            }
+        }
+    }
+}
+
+/// Sends one subscription's backlog to the session, page by page, each page once the previous
+/// one has left the broker; then releases the live messages held back meanwhile.
+async fn send_backlog(scx: &ServerContext, extension: &Extension, session: &Session, subscription: &Subscription) {
+    let connection = connection(session);
+    let client = message::client(session);
+    let Some(tx) = scx.extends.shared().await.entry(session.id.clone()).tx() else { return };
+    let from = from_extension(session, extension);
+    let forward = |publish: Publish| tx.unbounded_send(SessionMessage::Forward(from.clone(), publish)).is_ok();
+
+    let mut page =
+        extension.call("session-subscribed", async |i| i.session_subscribed(&client, subscription).await).await;
+    if page.is_none() {
+        return extension.deliveries.backlog_failed(&connection, &subscription.filter);
+    }
+    while let Some(current) = page.take() {
+        let count = current.messages.len();
+        let last_id = current.messages.iter().filter_map(|m| m.id).max();
+        if !extension.deliveries.page_forwarded(&connection, &subscription.filter, count, last_id) {
+            return;
+        }
+        for message in &current.messages {
+            let qos = message.qos.min(subscription.qos);
+            if !forward(message::to_publish(message, qos, &extension.name)) {
+                return;
+            }
+        }
+        if !extension.deliveries.sent(&connection).await {
+            return;
+        }
+        if let Some(cursor) = current.next {
+            page = extension
+                .call("session-fetch-next", async |i| i.session_fetch_next(&client, subscription, &cursor).await)
+                .await;
+            if page.is_none() {
+                return extension.deliveries.backlog_failed(&connection, &subscription.filter);
+            }
+        }
+    }
+    loop {
+        match extension.deliveries.backlog_end(&connection, &subscription.filter) {
+            Some(BacklogEnd::Release(held)) => {
+                let count = held.len();
+                extension.deliveries.page_forwarded(&connection, &subscription.filter, count, None);
+                if !held.into_iter().all(&forward) || !extension.deliveries.sent(&connection).await {
+                    return;
+                }
+            }
+            Some(BacklogEnd::Live) | None => return,
+        }
+    }
+}

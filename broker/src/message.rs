@@ -1,0 +1,153 @@
+//! Between rmqtt's types and the contract's: clients, messages, subscriptions.
+//!
+//! The ids the extensions' stores give a message travel with it inside the broker as an MQTT 5
+//! user property, [`STORED_ID`] = `<extension>:<id>` (one per extension that stored it), so that
+//! a subscriber's PUBACK (PUBREC for QoS 2) reaches `message-acked` with them. MQTT 5
+//! subscribers see that property; MQTT 3.1.1 packets have no properties, so 3.1.1 subscribers
+//! do not. A publisher cannot forge it: incoming messages lose any property of that name.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use host_harness::bindings::{Client, Message, Property, Subscription};
+use rmqtt::codec::v5::PublishProperties;
+use rmqtt::session::Session;
+use rmqtt::types::{Publish, QoS, Subscribe};
+
+/// The user property that carries stored ids: `<extension>:<id>`.
+pub const STORED_ID: &str = "x-offline-id";
+
+/// Marks, between the publish hook and the ACL check that follows it, a message that an
+/// extension failed to store. Never leaves the broker: the message is refused.
+pub const STORE_FAILED: &str = "x-offline-store-failed";
+
+pub fn client(session: &Session) -> Client {
+    Client {
+        clientid: session.id.client_id.to_string(),
+        username: session.id.username.as_ref().map(|u| u.to_string()),
+        peerhost: session.id.remote_addr.map(|a| a.ip().to_string()),
+    }
+}
+
+pub fn subscription(subscribe: &Subscribe) -> Subscription {
+    Subscription { filter: subscribe.topic_filter.to_string(), qos: subscribe.opts.qos().value() }
+}
+
+/// The stored id `extension` gave `publish`, if any.
+pub fn stored_id(publish: &Publish, extension: &str) -> Option<i64> {
+    user_properties(publish).find_map(|(key, value)| {
+        let (name, id) = value.rsplit_once(':')?;
+        (key == STORED_ID && name == extension).then(|| id.parse().ok()).flatten()
+    })
+}
+
+/// Records that `extension` stored `publish` under `id`.
+pub fn attach_stored_id(publish: &mut Publish, extension: &str, id: i64) {
+    let properties = publish.properties.get_or_insert_with(PublishProperties::default);
+    properties.user_properties.push((STORED_ID.into(), format!("{extension}:{id}").into()));
+}
+
+/// Removes the broker's own properties from a publisher's message: a publisher cannot forge them.
+pub fn strip_own_properties(publish: &mut Publish) {
+    if let Some(properties) = publish.properties.as_mut() {
+        properties.user_properties.retain(|(key, _)| key != STORED_ID && key != STORE_FAILED);
+    }
+}
+
+pub fn set_flag(publish: &mut Publish, flag: &str) {
+    let properties = publish.properties.get_or_insert_with(PublishProperties::default);
+    properties.user_properties.push((flag.into(), "1".into()));
+}
+
+pub fn has_flag(publish: &Publish, flag: &str) -> bool {
+    user_properties(publish).any(|(key, _)| key == flag)
+}
+
+fn user_properties(publish: &Publish) -> impl Iterator<Item = (&str, &str)> {
+    publish.properties.iter().flat_map(|p| p.user_properties.iter()).map(|(k, v)| (&**k, &**v))
+}
+
+/// The contract's view of `publish` as `sender` published it; `id` is what `extension` stored it as.
+pub fn to_message(publish: &Publish, sender: &str, id: Option<i64>) -> Message {
+    Message {
+        id,
+        msgid: next_msgid(),
+        sender: sender.to_owned(),
+        topic: publish.topic.to_string(),
+        payload: publish.payload.to_vec(),
+        qos: publish.qos.value(),
+        retain: publish.retain,
+        timestamp: publish.create_time.unwrap_or_else(now_millis),
+        properties: properties(publish),
+    }
+}
+
+fn properties(publish: &Publish) -> Vec<Property> {
+    let Some(p) = &publish.properties else { return Vec::new() };
+    let property = |key: &str, value: String| Property { key: key.into(), value };
+    let mut out = Vec::new();
+    if let Some(seconds) = p.message_expiry_interval {
+        out.push(property("message-expiry-interval", seconds.to_string()));
+    }
+    if let Some(content_type) = &p.content_type {
+        out.push(property("content-type", content_type.to_string()));
+    }
+    if let Some(topic) = &p.response_topic {
+        out.push(property("response-topic", topic.to_string()));
+    }
+    if p.is_utf8_payload {
+        out.push(property("payload-format-indicator", "1".into()));
+    }
+    // Correlation data is bytes; the contract's properties are text, so only UTF-8 passes.
+    if let Some(data) = p.correlation_data.as_ref().and_then(|d| std::str::from_utf8(d).ok()) {
+        out.push(property("correlation-data", data.into()));
+    }
+    out.extend(p.user_properties.iter().filter(|(k, _)| k != STORED_ID).map(|(k, v)| property(k, v.to_string())));
+    out
+}
+
+/// A stored message to deliver at `qos` (the lower of the message's and the subscription's),
+/// carrying the id `extension` gave it.
+pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
+    let mut properties = PublishProperties::default();
+    for Property { key, value } in &message.properties {
+        match key.as_str() {
+            "message-expiry-interval" => {
+                properties.message_expiry_interval = value.parse().ok().and_then(NonZeroU32::new)
+            }
+            "content-type" => properties.content_type = Some(value.as_str().into()),
+            "response-topic" => properties.response_topic = Some(value.as_str().into()),
+            "payload-format-indicator" => properties.is_utf8_payload = value == "1",
+            "correlation-data" => properties.correlation_data = Some(value.clone().into_bytes().into()),
+            _ => properties.user_properties.push((key.as_str().into(), value.as_str().into())),
+        }
+    }
+    if let Some(id) = message.id {
+        properties.user_properties.push((STORED_ID.into(), format!("{extension}:{id}").into()));
+    }
+    let codec = rmqtt::codec::types::Publish {
+        dup: false,
+        retain: message.retain,
+        qos: QoS::try_from(qos).unwrap_or(QoS::AtMostOnce),
+        topic: message.topic.as_str().into(),
+        packet_id: None,
+        payload: message.payload.clone().into(),
+        properties: Some(properties),
+    };
+    // Created now: the broker's own expiry check counts from here; the extension has already
+    // shortened message-expiry-interval by the time the message spent stored.
+    Publish::new(Box::new(codec), None, None, Some(now_millis()))
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
+}
+
+/// A broker-unique message identifier (`msgid` in the rules): start time and a sequence number.
+fn next_msgid() -> String {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let start = START.get_or_init(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros());
+    format!("{start:x}-{}", SEQUENCE.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,202 @@
+//! A real broker process on a real PostgreSQL database, and real MQTT clients (rumqttc).
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use integration_tests::{TestDb, guest_wasm};
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+/// Long enough for a slow CI machine; a test that waits this long has failed anyway.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+/// How long to watch for messages that should not come.
+pub const QUIET: Duration = Duration::from_millis(700);
+
+/// A broker process; killed when dropped.
+pub struct BrokerProcess {
+    child: Child,
+    pub port: u16,
+    pub rules: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("broker-tests").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl BrokerProcess {
+    /// Starts a broker named `node` with `rules` (written to its own rules file).
+    pub async fn start(node: &str, rules: &str) -> BrokerProcess {
+        BrokerProcess::start_with(node, rules, "").await
+    }
+
+    /// Like [`BrokerProcess::start`], with more TOML lines (`[publish_batch]`, ...).
+    pub async fn start_with(node: &str, rules: &str, extra: &str) -> BrokerProcess {
+        let dir = scratch(node);
+        let rules_path = dir.join("rules.conf");
+        std::fs::write(&rules_path, rules).unwrap();
+        let port = free_port();
+        let config = format!(
+            "node = \"{node}@127.0.0.1\"\nlisten = \"127.0.0.1:{port}\"\ntick_seconds = 1\n\
+             [[extension]]\nname = \"offline\"\nmodule = \"{}\"\nrules = \"rules.conf\"\n{extra}",
+            guest_wasm().display()
+        );
+        let config_path = dir.join("broker.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_broker"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--migrate")
+            .arg("--cache-dir")
+            .arg(scratch("compiled"))
+            .stdout(Stdio::null())
+            .env("RUST_LOG", "warn,broker=info,host_harness=info")
+            .spawn()
+            .expect("starting the broker");
+        let broker = BrokerProcess { child, port, rules: rules_path };
+        let ready = Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < ready, "the broker did not start listening on {port}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        broker
+    }
+
+    /// SIGHUP: reload the module and the rules.
+    pub fn hangup(&self) {
+        let status = Command::new("kill").arg("-HUP").arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test database with the example rules and `more` rule lines.
+pub async fn database(name: &str, more: &str) -> (TestDb, String) {
+    let db = TestDb::create(name).await;
+    let rules = format!("{}\n{more}\n", db.rules(&integration_tests::offline_rules("")));
+    (db, rules)
+}
+
+/// An MQTT 3.1.1 client with its event loop running in a task.
+pub struct Mqtt {
+    pub client: AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<Incoming, String>>,
+    /// Messages received while waiting for something else.
+    received: Vec<Publish>,
+}
+
+impl Mqtt {
+    /// Connects with a clean session; with `manual_acks`, received QoS 1/2 messages are acked
+    /// only by [`Mqtt::ack`].
+    pub async fn connect(port: u16, clientid: &str, manual_acks: bool) -> Mqtt {
+        let mut options = MqttOptions::new(clientid, "127.0.0.1", port);
+        options.set_clean_session(true).set_manual_acks(manual_acks).set_keep_alive(Duration::from_secs(30));
+        let (client, event_loop) = AsyncClient::new(options, 1000);
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(run(event_loop, tx));
+        let mut mqtt = Mqtt { client, events, received: Vec::new() };
+        mqtt.until(|i| matches!(i, Incoming::ConnAck(_))).await.expect("CONNACK");
+        mqtt
+    }
+
+    /// Waits for an incoming packet that `wanted` accepts, keeping messages that arrive
+    /// meanwhile. An error when the connection ends or nothing comes in time.
+    pub async fn until(&mut self, wanted: impl Fn(&Incoming) -> bool) -> Result<Incoming, String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match timeout(deadline - Instant::now(), self.events.recv()).await {
+                Err(_) => return Err("timed out".into()),
+                Ok(None) => return Err("event loop ended".into()),
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(Some(Ok(incoming))) if wanted(&incoming) => return Ok(incoming),
+                Ok(Some(Ok(Incoming::Publish(p)))) => self.received.push(p),
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
+        self.client.subscribe(filter, qos).await.unwrap();
+        self.until(|i| matches!(i, Incoming::SubAck(_))).await.expect("SUBACK");
+    }
+
+    /// Publishes and, for QoS 1, waits for the PUBACK.
+    pub async fn publish(&mut self, topic: &str, qos: QoS, payload: &str) {
+        self.client.publish(topic, qos, false, payload.as_bytes().to_vec()).await.unwrap();
+        if qos == QoS::AtLeastOnce {
+            self.until(|i| matches!(i, Incoming::PubAck(_))).await.expect("PUBACK");
+        }
+    }
+
+    /// The next `n` messages (those already received first).
+    pub async fn receive(&mut self, n: usize) -> Vec<Publish> {
+        while self.received.len() < n {
+            match self.until(|i| matches!(i, Incoming::Publish(_))).await {
+                Ok(Incoming::Publish(p)) => self.received.push(p),
+                Ok(_) => unreachable!(),
+                Err(e) => panic!("waiting for {n} messages: {e}; got {:?}", payloads(&self.received)),
+            }
+        }
+        self.received.drain(..n).collect()
+    }
+
+    /// Whatever arrives within `QUIET`.
+    pub async fn quiet(&mut self) -> Vec<Publish> {
+        let deadline = Instant::now() + QUIET;
+        while let Ok(Some(Ok(incoming))) = timeout(deadline - Instant::now(), self.events.recv()).await {
+            if let Incoming::Publish(p) = incoming {
+                self.received.push(p);
+            }
+        }
+        std::mem::take(&mut self.received)
+    }
+
+    pub async fn ack(&self, publish: &Publish) {
+        self.client.ack(publish).await.unwrap();
+    }
+
+    /// Sends DISCONNECT and waits until the broker has closed the connection.
+    pub async fn disconnect(mut self) {
+        let _ = self.client.disconnect().await;
+        let _ = timeout(PATIENCE, async { while let Some(Ok(_)) = self.events.recv().await {} }).await;
+        // The broker removes the session right after it closed the connection.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn run(mut event_loop: EventLoop, tx: mpsc::UnboundedSender<Result<Incoming, String>>) {
+    loop {
+        let event = match event_loop.poll().await {
+            Ok(Event::Incoming(incoming)) => Ok(incoming),
+            // MQTT: after DISCONNECT the client closes the connection; rumqttc leaves that
+            // to whoever drops its event loop.
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => Err("disconnected".into()),
+            Ok(Event::Outgoing(_)) => continue,
+            Err(e) => Err(e.to_string()),
+        };
+        let end = event.is_err();
+        if tx.send(event).is_err() || end {
+            return;
+        }
+    }
+}
+
+pub fn payloads(messages: &[Publish]) -> Vec<String> {
+    messages.iter().map(|p| String::from_utf8_lossy(&p.payload).into_owned()).collect()
+}
