@@ -3,6 +3,10 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use integration_tests::{TestDb, offline_rules};
 use rumqttc::QoS;
 use support::{BrokerProcess, Mqtt, database, payloads};
 
@@ -39,4 +43,308 @@ async fn the_seed_flow_with_two_subscribers_gets_every_message_once() {
     let mut alice = Mqtt::connect(broker.port, "alice", false).await;
     alice.subscribe("news/#", QoS::AtLeastOnce).await;
     assert_eq!(payloads(&alice.quiet().await), Vec::<String>::new(), "a reconnection repeats nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_subscriber_gets_what_its_filter_matches_and_nothing_else() {
+    let (_db, rules) = database("broker_wildcard", "").await;
+    let broker = BrokerProcess::start("wildcard", &rules).await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("sensors/+/temp", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    for (topic, payload) in [
+        ("sensors/hall/temp", "hall"),
+        ("sensors/hall/humidity", "no: other leaf"),
+        ("sensors/kitchen/temp", "kitchen"),
+        ("sensors/temp", "no: one level short"),
+        ("other/hall/temp", "no: other root"),
+    ] {
+        publisher.publish(topic, QoS::AtLeastOnce, payload).await;
+    }
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("sensors/+/temp", QoS::AtLeastOnce).await;
+    let got = subscriber.receive(2).await;
+    assert_eq!(payloads(&got), ["hall", "kitchen"]);
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_subscriber_gets_the_retained_message_from_the_database() {
+    let retain = "backend.pgsql.hook.message.publish.2 = {\"topic\": \"#\", \"action\": {\"function\": \"on_message_retain\"}, \"pool\": \"pool1\"}\n\
+                  backend.pgsql.hook.session.subscribed.2 = {\"topic\": \"#\", \"action\": {\"function\": \"on_retain_lookup\"}, \"pool\": \"pool1\"}";
+    let (db, rules) = database("broker_retain", retain).await;
+    let broker = BrokerProcess::start("retain", &rules).await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    publisher.try_publish("home/hall/temp", QoS::AtLeastOnce, true, "21").await.unwrap();
+    publisher.try_publish("home/hall/temp", QoS::AtLeastOnce, true, "22").await.unwrap();
+    let rows = db.client().await.query("SELECT payload FROM mqtt_retain", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1, "one retained message per topic");
+
+    // rmqtt keeps no retained messages of its own here: what comes is the database's.
+    let mut subscriber = Mqtt::connect(broker.port, "newcomer", false).await;
+    subscriber.subscribe("home/#", QoS::AtLeastOnce).await;
+    let got = subscriber.receive(1).await;
+    assert_eq!(payloads(&got), ["22"]);
+    assert!(got[0].retain, "delivered with RETAIN");
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_is_stored_only_by_on_message_store() {
+    let archive = "backend.pgsql.hook.message.publish.2 = {\"topic\": \"log/#\", \"action\": {\"function\": \"on_message_store\"}, \"pool\": \"pool1\"}";
+    let (db, rules) = database("broker_qos0", archive).await;
+    let broker = BrokerProcess::start("qos0", &rules).await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("#", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    publisher.publish("news/a", QoS::AtMostOnce, "qos 0, not stored").await;
+    publisher.publish("log/a", QoS::AtMostOnce, "qos 0, archived").await;
+    publisher.publish("news/a", QoS::AtLeastOnce, "qos 1, stored").await;
+    let rows = db.client().await.query("SELECT topic, qos FROM mqtt_msg ORDER BY id", &[]).await.unwrap();
+    let stored: Vec<(String, i16)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(stored, [("log/a".to_owned(), 0), ("news/a".to_owned(), 1)]);
+
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("#", QoS::AtLeastOnce).await;
+    let got = subscriber.receive(2).await;
+    assert_eq!(payloads(&got), ["qos 0, archived", "qos 1, stored"]);
+    assert_eq!(got[0].qos, QoS::AtMostOnce, "at the lower of the message's and the subscription's QoS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_acking_gets_the_unacked_messages_again_and_never_an_acked_one() {
+    let (_db, rules) = database("broker_at_least_once", "").await;
+    let broker = BrokerProcess::start("at-least-once", &rules).await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", true).await;
+    subscriber.subscribe("t", QoS::AtLeastOnce).await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    for i in 1..=5 {
+        publisher.publish("t", QoS::AtLeastOnce, &i.to_string()).await;
+    }
+    let got = subscriber.receive(5).await;
+    assert_eq!(payloads(&got), ["1", "2", "3", "4", "5"]);
+    subscriber.ack(&got[0]).await;
+    subscriber.ack(&got[1]).await;
+    subscriber.disconnect().await;
+
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("t", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&subscriber.receive(3).await), ["3", "4", "5"]);
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_brokers_share_one_database_publish_on_one_and_come_back_on_the_other() {
+    let (_db, rules) = database("broker_two_nodes", "").await;
+    let first = BrokerProcess::start("node-a", &rules).await;
+    let second = BrokerProcess::start("node-b", &rules).await;
+    let mut subscriber = Mqtt::connect(first.port, "roamer", false).await;
+    subscriber.subscribe("fleet/#", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+
+    let mut publisher = Mqtt::connect(first.port, "p", false).await;
+    for i in 1..=4 {
+        publisher.publish(&format!("fleet/{i}"), QoS::AtLeastOnce, &i.to_string()).await;
+    }
+    let mut subscriber = Mqtt::connect(second.port, "roamer", false).await;
+    subscriber.subscribe("fleet/#", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&subscriber.receive(4).await), ["1", "2", "3", "4"]);
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
+    subscriber.disconnect().await;
+
+    let mut subscriber = Mqtt::connect(first.port, "roamer", false).await;
+    subscriber.subscribe("fleet/#", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new(), "read on one node is read on all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_several_pages_comes_before_live_messages_once_each_in_order() {
+    let db = TestDb::create("broker_backlog_then_live").await;
+    let rules = db.rules(&offline_rules(r#"{"max_returned_count": 50}"#));
+    let broker = BrokerProcess::start("backlog-then-live", &rules).await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("feed", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+
+    // 1000 stored while away (20 pages of 50), then more published while the backlog goes out.
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    for i in 0..1000 {
+        publisher.publish("feed", QoS::AtLeastOnce, &i.to_string()).await;
+    }
+    // The publisher keeps going until the subscriber has had the backlog.
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut next = 1000;
+            while !stop.load(Ordering::Relaxed) {
+                publisher.publish("feed", QoS::AtLeastOnce, &next.to_string()).await;
+                next += 1;
+            }
+            next
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("feed", QoS::AtLeastOnce).await;
+    let mut got = payloads(&subscriber.receive(1050).await);
+    stop.store(true, Ordering::Relaxed);
+    let published = live.await.unwrap();
+    got.extend(payloads(&subscriber.receive(published - 1050).await));
+    got.extend(payloads(&subscriber.quiet().await));
+    let expected: Vec<String> = (0..published).map(|i| i.to_string()).collect();
+    assert_eq!(got, expected, "the backlog, then live messages: each once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_share_batches_and_every_message_is_stored_once() {
+    let (db, rules) = database("broker_group_commit", "").await;
+    let broker =
+        BrokerProcess::start_with("group-commit", &rules, "[publish_batch]\nmax_messages = 64\nlinger_us = 2000\n")
+            .await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("load/#", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+
+    let mut publishers = Vec::new();
+    for p in 0..20 {
+        let mut publisher = Mqtt::connect(broker.port, &format!("p{p}"), false).await;
+        publishers.push(tokio::spawn(async move {
+            for i in 0..20 {
+                publisher.publish(&format!("load/{p}"), QoS::AtLeastOnce, &format!("{p}:{i}")).await;
+            }
+        }));
+    }
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    // Rows inserted by one transaction share its xmin: fewer transactions than messages.
+    let client = db.client().await;
+    let row = client.query_one("SELECT count(*), count(DISTINCT xmin::text) FROM mqtt_msg", &[]).await.unwrap();
+    let (stored, transactions): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(stored, 400);
+    assert!(transactions <= 200, "{transactions} transactions for 400 messages from 20 publishers at once");
+
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("load/#", QoS::AtLeastOnce).await;
+    let got = payloads(&subscriber.receive(400).await);
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
+    for p in 0..20 {
+        let own: Vec<&String> = got.iter().filter(|m| m.starts_with(&format!("{p}:"))).collect();
+        let expected: Vec<String> = (0..20).map(|i| format!("{p}:{i}")).collect();
+        assert_eq!(own, expected.iter().collect::<Vec<_>>(), "publisher {p}: each once, in its order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reload_on_sighup_while_clients_stay_connected_and_a_bad_file_changes_nothing() {
+    let (_db, rules) = database("broker_reload", "").await;
+    let without_store: String =
+        rules.lines().filter(|l| !l.contains("message.publish")).map(|l| format!("{l}\n")).collect();
+    let broker = BrokerProcess::start("reload", &without_store).await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("t", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    publisher.publish("t", QoS::AtLeastOnce, "before: not stored").await;
+
+    // The full rules, while the publisher stays connected.
+    std::fs::write(&broker.rules, &rules).unwrap();
+    broker.hangup();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    publisher.publish("t", QoS::AtLeastOnce, "after: stored").await;
+
+    // A broken file is refused: the running rules stay.
+    std::fs::write(&broker.rules, format!("{rules}\nbackend.pgsql.hook.message.publish.9 = {{not json\n")).unwrap();
+    broker.hangup();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    publisher.publish("t", QoS::AtLeastOnce, "after the bad file: stored").await;
+
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("t", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&subscriber.receive(2).await), ["after: stored", "after the bad file: stored"]);
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
+}
+
+/// Rules whose pool points at a port where no PostgreSQL listens.
+fn unreachable_database(rules: &str, db: &TestDb) -> String {
+    rules.replace(&format!("127.0.0.1:{}", integration_tests::port()), "127.0.0.1:1").replace(&db.name, "nowhere")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_database_unavailable_a_publisher_gets_no_success_ack_and_nobody_gets_the_message() {
+    let (db, rules) = database("broker_database_down", "").await;
+    let broker = BrokerProcess::start_unmigrated("database-down", &unreachable_database(&rules, &db)).await;
+    let mut online = Mqtt::connect(broker.port, "online", false).await;
+    online.subscribe("t", QoS::AtLeastOnce).await;
+
+    // MQTT 3.1.1 has no negative PUBACK: the connection closes without one.
+    let mut publisher = Mqtt::connect(broker.port, "p3", false).await;
+    let outcome = publisher.try_publish("t", QoS::AtLeastOnce, false, "not stored").await;
+    assert!(outcome.is_err(), "no PUBACK for a message that was not stored");
+
+    // MQTT 5: a PUBACK with an error reason code.
+    let (client, mut events) = v5::connect(broker.port, "p5").await;
+    client.publish("t", v5::QoS::AtLeastOnce, false, "not stored either").await.unwrap();
+    let ack = v5::until(&mut events, |p| matches!(p, v5::Packet::PubAck(_))).await;
+    let v5::Packet::PubAck(ack) = ack else { unreachable!() };
+    assert_eq!(ack.reason, v5::PubAckReason::ImplementationSpecificError);
+
+    assert_eq!(payloads(&online.quiet().await), Vec::<String>::new(), "a refused message is not routed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_5_subscribers_see_the_stored_id_as_a_user_property() {
+    let (_db, rules) = database("broker_v5_id", "").await;
+    let broker = BrokerProcess::start("v5-id", &rules).await;
+    let (subscriber, mut events) = v5::connect(broker.port, "s5").await;
+    subscriber.subscribe("t", v5::QoS::AtLeastOnce).await.unwrap();
+    v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    publisher.publish("t", QoS::AtLeastOnce, "hello").await;
+    let v5::Packet::Publish(message) = v5::until(&mut events, |p| matches!(p, v5::Packet::Publish(_))).await else {
+        unreachable!()
+    };
+    let properties = message.properties.expect("properties").user_properties;
+    assert_eq!(properties, [("x-offline-id".to_owned(), "offline:1".to_owned())]);
+}
+
+/// The few MQTT 5 steps the tests need (rumqttc's v5 client).
+mod v5 {
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use tokio::sync::mpsc;
+
+    pub async fn connect(port: u16, clientid: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Packet>) {
+        let mut options = MqttOptions::new(clientid, "127.0.0.1", port);
+        options.set_clean_start(true);
+        let (client, mut event_loop) = AsyncClient::new(options, 100);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = event_loop.poll().await {
+                if let Event::Incoming(packet) = event
+                    && tx.send(packet).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        until(&mut events, |p| matches!(p, Packet::ConnAck(_))).await;
+        (client, events)
+    }
+
+    pub async fn until(events: &mut mpsc::UnboundedReceiver<Packet>, wanted: impl Fn(&Packet) -> bool) -> Packet {
+        let deadline = tokio::time::Instant::now() + super::support::PATIENCE;
+        loop {
+            let packet = tokio::time::timeout_at(deadline, events.recv()).await.expect("in time").expect("connected");
+            if wanted(&packet) {
+                return packet;
+            }
+        }
+    }
 }

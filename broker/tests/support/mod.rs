@@ -42,6 +42,15 @@ impl BrokerProcess {
 
     /// Like [`BrokerProcess::start`], with more TOML lines (`[publish_batch]`, ...).
     pub async fn start_with(node: &str, rules: &str, extra: &str) -> BrokerProcess {
+        BrokerProcess::spawn(node, rules, extra, true).await
+    }
+
+    /// Like [`BrokerProcess::start`], without applying the schema (for a database that is not there).
+    pub async fn start_unmigrated(node: &str, rules: &str) -> BrokerProcess {
+        BrokerProcess::spawn(node, rules, "", false).await
+    }
+
+    async fn spawn(node: &str, rules: &str, extra: &str, migrate: bool) -> BrokerProcess {
         let dir = scratch(node);
         let rules_path = dir.join("rules.conf");
         std::fs::write(&rules_path, rules).unwrap();
@@ -56,7 +65,7 @@ impl BrokerProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_broker"))
             .arg("--config")
             .arg(&config_path)
-            .arg("--migrate")
+            .args(migrate.then_some("--migrate"))
             .arg("--cache-dir")
             .arg(scratch("compiled"))
             .stdout(Stdio::null())
@@ -138,10 +147,16 @@ impl Mqtt {
 
     /// Publishes and, for QoS 1, waits for the PUBACK.
     pub async fn publish(&mut self, topic: &str, qos: QoS, payload: &str) {
-        self.client.publish(topic, qos, false, payload.as_bytes().to_vec()).await.unwrap();
+        self.try_publish(topic, qos, false, payload).await.expect("PUBACK");
+    }
+
+    /// Publishes; for QoS 1, the PUBACK or why none came.
+    pub async fn try_publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: &str) -> Result<(), String> {
+        self.client.publish(topic, qos, retain, payload.as_bytes().to_vec()).await.unwrap();
         if qos == QoS::AtLeastOnce {
-            self.until(|i| matches!(i, Incoming::PubAck(_))).await.expect("PUBACK");
+            self.until(|i| matches!(i, Incoming::PubAck(_))).await?;
         }
+        Ok(())
     }
 
     /// The next `n` messages (those already received first).
