@@ -58,10 +58,14 @@ struct Backlog {
     held: Vec<(i64, Publish)>,
 }
 
+/// Held-back messages released at a time, well below rmqtt's per-session queue (1000 by
+/// default), which drops messages when full.
+pub const RELEASE_AT_ONCE: usize = 100;
+
 /// What is left to do when a backlog's last page has gone out.
 pub enum BacklogEnd {
-    /// Live messages were held back meanwhile: forward these (in id order), wait for them to go
-    /// out, and ask again.
+    /// Live messages were held back meanwhile: forward these (the lowest ids, in order), wait for
+    /// them to go out, and ask again.
     Release(Vec<Publish>),
     /// The subscription is live now.
     Live,
@@ -146,8 +150,12 @@ impl Deliveries {
             held.sort_by_key(|(id, _)| *id);
             held.dedup_by_key(|(id, _)| *id);
             let last_id = backlog.last_id;
-            let release: Vec<Publish> = held.into_iter().filter(|(id, _)| *id > last_id).map(|(_, p)| p).collect();
-            Some(BacklogEnd::Release(release))
+            held.retain(|(id, _)| *id > last_id);
+            // The rest waits for the next call: the session's queue is bounded.
+            let rest = held.split_off(held.len().min(RELEASE_AT_ONCE));
+            backlog.held = rest;
+            backlog.last_id = held.last().map_or(last_id, |(id, _)| *id);
+            Some(BacklogEnd::Release(held.into_iter().map(|(_, p)| p).collect()))
         })
         .flatten()
     }
@@ -185,8 +193,9 @@ impl Deliveries {
         });
     }
 
-    /// A stored message went to the client with QoS 1 or 2: its ack is awaited.
-    pub fn delivered(&self, connection: &Connection, id: i64) {
+    /// A stored message went to the client with QoS 1 or 2 (or was lost on the way): no ack
+    /// passes it until it is acked.
+    pub fn awaiting_ack(&self, connection: &Connection, id: i64) {
         self.with(connection, |s| s.unacked.insert(id));
     }
 
@@ -209,5 +218,84 @@ impl Deliveries {
             by_topic.into_values().collect()
         })
         .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message;
+
+    fn stored(id: i64, topic: &str) -> Message {
+        Message {
+            id: Some(id),
+            msgid: String::new(),
+            sender: "p".into(),
+            topic: topic.into(),
+            payload: id.to_string().into_bytes(),
+            qos: 1,
+            retain: false,
+            timestamp: 0,
+            properties: vec![],
+        }
+    }
+
+    fn client() -> (Deliveries, Connection) {
+        let deliveries = Deliveries::default();
+        let connection = Connection { clientid: "c".into(), since: 1 };
+        deliveries.connected(&connection);
+        (deliveries, connection)
+    }
+
+    #[test]
+    fn held_messages_are_released_in_id_order_in_slices_without_what_the_backlog_sent() {
+        let (deliveries, connection) = client();
+        deliveries.backlog_started(&connection, "t/#");
+        assert!(deliveries.page_forwarded(&connection, "t/#", 10, Some(10)));
+        // Live messages arrive out of order, some of them already in the backlog.
+        for id in (5..=260).rev() {
+            assert!(deliveries.hold(&connection, id, &message::to_publish(&stored(id, "t/a"), 1, "x")));
+        }
+        assert!(!deliveries.hold(&connection, 999, &message::to_publish(&stored(999, "other"), 1, "x")));
+        let mut released = Vec::new();
+        loop {
+            match deliveries.backlog_end(&connection, "t/#").unwrap() {
+                BacklogEnd::Release(slice) => {
+                    assert!(slice.len() <= RELEASE_AT_ONCE);
+                    released.extend(slice.iter().map(|p| message::stored_id(p, "x").unwrap()));
+                }
+                BacklogEnd::Live => break,
+            }
+        }
+        assert_eq!(released, (11..=260).collect::<Vec<_>>());
+        assert!(!deliveries.hold(&connection, 261, &message::to_publish(&stored(261, "t/a"), 1, "x")), "live now");
+    }
+
+    #[test]
+    fn an_ack_waits_for_every_lower_unacked_id_and_then_passes_the_highest_per_topic() {
+        let (deliveries, connection) = client();
+        for id in [1, 2, 3, 4] {
+            deliveries.awaiting_ack(&connection, id);
+        }
+        let ids = |acked: Vec<Message>| {
+            let mut ids: Vec<i64> = acked.iter().map(|m| m.id.unwrap()).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(ids(deliveries.acked(&connection, 3, stored(3, "a"))), Vec::<i64>::new(), "1 is unacked");
+        assert_eq!(ids(deliveries.acked(&connection, 2, stored(2, "b"))), Vec::<i64>::new());
+        assert_eq!(ids(deliveries.acked(&connection, 1, stored(1, "a"))), [2, 3], "per topic, the highest");
+        assert_eq!(ids(deliveries.acked(&connection, 4, stored(4, "a"))), [4]);
+    }
+
+    #[test]
+    fn a_backlog_that_failed_keeps_the_acks_of_its_filter() {
+        let (deliveries, connection) = client();
+        deliveries.backlog_started(&connection, "t/#");
+        deliveries.backlog_failed(&connection, "t/#");
+        deliveries.awaiting_ack(&connection, 7);
+        assert!(deliveries.acked(&connection, 7, stored(7, "t/a")).is_empty());
+        deliveries.awaiting_ack(&connection, 8);
+        assert_eq!(deliveries.acked(&connection, 8, stored(8, "u")).len(), 1, "other filters go on");
     }
 }

@@ -9,9 +9,11 @@ use rmqtt::codec::v5::PublishAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::session::Session;
-use rmqtt::types::{From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Subscribe};
+use rmqtt::types::{
+    From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Reason, Subscribe,
+};
 
-use crate::delivery::{BacklogEnd, Connection};
+use crate::delivery::{BacklogEnd, Connection, RELEASE_AT_ONCE};
 use crate::extension::Extension;
 use crate::message::{self, STORE_FAILED};
 
@@ -108,11 +110,22 @@ impl Handler for Hooks {
             }
             Parameter::MessageDelivered(session, from, publish) => self.message_delivered(session, from, publish).await,
             Parameter::MessageAcked(session, from, publish) => self.message_acked(session, from, publish).await,
-            Parameter::MessageDropped(Some(to), from, _, reason) if from.is_system() => {
-                for extension in self.extensions.iter().filter(|e| is_from(from, e)) {
-                    tracing::warn!(extension = extension.name, clientid = %to.client_id, "a stored message was dropped: {reason}");
-                    let connection = Connection { clientid: to.client_id.to_string(), since: to.create_time };
-                    extension.deliveries.forwarded_gone(&connection);
+            Parameter::MessageDropped(Some(to), from, publish, reason) => {
+                let connection = Connection { clientid: to.client_id.to_string(), since: to.create_time };
+                for extension in self.extensions.iter() {
+                    if is_from(from, extension) {
+                        extension.deliveries.forwarded_gone(&connection);
+                    }
+                    // Dropped on the way (a full queue): like a delivery never acked, it keeps
+                    // the position before it, and comes with the next connection's backlog.
+                    // Expired messages are meant to be skipped, and held-back ones come later.
+                    if let Some(id) = message::stored_id(publish, &extension.name)
+                        && publish.qos != QoS::AtMostOnce
+                        && !matches!(reason, Reason::MessageExpiration)
+                    {
+                        tracing::warn!(extension = extension.name, clientid = %to.client_id, id, "a stored message was dropped: {reason}");
+                        extension.deliveries.awaiting_ack(&connection, id);
+                    }
                 }
             }
             _ => {}
@@ -191,7 +204,7 @@ impl Hooks {
             if let Some(id) = id
                 && publish.qos != QoS::AtMostOnce
             {
-                extension.deliveries.delivered(&connection(session), id);
+                extension.deliveries.awaiting_ack(&connection(session), id);
             }
             let message = message::to_message(publish, &from.id.client_id, id);
             extension.message_delivered(&client, &message).await;
@@ -225,19 +238,21 @@ async fn send_backlog(scx: &ServerContext, extension: &Extension, session: &Sess
         return extension.deliveries.backlog_failed(&connection, &subscription.filter);
     }
     while let Some(current) = page.take() {
-        let count = current.messages.len();
-        let last_id = current.messages.iter().filter_map(|m| m.id).max();
-        if !extension.deliveries.page_forwarded(&connection, &subscription.filter, count, last_id) {
-            return;
-        }
-        for message in &current.messages {
-            let qos = message.qos.min(subscription.qos);
-            if !forward(message::to_publish(message, qos, &extension.name)) {
+        // In slices: a page may be bigger than the session's queue (`max_returned_count`).
+        for slice in current.messages.chunks(RELEASE_AT_ONCE) {
+            let last_id = slice.iter().filter_map(|m| m.id).max();
+            if !extension.deliveries.page_forwarded(&connection, &subscription.filter, slice.len(), last_id) {
                 return;
             }
-        }
-        if !extension.deliveries.sent(&connection).await {
-            return;
+            for message in slice {
+                let qos = message.qos.min(subscription.qos);
+                if !forward(message::to_publish(message, qos, &extension.name)) {
+                    return;
+                }
+            }
+            if !extension.deliveries.sent(&connection).await {
+                return;
+            }
         }
         if let Some(cursor) = current.next {
             page = extension
