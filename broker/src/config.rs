@@ -28,6 +28,7 @@ pub struct BrokerConfig {
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
     /// The extensions, each a module with its rules. Every hook goes to each, in this order.
+    /// `extension = []` makes a plain broker (for comparisons).
     #[serde(rename = "extension")]
     pub extensions: Vec<ExtensionConfig>,
     #[serde(default)]
@@ -86,7 +87,7 @@ impl BrokerConfig {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut config: BrokerConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
         if config.extensions.is_empty() {
-            anyhow::bail!("{}: no [[extension]]: name at least one module and its rules", path.display());
+            tracing::warn!("{}: no [[extension]]: a plain MQTT broker, nothing is stored", path.display());
         }
         if config.publish_batch.max_messages == 0 {
             anyhow::bail!("{}: publish_batch.max_messages must be at least 1", path.display());

@@ -1,19 +1,21 @@
 //! The broker as users run it: a real broker process with the real extension, a real
 //! PostgreSQL, and real MQTT clients.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use integration_tests::mqtt::{Launcher, Mqtt, database, payloads};
 use integration_tests::{TestDb, offline_rules};
 use rumqttc::QoS;
-use support::{BrokerProcess, Mqtt, database, payloads};
+
+fn broker() -> Launcher {
+    Launcher::new(env!("CARGO_BIN_EXE_broker"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_flow_with_two_subscribers_gets_every_message_once() {
     let (_db, rules) = database("broker_seed", "").await;
-    let broker = BrokerProcess::start("seed", &rules).await;
+    let broker = broker().start("seed", &rules).await;
 
     // Both subscribers online: live delivery.
     let mut alice = Mqtt::connect(broker.port, "alice", false).await;
@@ -48,7 +50,7 @@ async fn the_seed_flow_with_two_subscribers_gets_every_message_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wildcard_subscriber_gets_what_its_filter_matches_and_nothing_else() {
     let (_db, rules) = database("broker_wildcard", "").await;
-    let broker = BrokerProcess::start("wildcard", &rules).await;
+    let broker = broker().start("wildcard", &rules).await;
     let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
     subscriber.subscribe("sensors/+/temp", QoS::AtLeastOnce).await;
     subscriber.disconnect().await;
@@ -75,7 +77,7 @@ async fn a_new_subscriber_gets_the_retained_message_from_the_database() {
     let retain = "backend.pgsql.hook.message.publish.2 = {\"topic\": \"#\", \"action\": {\"function\": \"on_message_retain\"}, \"pool\": \"pool1\"}\n\
                   backend.pgsql.hook.session.subscribed.2 = {\"topic\": \"#\", \"action\": {\"function\": \"on_retain_lookup\"}, \"pool\": \"pool1\"}";
     let (db, rules) = database("broker_retain", retain).await;
-    let broker = BrokerProcess::start("retain", &rules).await;
+    let broker = broker().start("retain", &rules).await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     publisher.try_publish("home/hall/temp", QoS::AtLeastOnce, true, "21").await.unwrap();
     publisher.try_publish("home/hall/temp", QoS::AtLeastOnce, true, "22").await.unwrap();
@@ -95,7 +97,7 @@ async fn a_new_subscriber_gets_the_retained_message_from_the_database() {
 async fn qos_0_is_stored_only_by_on_message_store() {
     let archive = "backend.pgsql.hook.message.publish.2 = {\"topic\": \"log/#\", \"action\": {\"function\": \"on_message_store\"}, \"pool\": \"pool1\"}";
     let (db, rules) = database("broker_qos0", archive).await;
-    let broker = BrokerProcess::start("qos0", &rules).await;
+    let broker = broker().start("qos0", &rules).await;
     let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
     subscriber.subscribe("#", QoS::AtLeastOnce).await;
     subscriber.disconnect().await;
@@ -118,7 +120,7 @@ async fn qos_0_is_stored_only_by_on_message_store() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_before_acking_gets_the_unacked_messages_again_and_never_an_acked_one() {
     let (_db, rules) = database("broker_at_least_once", "").await;
-    let broker = BrokerProcess::start("at-least-once", &rules).await;
+    let broker = broker().start("at-least-once", &rules).await;
     let mut subscriber = Mqtt::connect(broker.port, "s", true).await;
     subscriber.subscribe("t", QoS::AtLeastOnce).await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
@@ -140,8 +142,8 @@ async fn a_client_that_leaves_before_acking_gets_the_unacked_messages_again_and_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_brokers_share_one_database_publish_on_one_and_come_back_on_the_other() {
     let (_db, rules) = database("broker_two_nodes", "").await;
-    let first = BrokerProcess::start("node-a", &rules).await;
-    let second = BrokerProcess::start("node-b", &rules).await;
+    let first = broker().start("node-a", &rules).await;
+    let second = broker().start("node-b", &rules).await;
     let mut subscriber = Mqtt::connect(first.port, "roamer", false).await;
     subscriber.subscribe("fleet/#", QoS::AtLeastOnce).await;
     subscriber.disconnect().await;
@@ -165,7 +167,7 @@ async fn two_brokers_share_one_database_publish_on_one_and_come_back_on_the_othe
 async fn a_backlog_of_several_pages_comes_before_live_messages_once_each_in_order() {
     let db = TestDb::create("broker_backlog_then_live").await;
     let rules = db.rules(&offline_rules(r#"{"max_returned_count": 50}"#));
-    let broker = BrokerProcess::start("backlog-then-live", &rules).await;
+    let broker = broker().start("backlog-then-live", &rules).await;
     let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
     subscriber.subscribe("feed", QoS::AtLeastOnce).await;
     subscriber.disconnect().await;
@@ -204,8 +206,7 @@ async fn a_backlog_of_several_pages_comes_before_live_messages_once_each_in_orde
 async fn concurrent_publishers_share_batches_and_every_message_is_stored_once() {
     let (db, rules) = database("broker_group_commit", "").await;
     let broker =
-        BrokerProcess::start_with("group-commit", &rules, "[publish_batch]\nmax_messages = 64\nlinger_us = 2000\n")
-            .await;
+        broker().start_with("group-commit", &rules, "[publish_batch]\nmax_messages = 64\nlinger_us = 2000\n").await;
     let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
     subscriber.subscribe("load/#", QoS::AtLeastOnce).await;
     subscriber.disconnect().await;
@@ -245,7 +246,7 @@ async fn rules_reload_on_sighup_while_clients_stay_connected_and_a_bad_file_chan
     let (_db, rules) = database("broker_reload", "").await;
     let without_store: String =
         rules.lines().filter(|l| !l.contains("message.publish")).map(|l| format!("{l}\n")).collect();
-    let broker = BrokerProcess::start("reload", &without_store).await;
+    let broker = broker().start("reload", &without_store).await;
     let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
     subscriber.subscribe("t", QoS::AtLeastOnce).await;
     subscriber.disconnect().await;
@@ -278,7 +279,7 @@ fn unreachable_database(rules: &str, db: &TestDb) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_database_unavailable_a_publisher_gets_no_success_ack_and_nobody_gets_the_message() {
     let (db, rules) = database("broker_database_down", "").await;
-    let broker = BrokerProcess::start_unmigrated("database-down", &unreachable_database(&rules, &db)).await;
+    let broker = broker().start_unmigrated("database-down", &unreachable_database(&rules, &db)).await;
     let mut online = Mqtt::connect(broker.port, "online", false).await;
     online.subscribe("t", QoS::AtLeastOnce).await;
 
@@ -300,7 +301,7 @@ async fn with_the_database_unavailable_a_publisher_gets_no_success_ack_and_nobod
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_5_subscribers_see_the_stored_id_as_a_user_property() {
     let (_db, rules) = database("broker_v5_id", "").await;
-    let broker = BrokerProcess::start("v5-id", &rules).await;
+    let broker = broker().start("v5-id", &rules).await;
     let (subscriber, mut events) = v5::connect(broker.port, "s5").await;
     subscriber.subscribe("t", v5::QoS::AtLeastOnce).await.unwrap();
     v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
@@ -339,7 +340,7 @@ mod v5 {
     }
 
     pub async fn until(events: &mut mpsc::UnboundedReceiver<Packet>, wanted: impl Fn(&Packet) -> bool) -> Packet {
-        let deadline = tokio::time::Instant::now() + super::support::PATIENCE;
+        let deadline = tokio::time::Instant::now() + integration_tests::mqtt::PATIENCE;
         loop {
             let packet = tokio::time::timeout_at(deadline, events.recv()).await.expect("in time").expect("connected");
             if wanted(&packet) {

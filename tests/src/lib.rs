@@ -2,6 +2,8 @@
 //! PostgreSQL (`make pg-up`; port from `PGPORT`), the real guest (`GUEST_WASM`, built by
 //! `make guest`), and the real host.
 
+pub mod mqtt;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

@@ -1,13 +1,12 @@
-//! A real broker process on a real PostgreSQL database, and real MQTT clients (rumqttc).
-
-#![allow(dead_code)]
+//! A real broker process on a real PostgreSQL database, and real MQTT clients (rumqttc): for
+//! the broker's tests and benchmarks.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::{TestDb, guest_wasm};
+use crate::{TestDb, guest_wasm};
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -16,6 +15,12 @@ use tokio::time::{Instant, timeout};
 pub const PATIENCE: Duration = Duration::from_secs(20);
 /// How long to watch for messages that should not come.
 pub const QUIET: Duration = Duration::from_millis(700);
+
+/// Starts broker processes from one binary (`env!("CARGO_BIN_EXE_broker")` in the broker's
+/// tests).
+pub struct Launcher {
+    binary: PathBuf,
+}
 
 /// A broker process; killed when dropped.
 pub struct BrokerProcess {
@@ -29,40 +34,55 @@ fn free_port() -> u16 {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("broker-tests").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tmp/broker-tests").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
-impl BrokerProcess {
+impl Launcher {
+    pub fn new(binary: impl AsRef<Path>) -> Launcher {
+        Launcher { binary: binary.as_ref().to_owned() }
+    }
+
     /// Starts a broker named `node` with `rules` (written to its own rules file).
-    pub async fn start(node: &str, rules: &str) -> BrokerProcess {
-        BrokerProcess::start_with(node, rules, "").await
+    pub async fn start(&self, node: &str, rules: &str) -> BrokerProcess {
+        self.start_with(node, rules, "").await
     }
 
-    /// Like [`BrokerProcess::start`], with more TOML lines (`[publish_batch]`, ...).
-    pub async fn start_with(node: &str, rules: &str, extra: &str) -> BrokerProcess {
-        BrokerProcess::spawn(node, rules, extra, true).await
+    /// Like [`Launcher::start`], with more TOML lines (`[publish_batch]`, ...).
+    pub async fn start_with(&self, node: &str, rules: &str, extra: &str) -> BrokerProcess {
+        self.spawn(node, Some(rules), extra, true).await
     }
 
-    /// Like [`BrokerProcess::start`], without applying the schema (for a database that is not there).
-    pub async fn start_unmigrated(node: &str, rules: &str) -> BrokerProcess {
-        BrokerProcess::spawn(node, rules, "", false).await
+    /// Like [`Launcher::start`], without applying the schema (for a database that is not there).
+    pub async fn start_unmigrated(&self, node: &str, rules: &str) -> BrokerProcess {
+        self.spawn(node, Some(rules), "", false).await
     }
 
-    async fn spawn(node: &str, rules: &str, extra: &str, migrate: bool) -> BrokerProcess {
+    /// A broker without any extension: plain rmqtt, for comparison.
+    pub async fn start_plain(&self, node: &str) -> BrokerProcess {
+        self.spawn(node, None, "", false).await
+    }
+
+    async fn spawn(&self, node: &str, rules: Option<&str>, extra: &str, migrate: bool) -> BrokerProcess {
         let dir = scratch(node);
         let rules_path = dir.join("rules.conf");
-        std::fs::write(&rules_path, rules).unwrap();
         let port = free_port();
-        let config = format!(
-            "node = \"{node}@127.0.0.1\"\nlisten = \"127.0.0.1:{port}\"\ntick_seconds = 1\n\
-             [[extension]]\nname = \"offline\"\nmodule = \"{}\"\nrules = \"rules.conf\"\n{extra}",
-            guest_wasm().display()
-        );
+        let mut config = format!("node = \"{node}@127.0.0.1\"\nlisten = \"127.0.0.1:{port}\"\ntick_seconds = 1\n");
+        match rules {
+            Some(rules) => {
+                std::fs::write(&rules_path, rules).unwrap();
+                config += &format!(
+                    "[[extension]]\nname = \"offline\"\nmodule = \"{}\"\nrules = \"rules.conf\"\n",
+                    guest_wasm().display()
+                );
+            }
+            None => config += "extension = []\n",
+        }
+        config += extra;
         let config_path = dir.join("broker.toml");
         std::fs::write(&config_path, config).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_broker"))
+        let child = Command::new(&self.binary)
             .arg("--config")
             .arg(&config_path)
             .args(migrate.then_some("--migrate"))
@@ -71,7 +91,7 @@ impl BrokerProcess {
             .stdout(Stdio::null())
             .env("RUST_LOG", "warn,broker=info,host_harness=info")
             .spawn()
-            .expect("starting the broker");
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
         let broker = BrokerProcess { child, port, rules: rules_path };
         let ready = Instant::now() + PATIENCE;
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
@@ -79,6 +99,12 @@ impl BrokerProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         broker
+    }
+}
+
+impl BrokerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGHUP: reload the module and the rules.
@@ -98,7 +124,7 @@ impl Drop for BrokerProcess {
 /// A test database with the example rules and `more` rule lines.
 pub async fn database(name: &str, more: &str) -> (TestDb, String) {
     let db = TestDb::create(name).await;
-    let rules = format!("{}\n{more}\n", db.rules(&integration_tests::offline_rules("")));
+    let rules = format!("{}\n{more}\n", db.rules(&crate::offline_rules("")));
     (db, rules)
 }
 
