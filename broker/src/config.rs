@@ -60,11 +60,15 @@ pub struct BatchConfig {
     /// A batch closes when it holds this many messages...
     #[serde(default = "default_max_messages")]
     pub max_messages: usize,
-    /// ...or this many microseconds after its first message arrived, whichever comes first.
-    /// While a batch is being stored the next one fills up, so under load batches grow by
-    /// themselves; the linger only matters when the broker is nearly idle.
-    #[serde(default = "default_linger_us")]
+    /// ...or when nothing more is queued; with a linger, this many microseconds after its first
+    /// message arrived. While batches are being stored the next one fills up, so under load
+    /// batches grow by themselves without a linger. tokio's timers tick in milliseconds: any
+    /// linger costs at least one.
+    #[serde(default)]
     pub linger_us: u64,
+    /// Batches being stored at once.
+    #[serde(default = "default_in_flight")]
+    pub in_flight: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -127,7 +131,7 @@ impl SandboxConfig {
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig { max_messages: default_max_messages(), linger_us: default_linger_us() }
+        BatchConfig { max_messages: default_max_messages(), linger_us: 0, in_flight: default_in_flight() }
     }
 }
 
@@ -153,8 +157,8 @@ fn default_tick_seconds() -> u64 {
 fn default_max_messages() -> usize {
     256
 }
-fn default_linger_us() -> u64 {
-    200
+fn default_in_flight() -> usize {
+    2
 }
 fn default_call_timeout_ms() -> u64 {
     10_000

@@ -7,6 +7,7 @@ use host_harness::bindings::{Client, Describe, HookError, Message, PublishOutcom
 use host_harness::host::Sources;
 use host_harness::{Host, Runtime};
 
+use crate::ack_writer::AckWriter;
 use crate::config::{BatchConfig, ExtensionConfig};
 use crate::delivery::Deliveries;
 use crate::group_commit::GroupCommit;
@@ -17,6 +18,7 @@ pub struct Extension {
     pub host: Arc<Host>,
     pub sources: Sources,
     pub publish: GroupCommit,
+    pub acks: Arc<AckWriter>,
     pub deliveries: Deliveries,
 }
 
@@ -33,6 +35,7 @@ impl Extension {
         Ok(Extension {
             name: config.name(),
             publish: GroupCommit::start(host.clone(), batch),
+            acks: AckWriter::start(host.clone(), config.name()),
             host,
             sources,
             deliveries: Deliveries::default(),
@@ -73,10 +76,6 @@ impl Extension {
 
     pub async fn message_delivered(&self, client: &Client, message: &Message) {
         self.call("message-delivered", async |i| i.message_delivered(client, message).await).await;
-    }
-
-    pub async fn message_acked(&self, client: &Client, message: &Message) {
-        self.call("message-acked", async |i| i.message_acked(client, message).await).await;
     }
 
     /// Stores `message` with the next batch.

@@ -217,7 +217,7 @@ impl Hooks {
             let Some(id) = message::stored_id(publish, &extension.name) else { continue };
             let acked = message::to_message(publish, &from.id.client_id, Some(id));
             for message in extension.deliveries.acked(&connection(session), id, acked) {
-                extension.message_acked(&client, &message).await;
+                extension.acks.push(client.clone(), message);
             }
         }
     }
@@ -232,6 +232,8 @@ async fn send_backlog(scx: &ServerContext, extension: &Extension, session: &Sess
     let from = from_extension(session, extension);
     let forward = |publish: Publish| tx.unbounded_send(SessionMessage::Forward(from.clone(), publish)).is_ok();
 
+    // Its acks so far first: the fetch starts from the position they leave.
+    extension.acks.flush(&client.clientid).await;
     let mut page =
         extension.call("session-subscribed", async |i| i.session_subscribed(&client, subscription).await).await;
     if page.is_none() {

@@ -5,9 +5,11 @@
 //! - [`config`]: the broker's TOML file.
 //! - [`extension`]: one loaded extension: its host, publish queue and delivery state.
 //! - [`group_commit`]: publishes from all clients stored in batches.
+//! - [`ack_writer`]: acks written in the background, coalesced.
 //! - [`delivery`]: backlogs before live messages, and the ack gate.
 //! - [`message`]: rmqtt's types to the contract's and back.
 
+pub mod ack_writer;
 pub mod config;
 pub mod delivery;
 pub mod extension;
@@ -75,7 +77,8 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
         }
     });
 
-    let listener = Builder::new().name("tcp").laddr(config.listen).bind()?.tcp()?;
+    // TCP_NODELAY: an ack is one small packet that must not wait for more.
+    let listener = Builder::new().name("tcp").laddr(config.listen).nodelay(true).bind()?.tcp()?;
     println!("broker: node {} listening on {}", config.node, config.listen);
     MqttServer::new(scx).listener(listener).build().run().await?;
     Ok(())
