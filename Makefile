@@ -51,7 +51,7 @@ test: guest test-guests pg-up
 ## Figures for BENCHMARKS.md. Run on a quiet machine, never during a build (dirty pages being
 ## flushed make synchronous commits 5-20x slower): `sync` first.
 bench: guest pg-up
-	$(CARGO) build --release -p bench
+	$(CARGO) build --release -p bench -p broker
 	sync
 	target/release/bench $(BENCH_ARGS)
 

@@ -2,6 +2,7 @@
 //! run on the same PostgreSQL, and the median of `--runs` runs is printed, so ratios hold on a
 //! noisy machine. Needs `make pg-up` and the guest (`make guest`); `make bench` does both.
 
+mod broker;
 mod fetch;
 mod hook;
 mod memory;
@@ -37,6 +38,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wanted("hook") {
         hook::run(runs).await?;
+    }
+    if wanted("broker") {
+        broker::run(runs).await?;
     }
     if wanted("memory") {
         memory::run().await?;

@@ -9,7 +9,12 @@ use crate::hook::Stub;
 
 /// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`).
 pub fn status_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    process_status_kib("self", field)
+}
+
+/// A `/proc/<process>/status` field in KiB.
+pub fn process_status_kib(process: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix(field)?.trim_start_matches(':').split_whitespace().next()?.parse().ok())

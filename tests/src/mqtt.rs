@@ -89,7 +89,10 @@ impl Launcher {
             .arg("--cache-dir")
             .arg(scratch("compiled"))
             .stdout(Stdio::null())
-            .env("RUST_LOG", "warn,broker=info,host_harness=info")
+            .env(
+                "RUST_LOG",
+                std::env::var("BROKER_LOG").unwrap_or_else(|_| "warn,broker=info,host_harness=info".into()),
+            )
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", self.binary.display()));
         let broker = BrokerProcess { child, port, rules: rules_path };

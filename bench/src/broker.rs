@@ -1,0 +1,162 @@
+//! The broker with real MQTT connections (rumqttc), as processes: QoS 1 publish throughput and
+//! latency through the broker with the extension against the same broker without it, and the
+//! time for 100 offline subscribers to receive a 1000-message backlog.
+//!
+//! Each publisher publishes QoS 1 messages one after the other, waiting for each PUBACK (what a
+//! device does); the latency of a message is from PUBLISH to PUBACK. No subscribers are online:
+//! this is the publish path alone. The database commits synchronously (the server's default).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use integration_tests::mqtt::{BrokerProcess, Launcher, Mqtt};
+use integration_tests::{TestDb, offline_rules};
+use rumqttc::QoS;
+
+use crate::memory::process_status_kib;
+use crate::{median, per_second};
+
+/// (publishers, messages each)
+const LOADS: [(usize, usize); 2] = [(10, 500), (100, 100)];
+const SUBSCRIBERS: usize = 100;
+const BACKLOG: usize = 1000;
+
+fn launcher() -> Launcher {
+    let binary = std::env::var_os("BROKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/broker"));
+    assert!(binary.exists(), "{} is missing: `cargo build --release -p broker`", binary.display());
+    Launcher::new(binary)
+}
+
+/// More broker configuration (TOML) for the runs with the extension, from `BENCH_BROKER_CONFIG`
+/// (e.g. `[publish_batch]` settings), to compare settings.
+fn extra() -> String {
+    std::env::var("BENCH_BROKER_CONFIG").unwrap_or_default().replace("\\n", "\n")
+}
+
+struct Publishing {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// `publishers` connections at once, each publishing `each` QoS 1 messages in turn.
+async fn publish_load(port: u16, publishers: usize, each: usize, tag: &str) -> Publishing {
+    let mut clients = Vec::new();
+    for p in 0..publishers {
+        clients.push(Mqtt::connect(port, &format!("{tag}-pub-{p}"), false).await);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(p, mut client)| {
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(each);
+                for i in 0..each {
+                    let sent = Instant::now();
+                    client.publish(&format!("bench/{p}"), QoS::AtLeastOnce, &format!("{i:08}")).await;
+                    latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                }
+                client.disconnect().await;
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("publisher"));
+    }
+    let elapsed = started.elapsed();
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    Publishing { rate: per_second(publishers * each, elapsed), p50_ms: at(0.50), p99_ms: at(0.99) }
+}
+
+fn peak_rss_mib(broker: &BrokerProcess) -> f64 {
+    process_status_kib(&broker.pid().to_string(), "VmHWM") as f64 / 1024.0
+}
+
+pub async fn run(runs: usize) -> anyhow::Result<()> {
+    let launcher = launcher();
+    println!("\n## broker: QoS 1 publish through the broker, with the extension and without");
+    println!(
+        "| publishers x messages | without: msg/s | p50 ms | p99 ms | with: msg/s | p50 ms | p99 ms | with / without |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut peaks = (0.0f64, 0.0f64);
+    for (publishers, each) in LOADS {
+        let mut without = Vec::new();
+        let mut with = Vec::new();
+        for run in 0..runs {
+            let db = TestDb::create("bench_broker").await;
+            let plain = launcher.start_plain("bench-plain").await;
+            let extended = launcher.start_with("bench-extension", &db.rules(&offline_rules("")), &extra()).await;
+            without.push(publish_load(plain.port, publishers, each, &format!("plain{run}")).await);
+            with.push(publish_load(extended.port, publishers, each, &format!("ext{run}")).await);
+            peaks = (peaks.0.max(peak_rss_mib(&plain)), peaks.1.max(peak_rss_mib(&extended)));
+        }
+        let m = |v: &[Publishing], f: fn(&Publishing) -> f64| median(v.iter().map(f).collect());
+        let (rate_without, rate_with) = (m(&without, |p| p.rate), m(&with, |p| p.rate));
+        println!(
+            "| {publishers} x {each} | {rate_without:.0} | {:.2} | {:.2} | {rate_with:.0} | {:.2} | {:.2} | {:.0} % |",
+            m(&without, |p| p.p50_ms),
+            m(&without, |p| p.p99_ms),
+            m(&with, |p| p.p50_ms),
+            m(&with, |p| p.p99_ms),
+            100.0 * rate_with / rate_without
+        );
+    }
+
+    println!("\n## broker: {SUBSCRIBERS} offline subscribers come back to a {BACKLOG}-message backlog");
+    println!("| seconds until all have every message (median) | messages/s delivered | peak RSS of the broker, MiB |");
+    println!("|---|---|---|");
+    let mut times = Vec::new();
+    let mut peak = 0.0f64;
+    for _ in 0..runs {
+        let db = TestDb::create("bench_broker_backlog").await;
+        let broker = launcher.start("bench-backlog", &db.rules(&offline_rules(""))).await;
+        times.push(backlog(&broker).await.as_secs_f64());
+        peak = peak.max(peak_rss_mib(&broker));
+    }
+    let seconds = median(times);
+    println!("| {seconds:.2} | {:.0} | {peak:.0} |", (SUBSCRIBERS * BACKLOG) as f64 / seconds);
+    println!("\npeak RSS during the publish runs, MiB: without the extension {:.0}, with it {:.0}", peaks.0, peaks.1);
+    Ok(())
+}
+
+/// Subscribers subscribe once and leave; the backlog is published; all come back at once.
+async fn backlog(broker: &BrokerProcess) -> Duration {
+    for s in 0..SUBSCRIBERS {
+        let mut subscriber = Mqtt::connect(broker.port, &format!("sub-{s}"), false).await;
+        subscriber.subscribe("backlog/#", QoS::AtLeastOnce).await;
+        subscriber.disconnect().await;
+    }
+    let mut publisher = Mqtt::connect(broker.port, "publisher", false).await;
+    for i in 0..BACKLOG {
+        publisher.publish("backlog/x", QoS::AtLeastOnce, &format!("{i:08}")).await;
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..SUBSCRIBERS)
+        .map(|s| {
+            let port = broker.port;
+            tokio::spawn(async move {
+                let mut subscriber = Mqtt::connect(port, &format!("sub-{s}"), false).await;
+                subscriber.subscribe("backlog/#", QoS::AtLeastOnce).await;
+                let got = subscriber.receive(BACKLOG).await;
+                assert_eq!(got.len(), BACKLOG);
+                subscriber
+            })
+        })
+        .collect();
+    let mut subscribers = Vec::new();
+    for task in tasks {
+        subscribers.push(task.await.expect("subscriber"));
+    }
+    let elapsed = started.elapsed();
+    for subscriber in subscribers {
+        subscriber.disconnect().await;
+    }
+    elapsed
+}
