@@ -3,6 +3,7 @@
 //! through it ([`replay`]); a real broker embeds [`Host`] the same way.
 
 pub mod bindings;
+pub mod command;
 pub mod config;
 pub mod engine;
 pub mod host;

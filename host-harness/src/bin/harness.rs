@@ -81,17 +81,7 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("harness: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    host_harness::command::main("harness", run(Cli::parse())).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
