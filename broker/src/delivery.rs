@@ -101,9 +101,12 @@ impl Deliveries {
         clients.get_mut(&connection.clientid).filter(|s| s.since == connection.since).map(f)
     }
 
-    /// A backlog starts for `filter`: live stored messages for it are held back from now on.
+    /// A backlog starts for `filter`: live stored messages for it are held back from now on. A
+    /// repeated SUBSCRIBE while a backlog is going out keeps what is held so far.
     pub fn backlog_started(&self, connection: &Connection, filter: &str) {
-        self.with(connection, |s| s.backlogs.insert(filter.to_owned(), Backlog::default()));
+        self.with(connection, |s| {
+            s.backlogs.entry(filter.to_owned()).or_default();
+        });
     }
 
     /// The subscription went away: nothing more of its backlog is sent, nothing held back.

@@ -18,7 +18,7 @@ use crate::extension::Extension;
 use crate::message::{self, STORE_FAILED};
 
 /// The hook types [`Hooks`] handles.
-pub const TYPES: [Type; 9] = [
+pub const TYPES: [Type; 10] = [
     Type::ClientConnected,
     Type::ClientDisconnected,
     Type::SessionSubscribed,
@@ -28,6 +28,7 @@ pub const TYPES: [Type; 9] = [
     Type::MessageExpiryCheck,
     Type::MessageDelivered,
     Type::MessageAcked,
+    Type::MessageDropped,
 ];
 
 #[derive(Clone)]
@@ -42,7 +43,6 @@ pub async fn register(hooks: Hooks) {
     for typ in TYPES {
         register.add(typ, Box::new(hooks.clone())).await;
     }
-    register.add(Type::MessageDropped, Box::new(hooks.clone())).await;
     register.start().await;
 }
 

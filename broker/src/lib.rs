@@ -51,7 +51,9 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     let extensions = Arc::new(extensions);
 
     let scx = ServerContext::new().build().await;
-    hooks::register(Hooks { extensions: extensions.clone(), scx: scx.clone() }).await;
+    if !extensions.is_empty() {
+        hooks::register(Hooks { extensions: extensions.clone(), scx: scx.clone() }).await;
+    }
 
     let (reload, mut reloads) = mpsc::unbounded_channel();
     forward_sighup(reload.clone())?;
