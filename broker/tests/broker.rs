@@ -349,3 +349,49 @@ mod v5 {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_refuses_publishes_until_it_is_back_and_loses_no_acknowledged_message() {
+    // A cluster of this test alone: stopping the shared one would disturb the other tests.
+    let cluster = integration_tests::OwnCluster::new(15499, "pg-broker-outage");
+    cluster.pg("up");
+    cluster.pg("fresh");
+    let rules = format!(
+        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = postgres\n\
+         backend.pgsql.pool1.database = mqtt\n{}",
+        cluster.port,
+        offline_rules("")
+    );
+    let broker = broker().start("outage", &rules).await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("t", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+
+    let (publisher, mut events) = v5::connect(broker.port, "p").await;
+    let mut publish = async |payload: &str| {
+        publisher.publish("t", v5::QoS::AtLeastOnce, false, payload.to_owned()).await.unwrap();
+        let v5::Packet::PubAck(ack) = v5::until(&mut events, |p| matches!(p, v5::Packet::PubAck(_))).await else {
+            unreachable!()
+        };
+        ack.reason
+    };
+    assert_eq!(publish("before").await, v5::PubAckReason::Success);
+    cluster.pg("down");
+    assert_eq!(publish("during").await, v5::PubAckReason::ImplementationSpecificError);
+    cluster.pg("up");
+    // The pool reconnects by itself; until it has, publishes are refused, never lost.
+    let mut after = None;
+    for attempt in 0..50 {
+        if publish(&format!("after {attempt}")).await == v5::PubAckReason::Success {
+            after = Some(format!("after {attempt}"));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let after = after.expect("publishes succeed again once the database is back");
+
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("t", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&subscriber.receive(2).await), ["before".to_owned(), after]);
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new(), "what was refused is nowhere");
+}

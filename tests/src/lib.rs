@@ -154,3 +154,39 @@ pub mod event {
         events.join("\n")
     }
 }
+
+/// A PostgreSQL cluster of one test alone, under `target/<dir>` (stopping or restarting the
+/// shared one would disturb the other tests). Stopped when dropped.
+pub struct OwnCluster {
+    pub port: u16,
+    pub base: PathBuf,
+}
+
+impl OwnCluster {
+    pub fn new(port: u16, dir: &str) -> OwnCluster {
+        OwnCluster { port, base: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target").join(dir) }
+    }
+
+    /// `scripts/pg.sh <command>` on this cluster: `up`, `down`, `fresh`, `restart`.
+    pub fn pg(&self, command: &str) {
+        pg_script(self.port, &self.base, command);
+    }
+}
+
+/// `scripts/pg.sh <command>` on the cluster at `base`.
+pub fn pg_script(port: u16, base: &std::path::Path, command: &str) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg.sh");
+    let status = std::process::Command::new(script)
+        .arg(command)
+        .env("PGPORT", port.to_string())
+        .env("PG_BASE", base)
+        .status()
+        .expect("running scripts/pg.sh");
+    assert!(status.success(), "pg.sh {command} failed");
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.pg("down");
+    }
+}

@@ -1,43 +1,11 @@
 //! The database goes away and comes back: nothing a publisher was told was stored is lost, the
 //! host recovers by itself, and operators choose what a failing rule does.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use host_harness::bindings::{Message, PublishOutcome};
 use integration_tests::event::{connect, disconnect, lines, publish, subscribe};
-use integration_tests::{TestDb, deliveries, errors, offline_rules, replay};
-
-/// A PostgreSQL cluster of this test alone (restarting the shared one would disturb the others).
-struct OwnCluster {
-    port: u16,
-    base: PathBuf,
-}
-
-impl OwnCluster {
-    fn pg(&self, command: &str) {
-        pg_script(self.port, &self.base, command);
-    }
-}
-
-/// `scripts/pg.sh <command>` on the cluster at `base`.
-fn pg_script(port: u16, base: &std::path::Path, command: &str) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg.sh");
-    let status = Command::new(script)
-        .arg(command)
-        .env("PGPORT", port.to_string())
-        .env("PG_BASE", base)
-        .status()
-        .expect("running scripts/pg.sh");
-    assert!(status.success(), "pg.sh {command} failed");
-}
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        self.pg("down");
-    }
-}
+use integration_tests::{OwnCluster, TestDb, deliveries, errors, offline_rules, pg_script, replay};
 
 fn message(sequence: usize) -> Message {
     Message {
@@ -55,8 +23,7 @@ fn message(sequence: usize) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recovers() {
-    let cluster =
-        OwnCluster { port: 15498, base: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/pg-failures") };
+    let cluster = OwnCluster::new(15498, "pg-failures");
     cluster.pg("up");
     cluster.pg("fresh");
     let rules = format!(
