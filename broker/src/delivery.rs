@@ -4,8 +4,11 @@
 //! - **Backlogs.** After a SUBSCRIBE, the backlog the extension returns is forwarded to the
 //!   client page by page, each page once the previous one has left the broker. Until the whole
 //!   backlog has gone out, live stored messages for that subscription are held back; they follow
-//!   the backlog, minus those the backlog already held. (The extension's store commits ids in
-//!   order, so a live message the last page did not see has a higher id than all it saw.)
+//!   the backlog, minus those the backlog already sent. Pages run in id order over every
+//!   matching message from the read position on, so a held message whose id lies between the
+//!   lowest and the highest id the pages sent was sent; one below (the position had passed it,
+//!   e.g. `first_fetch: latest`) or above (committed after the last page) was not. A live
+//!   message that arrives after the backlog but lies in that range is a duplicate and is dropped.
 //! - **The ack gate.** An ack moves a read position to the acked message. Clients may ack out of
 //!   order, and live messages from different publishers may arrive out of id order, so an ack is
 //!   passed on only when no lower stored id delivered to that client is still unacked: what a
@@ -37,6 +40,8 @@ struct ClientState {
     since: i64,
     /// Subscriptions whose backlog is still going out, by filter.
     backlogs: HashMap<String, Backlog>,
+    /// Subscriptions whose backlog has gone out: the range of ids its pages sent.
+    sent: HashMap<String, (i64, i64)>,
     /// Messages this extension forwarded to the session that have not left the broker yet.
     queued: usize,
     /// Woken when `queued` drops or the client goes away.
@@ -52,10 +57,14 @@ struct ClientState {
 
 #[derive(Default)]
 struct Backlog {
-    /// The highest stored id the backlog has sent.
-    last_id: i64,
+    /// The lowest and highest stored ids the pages sent.
+    sent: Option<(i64, i64)>,
     /// Live stored messages held back meanwhile.
     held: Vec<(i64, Publish)>,
+}
+
+fn within(range: Option<(i64, i64)>, id: i64) -> bool {
+    range.is_some_and(|(low, high)| (low..=high).contains(&id))
 }
 
 /// Held-back messages released at a time, well below rmqtt's per-session queue (1000 by
@@ -76,6 +85,7 @@ impl Deliveries {
         let state = ClientState {
             since: connection.since,
             backlogs: HashMap::new(),
+            sent: HashMap::new(),
             queued: 0,
             progress: Arc::new(Notify::new()),
             unacked: BTreeSet::new(),
@@ -111,15 +121,26 @@ impl Deliveries {
 
     /// The subscription went away: nothing more of its backlog is sent, nothing held back.
     pub fn unsubscribed(&self, connection: &Connection, filter: &str) {
-        self.with(connection, |s| s.backlogs.remove(filter));
+        self.with(connection, |s| {
+            s.backlogs.remove(filter);
+            s.sent.remove(filter);
+        });
     }
 
-    /// `count` messages, of which the highest stored id is `last_id`, were forwarded. Returns
-    /// false when the backlog is no longer wanted (client gone, unsubscribed).
-    pub fn page_forwarded(&self, connection: &Connection, filter: &str, count: usize, last_id: Option<i64>) -> bool {
+    /// `count` messages were forwarded; `ids` are the stored ids among them that a page sent.
+    /// Returns false when the backlog is no longer wanted (client gone, unsubscribed).
+    pub fn page_forwarded(
+        &self,
+        connection: &Connection,
+        filter: &str,
+        count: usize,
+        ids: impl Iterator<Item = i64>,
+    ) -> bool {
         self.with(connection, |s| {
             let Some(backlog) = s.backlogs.get_mut(filter) else { return false };
-            backlog.last_id = backlog.last_id.max(last_id.unwrap_or(0));
+            for id in ids {
+                backlog.sent = Some(backlog.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
+            }
             s.queued += count;
             true
         })
@@ -146,18 +167,18 @@ impl Deliveries {
         self.with(connection, |s| {
             let backlog = s.backlogs.get_mut(filter)?;
             let mut held = std::mem::take(&mut backlog.held);
+            held.retain(|(id, _)| !within(backlog.sent, *id));
             if held.is_empty() {
+                if let Some(sent) = backlog.sent {
+                    s.sent.insert(filter.to_owned(), sent);
+                }
                 s.backlogs.remove(filter);
                 return Some(BacklogEnd::Live);
             }
             held.sort_by_key(|(id, _)| *id);
             held.dedup_by_key(|(id, _)| *id);
-            let last_id = backlog.last_id;
-            held.retain(|(id, _)| *id > last_id);
             // The rest waits for the next call: the session's queue is bounded.
-            let rest = held.split_off(held.len().min(RELEASE_AT_ONCE));
-            backlog.held = rest;
-            backlog.last_id = held.last().map_or(last_id, |(id, _)| *id);
+            backlog.held = held.split_off(held.len().min(RELEASE_AT_ONCE));
             Some(BacklogEnd::Release(held.into_iter().map(|(_, p)| p).collect()))
         })
         .flatten()
@@ -172,18 +193,17 @@ impl Deliveries {
         });
     }
 
-    /// A live message stored as `id` is about to go to the client: holds it back (returns true)
-    /// if a backlog it belongs to is still going out.
+    /// A live message stored as `id` is about to go to the client. Returns true when it must not
+    /// go now: a backlog it belongs to is still going out (it is held back, to follow), or a
+    /// backlog already sent it (a duplicate).
     pub fn hold(&self, connection: &Connection, id: i64, publish: &Publish) -> bool {
         self.with(connection, |s| {
             let topic = &publish.topic;
-            match s.backlogs.iter_mut().find(|(filter, _)| mqtt_topic::matches(filter, topic)) {
-                Some((_, backlog)) => {
-                    backlog.held.push((id, publish.clone()));
-                    true
-                }
-                None => false,
+            if let Some((_, backlog)) = s.backlogs.iter_mut().find(|(filter, _)| mqtt_topic::matches(filter, topic)) {
+                backlog.held.push((id, publish.clone()));
+                return true;
             }
+            s.sent.iter().any(|(filter, sent)| mqtt_topic::matches(filter, topic) && within(Some(*sent), id))
         })
         .unwrap_or(false)
     }
@@ -254,9 +274,10 @@ mod tests {
     fn held_messages_are_released_in_id_order_in_slices_without_what_the_backlog_sent() {
         let (deliveries, connection) = client();
         deliveries.backlog_started(&connection, "t/#");
-        assert!(deliveries.page_forwarded(&connection, "t/#", 10, Some(10)));
+        // The pages sent ids 5 to 10; the position had passed 1 to 4.
+        assert!(deliveries.page_forwarded(&connection, "t/#", 6, 5..=10));
         // Live messages arrive out of order, some of them already in the backlog.
-        for id in (5..=260).rev() {
+        for id in (1..=260).rev() {
             assert!(deliveries.hold(&connection, id, &message::to_publish(&stored(id, "t/a"), 1, "x")));
         }
         assert!(!deliveries.hold(&connection, 999, &message::to_publish(&stored(999, "other"), 1, "x")));
@@ -270,8 +291,11 @@ mod tests {
                 BacklogEnd::Live => break,
             }
         }
-        assert_eq!(released, (11..=260).collect::<Vec<_>>());
+        let expected: Vec<i64> = (1..=4).chain(11..=260).collect();
+        assert_eq!(released, expected, "all but what the pages sent, in order");
         assert!(!deliveries.hold(&connection, 261, &message::to_publish(&stored(261, "t/a"), 1, "x")), "live now");
+        assert!(deliveries.hold(&connection, 7, &message::to_publish(&stored(7, "t/a"), 1, "x")), "a duplicate");
+        assert!(!deliveries.hold(&connection, 3, &message::to_publish(&stored(3, "t/a"), 1, "x")), "not one");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use host_harness::bindings::{Describe, PublishOutcome, Subscription};
+use host_harness::bindings::{Describe, FetchPage, PublishOutcome, Subscription};
 use rmqtt::codec::v5::PublishAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
@@ -71,7 +71,7 @@ impl Handler for Hooks {
                     extension.client_disconnected(&client, &reason.to_string()).await;
                 }
             }
-            Parameter::SessionSubscribed(session, subscribe) => self.session_subscribed(session, subscribe),
+            Parameter::SessionSubscribed(session, subscribe) => self.session_subscribed(session, subscribe).await,
             Parameter::SessionUnsubscribed(session, unsubscribe) => {
                 let client = message::client(session);
                 let filter = unsubscribe.topic_filter.to_string();
@@ -99,7 +99,8 @@ impl Handler for Hooks {
                 return (false, Some(HookResult::PublishAclResult(PublishAclResult(refused))));
             }
             Parameter::MessageExpiryCheck(session, from, publish) if !from.is_system() => {
-                // Held back behind a backlog: the broker drops it here, the backlog sends it later.
+                // Held back behind a backlog (the broker drops it here, the backlog sends it
+                // later), or already sent by one.
                 for extension in self.extensions.iter() {
                     if let Some(id) = message::stored_id(publish, &extension.name)
                         && extension.deliveries.hold(&connection(session), id, publish)
@@ -161,16 +162,28 @@ impl Hooks {
         }
     }
 
-    /// Called before the SUBACK goes out: holds live messages back from now on, and sends the
-    /// backlog from a task of its own, so that it follows the SUBACK.
-    fn session_subscribed(&self, session: &Session, subscribe: &Subscribe) {
+    /// Called before the SUBACK goes out. Holds live messages back from now on and fetches the
+    /// first page here, so that the read position of a first subscription (`first_fetch`) is
+    /// taken before anything published after the SUBACK. The backlog is sent by a task of its
+    /// own, so that it follows the SUBACK.
+    async fn session_subscribed(&self, session: &Session, subscribe: &Subscribe) {
         let subscription = message::subscription(subscribe);
+        let client = message::client(session);
         for extension in self.extensions.iter() {
             extension.deliveries.backlog_started(&connection(session), &subscription.filter);
+            // Its acks so far first: the fetch starts from the position they leave.
+            extension.acks.flush(&client.clientid).await;
+            let Some(first) = extension
+                .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
+                .await
+            else {
+                extension.deliveries.backlog_failed(&connection(session), &subscription.filter);
+                continue;
+            };
             let (extension, session, subscription) = (extension.clone(), session.clone(), subscription.clone());
             let scx = self.scx.clone();
             tokio::spawn(async move {
-                send_backlog(&scx, &extension, &session, &subscription).await;
+                send_backlog(&scx, &extension, &session, &subscription, first).await;
             });
         }
     }
@@ -225,25 +238,31 @@ impl Hooks {
 
 /// Sends one subscription's backlog to the session, page by page, each page once the previous
 /// one has left the broker; then releases the live messages held back meanwhile.
-async fn send_backlog(scx: &ServerContext, extension: &Extension, session: &Session, subscription: &Subscription) {
+async fn send_backlog(
+    scx: &ServerContext,
+    extension: &Extension,
+    session: &Session,
+    subscription: &Subscription,
+    first: FetchPage,
+) {
     let connection = connection(session);
     let client = message::client(session);
     let Some(tx) = scx.extends.shared().await.entry(session.id.clone()).tx() else { return };
     let from = from_extension(session, extension);
     let forward = |publish: Publish| tx.unbounded_send(SessionMessage::Forward(from.clone(), publish)).is_ok();
 
-    // Its acks so far first: the fetch starts from the position they leave.
-    extension.acks.flush(&client.clientid).await;
-    let mut page =
-        extension.call("session-subscribed", async |i| i.session_subscribed(&client, subscription).await).await;
-    if page.is_none() {
-        return extension.deliveries.backlog_failed(&connection, &subscription.filter);
-    }
+    let mut page = Some(first);
     while let Some(current) = page.take() {
+        tracing::debug!(
+            clientid = client.clientid,
+            filter = subscription.filter,
+            messages = current.messages.len(),
+            "backlog page"
+        );
         // In slices: a page may be bigger than the session's queue (`max_returned_count`).
         for slice in current.messages.chunks(RELEASE_AT_ONCE) {
-            let last_id = slice.iter().filter_map(|m| m.id).max();
-            if !extension.deliveries.page_forwarded(&connection, &subscription.filter, slice.len(), last_id) {
+            let ids = slice.iter().filter_map(|m| m.id);
+            if !extension.deliveries.page_forwarded(&connection, &subscription.filter, slice.len(), ids) {
                 return;
             }
             for message in slice {
@@ -268,13 +287,17 @@ async fn send_backlog(scx: &ServerContext, extension: &Extension, session: &Sess
     loop {
         match extension.deliveries.backlog_end(&connection, &subscription.filter) {
             Some(BacklogEnd::Release(held)) => {
+                tracing::debug!(clientid = client.clientid, filter = subscription.filter, held = held.len(), "release");
                 let count = held.len();
-                extension.deliveries.page_forwarded(&connection, &subscription.filter, count, None);
+                extension.deliveries.page_forwarded(&connection, &subscription.filter, count, std::iter::empty());
                 if !held.into_iter().all(&forward) || !extension.deliveries.sent(&connection).await {
                     return;
                 }
             }
-            Some(BacklogEnd::Live) | None => return,
+            Some(BacklogEnd::Live) | None => {
+                tracing::debug!(clientid = client.clientid, filter = subscription.filter, "backlog sent");
+                return;
+            }
         }
     }
 }
