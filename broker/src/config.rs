@@ -109,12 +109,6 @@ impl ExtensionConfig {
     pub fn sources(&self) -> Sources {
         Sources { module: self.module.clone(), rules: self.rules.clone() }
     }
-
-    pub fn name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| {
-            self.module.file_stem().map_or_else(|| "extension".into(), |s| s.to_string_lossy().into_owned())
-        })
-    }
 }
 
 impl BatchConfig {

@@ -67,9 +67,9 @@ fn within(range: Option<(i64, i64)>, id: i64) -> bool {
     range.is_some_and(|(low, high)| (low..=high).contains(&id))
 }
 
-/// Held-back messages released at a time, well below rmqtt's per-session queue (1000 by
-/// default), which drops messages when full.
-pub const RELEASE_AT_ONCE: usize = 100;
+/// Messages forwarded to a session at a time (a slice of a page, or of the held-back ones), well
+/// below rmqtt's per-session queue (1000 by default), which drops messages when full.
+pub const FORWARD_AT_ONCE: usize = 100;
 
 /// What is left to do when a backlog's last page has gone out.
 pub enum BacklogEnd {
@@ -178,7 +178,7 @@ impl Deliveries {
             held.sort_by_key(|(id, _)| *id);
             held.dedup_by_key(|(id, _)| *id);
             // The rest waits for the next call: the session's queue is bounded.
-            backlog.held = held.split_off(held.len().min(RELEASE_AT_ONCE));
+            backlog.held = held.split_off(held.len().min(FORWARD_AT_ONCE));
             Some(BacklogEnd::Release(held.into_iter().map(|(_, p)| p).collect()))
         })
         .flatten()
@@ -285,7 +285,7 @@ mod tests {
         loop {
             match deliveries.backlog_end(&connection, "t/#").unwrap() {
                 BacklogEnd::Release(slice) => {
-                    assert!(slice.len() <= RELEASE_AT_ONCE);
+                    assert!(slice.len() <= FORWARD_AT_ONCE);
                     released.extend(slice.iter().map(|p| message::stored_id(p, "x").unwrap()));
                 }
                 BacklogEnd::Live => break,

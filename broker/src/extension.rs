@@ -32,10 +32,12 @@ impl Extension {
     ) -> anyhow::Result<Extension> {
         let sources = config.sources();
         let host = Arc::new(Host::load(runtime, &sources, node).await?.with_max_instances(max_instances));
+        // Unnamed, it goes by its module's name (the file stem), as in the host's logs.
+        let name = config.name.clone().unwrap_or_else(|| host.name());
         Ok(Extension {
-            name: config.name(),
             publish: GroupCommit::start(host.clone(), batch),
-            acks: AckWriter::start(host.clone(), config.name()),
+            acks: AckWriter::start(host.clone(), name.clone()),
+            name,
             host,
             sources,
             deliveries: Deliveries::default(),

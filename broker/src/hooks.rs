@@ -13,7 +13,7 @@ use rmqtt::types::{
     From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Reason, Subscribe,
 };
 
-use crate::delivery::{BacklogEnd, Connection, RELEASE_AT_ONCE};
+use crate::delivery::{BacklogEnd, Connection, FORWARD_AT_ONCE};
 use crate::extension::Extension;
 use crate::message::{self, STORE_FAILED};
 
@@ -260,7 +260,7 @@ async fn send_backlog(
             "backlog page"
         );
         // In slices: a page may be bigger than the session's queue (`max_returned_count`).
-        for slice in current.messages.chunks(RELEASE_AT_ONCE) {
+        for slice in current.messages.chunks(FORWARD_AT_ONCE) {
             let ids = slice.iter().filter_map(|m| m.id);
             if !extension.deliveries.page_forwarded(&connection, &subscription.filter, slice.len(), ids) {
                 return;

@@ -44,7 +44,10 @@ pub fn stored_id(publish: &Publish, extension: &str) -> Option<i64> {
 
 /// Records that `extension` stored `publish` under `id`.
 pub fn attach_stored_id(publish: &mut Publish, extension: &str, id: i64) {
-    let properties = publish.properties.get_or_insert_with(PublishProperties::default);
+    push_stored_id(publish.properties.get_or_insert_with(PublishProperties::default), extension, id);
+}
+
+fn push_stored_id(properties: &mut PublishProperties, extension: &str, id: i64) {
     properties.user_properties.push((STORED_ID.into(), format!("{extension}:{id}").into()));
 }
 
@@ -124,7 +127,7 @@ pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
         }
     }
     if let Some(id) = message.id {
-        properties.user_properties.push((STORED_ID.into(), format!("{extension}:{id}").into()));
+        push_stored_id(&mut properties, extension, id);
     }
     let codec = rmqtt::codec::types::Publish {
         dup: false,
