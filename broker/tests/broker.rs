@@ -395,3 +395,22 @@ async fn a_database_outage_refuses_publishes_until_it_is_back_and_loses_no_ackno
     assert_eq!(payloads(&subscriber.receive(2).await), ["before".to_owned(), after]);
     assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new(), "what was refused is nowhere");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_subscriptions_are_applied_on_connect_and_bring_their_backlog() {
+    let lookup = "backend.pgsql.hook.client.connected.1 = {\"action\": {\"function\": \"on_subscribe_lookup\"}, \"pool\": \"pool1\"}\n\
+                  backend.pgsql.hook.session.subscribed.2 = {\"topic\": \"#\", \"action\": {\"sql\": [\"insert into mqtt_sub (clientid, topic, qos) values (${clientid}, ${topic}, ${qos}) on conflict (clientid, topic) do nothing\"]}, \"pool\": \"pool1\"}";
+    let (_db, rules) = database("broker_stored_subscriptions", lookup).await;
+    let broker = broker().start("stored-subscriptions", &rules).await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("news/#", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    publisher.publish("news/a", QoS::AtLeastOnce, "while away").await;
+
+    // Back without subscribing: the stored subscription brings the backlog, then live messages.
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    assert_eq!(payloads(&subscriber.receive(1).await), ["while away"]);
+    publisher.publish("news/b", QoS::AtLeastOnce, "live").await;
+    assert_eq!(payloads(&subscriber.receive(1).await), ["live"]);
+}
