@@ -229,10 +229,11 @@ async fn a_batch_of_messages_is_stored_in_order_with_one_outcome_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_batch_goes_out_in_multi_row_statements_and_ids_keep_message_order() {
+async fn a_large_batch_goes_out_in_full_statements_and_a_padded_rest_and_ids_keep_message_order() {
     let db = TestDb::create("publish_large_batch").await;
     let host = db.host(&db.rules(&offline_rules(""))).await;
-    // 1000 = 512 + 7 x 64 + 5 x 8: every statement size but the single row.
+    // 1000 = one full statement of 512 rows, then 488 in a statement of 512 padded with NULL
+    // rows, which must insert nothing.
     let batch: Vec<Message> = (0..1000).map(|i| message(&format!("t/{}", i % 7), 1, &i.to_string())).collect();
     let outcomes = host.call("message-publish", async |i| i.message_publish(&batch).await).await.unwrap();
     let ids: Vec<i64> = outcomes

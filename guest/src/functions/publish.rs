@@ -5,25 +5,31 @@ use crate::bindings::broker::extension::types::Message;
 use crate::db;
 use crate::functions::rows;
 
-/// Rows per INSERT statement. A batch goes out as multi-row INSERTs of these sizes (largest
-/// first), so that the server parses and plans few statements and each connection prepares at
-/// most four shapes. 512 rows x 10 parameters stays far below PostgreSQL's 65535.
-const CHUNKS: [usize; 4] = [512, 64, 8, 1];
+/// Rows per INSERT statement. A batch of up to 512 messages goes out as one statement of the
+/// smallest size that holds it, the unused rows bound to NULL and filtered out: one statement
+/// is one round trip in its own implicit transaction, with no BEGIN or COMMIT of its own, and
+/// each connection prepares at most six shapes. 512 rows x 10 parameters stays far below
+/// PostgreSQL's 65535.
+const SHAPES: [usize; 6] = [1, 4, 16, 64, 256, 512];
+
+/// The largest statement; a bigger batch is several of these, and a padded rest, in a transaction.
+const MAX_ROWS: usize = SHAPES[SHAPES.len() - 1];
 
 /// Parameters per row: retain, then `rows::values` (8), then the row's place in the statement.
 const PARAMS_PER_ROW: usize = 10;
 
-/// The INSERT of `count` rows (one of [`CHUNKS`]). It takes the commit-order lock (see schema/schema.sql) before any
-/// id is drawn, so that ids become visible in id order and a read position "up to id N" never
-/// skips a late commit. Rows are inserted, and their ids returned, in the order given (`ord`).
-/// The casts fix the parameter types, which VALUES alone would not.
-fn insert_statement(count: usize) -> &'static str {
+/// The INSERT of up to `rows` rows (one of [`SHAPES`]). It takes the commit-order lock (see
+/// schema/schema.sql) before any id is drawn, so that ids become visible in id order and a read
+/// position "up to id N" never skips a late commit. Rows are inserted, and their ids returned, in
+/// the order given (`ord`); padding rows have no `ord` and are not inserted. The casts fix the
+/// parameter types, which VALUES alone would not.
+fn insert_statement(rows: usize) -> &'static str {
     thread_local! {
         /// Built once per size: a 512-row statement is some 60 KB of text.
-        static STATEMENTS: [&'static str; CHUNKS.len()] =
-            CHUNKS.map(|size| &*Box::leak(build_insert(size).into_boxed_str()));
+        static STATEMENTS: [&'static str; SHAPES.len()] =
+            SHAPES.map(|size| &*Box::leak(build_insert(size).into_boxed_str()));
     }
-    let index = CHUNKS.iter().position(|&size| size == count).expect("a statement size of CHUNKS");
+    let index = SHAPES.iter().position(|&size| size == rows).expect("a statement size of SHAPES");
     STATEMENTS.with(|statements| statements[index])
 }
 
@@ -42,7 +48,7 @@ fn build_insert(count: usize) -> String {
          SELECT v.retain, v.msgid, v.sender, v.topic, v.qos, v.payload, v.arrived, v.properties, v.expires_at \
          FROM (SELECT pg_advisory_xact_lock(7526752370208940653)) AS commit_order, \
               (VALUES {}) AS v(retain, msgid, sender, topic, qos, payload, arrived, properties, expires_at, ord) \
-         ORDER BY v.ord RETURNING id",
+         WHERE v.ord IS NOT NULL ORDER BY v.ord RETURNING id",
         rows.join(", ")
     )
 }
@@ -53,34 +59,36 @@ pub fn publish_stores(message: &Message) -> bool {
     message.qos > 0
 }
 
-/// Stores `messages` atomically and returns their ids, in order. One message is one round trip;
-/// a batch is the transaction's begin and commit plus one round trip per statement size used.
+/// Stores `messages` atomically and returns their ids, in order. Up to [`MAX_ROWS`] messages
+/// are one statement and one round trip; more are a transaction of one statement per
+/// [`MAX_ROWS`], pipelined.
 pub fn store(pool: &str, messages: &[&Message]) -> Result<Vec<i64>, sql::Error> {
-    // Consecutive chunks, largest first: concatenating the sizes' results keeps message order.
-    let mut by_size: Vec<(usize, Vec<Vec<Value>>)> = Vec::new();
-    let mut rest = messages;
-    for size in CHUNKS {
-        let mut lists = Vec::new();
-        while rest.len() >= size {
-            let (chunk, tail) = rest.split_at(size);
-            lists.push(chunk.iter().enumerate().flat_map(|(ord, m)| row_values(m, ord)).collect());
-            rest = tail;
-        }
-        if !lists.is_empty() {
-            by_size.push((size, lists));
-        }
-    }
-    let row_sets = match by_size.as_slice() {
-        [(1, lists)] if lists.len() == 1 => vec![sql::query(pool, insert_statement(1), &lists[0])?],
-        _ => db::in_transaction(pool, |tx| {
-            let mut all = Vec::new();
-            for (size, lists) in &by_size {
-                all.extend(tx.query_batch(insert_statement(*size), lists)?);
+    let row_sets = if messages.len() <= MAX_ROWS {
+        let (statement, params) = padded_insert(messages);
+        vec![sql::query(pool, statement, &params)?]
+    } else {
+        // Full statements first, then the padded rest: concatenated results keep message order.
+        let (full, rest) = messages.split_at(messages.len() - messages.len() % MAX_ROWS);
+        let lists: Vec<Vec<Value>> = full.chunks(MAX_ROWS).map(|chunk| padded_insert(chunk).1).collect();
+        db::in_transaction(pool, |tx| {
+            let mut all = tx.query_batch(insert_statement(MAX_ROWS), &lists)?;
+            if !rest.is_empty() {
+                let (statement, params) = padded_insert(rest);
+                all.push(tx.query(statement, &params)?);
             }
             Ok(all)
-        })?,
+        })?
     };
     row_sets.iter().flat_map(|set| &set.rows).map(|row| db::int64(row, 0)).collect()
+}
+
+/// The statement of the smallest shape that holds `messages` (at most [`MAX_ROWS`]), and its
+/// parameters: the messages' rows, then NULL rows up to the shape's size.
+fn padded_insert(messages: &[&Message]) -> (&'static str, Vec<Value>) {
+    let shape = *SHAPES.iter().find(|&&size| size >= messages.len()).expect("at most MAX_ROWS messages");
+    let mut params: Vec<Value> = messages.iter().enumerate().flat_map(|(ord, m)| row_values(m, ord)).collect();
+    params.resize(shape * PARAMS_PER_ROW, Value::Null);
+    (insert_statement(shape), params)
 }
 
 fn row_values(message: &Message, ord: usize) -> impl Iterator<Item = Value> {
