@@ -14,10 +14,12 @@ use integration_tests::{TestDb, offline_rules};
 use rumqttc::QoS;
 
 use crate::memory::process_status_kib;
-use crate::{median, per_second};
+use crate::{cpu, median, per_second};
 
 /// (publishers, messages each)
-const LOADS: [(usize, usize); 2] = [(10, 500), (100, 100)];
+/// (publishers, messages each). Long enough for a steady state: with 100 x 100 the plain broker
+/// spent most of the run warming up and reached half its rate.
+const LOADS: [(usize, usize); 2] = [(10, 1000), (100, 1000)];
 const SUBSCRIBERS: usize = 100;
 const BACKLOG: usize = 1000;
 
@@ -39,14 +41,19 @@ struct Publishing {
     rate: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU microseconds per message: the clients (this process), the broker, PostgreSQL.
+    cpu_us: [f64; 3],
+    /// CPU time of all three over the wall time of the cores: how close the machine was to full.
+    busy: f64,
 }
 
 /// `publishers` connections at once, each publishing `each` QoS 1 messages in turn.
-async fn publish_load(port: u16, publishers: usize, each: usize, tag: &str) -> Publishing {
+async fn publish_load(broker: &BrokerProcess, publishers: usize, each: usize, tag: &str) -> Publishing {
     let mut clients = Vec::new();
     for p in 0..publishers {
-        clients.push(Mqtt::connect(port, &format!("{tag}-pub-{p}"), false).await);
+        clients.push(Mqtt::connect(broker.port, &format!("{tag}-pub-{p}"), false).await);
     }
+    let cpu_before = cpu::Sample::take(broker.pid());
     let started = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -69,9 +76,13 @@ async fn publish_load(port: u16, publishers: usize, each: usize, tag: &str) -> P
         latencies.extend(task.await.expect("publisher"));
     }
     let elapsed = started.elapsed();
+    let messages = publishers * each;
+    let cpu_us = cpu_before.per_message_until(&cpu::Sample::take(broker.pid()), messages);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let busy = cpu_us.iter().sum::<f64>() * messages as f64 / 1e6 / (elapsed.as_secs_f64() * cores);
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    Publishing { rate: per_second(publishers * each, elapsed), p50_ms: at(0.50), p99_ms: at(0.99) }
+    Publishing { rate: per_second(messages, elapsed), p50_ms: at(0.50), p99_ms: at(0.99), cpu_us, busy }
 }
 
 fn peak_rss_mib(broker: &BrokerProcess) -> f64 {
@@ -87,21 +98,22 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut peaks = (0.0f64, 0.0f64);
+    let mut cpu_rows = Vec::new();
     for (publishers, each) in LOADS {
         let (mut without, mut with, mut with_async) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..runs {
             let db = TestDb::create("bench_broker").await;
             let plain = launcher.start_plain("bench-plain").await;
-            without.push(publish_load(plain.port, publishers, each, &format!("plain{run}")).await);
+            without.push(publish_load(&plain, publishers, each, &format!("plain{run}")).await);
             let extended = launcher.start_with("bench-extension", &db.rules(&offline_rules("")), &extra()).await;
-            with.push(publish_load(extended.port, publishers, each, &format!("ext{run}")).await);
+            with.push(publish_load(&extended, publishers, each, &format!("ext{run}")).await);
             peaks = (peaks.0.max(peak_rss_mib(&plain)), peaks.1.max(peak_rss_mib(&extended)));
             drop(extended);
             // The same without waiting for the WAL flush: how much of the gap is durability.
             let admin = db.client().await;
             admin.batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = off", db.name)).await?;
             let extended = launcher.start_with("bench-extension", &db.rules(&offline_rules("")), &extra()).await;
-            with_async.push(publish_load(extended.port, publishers, each, &format!("async{run}")).await);
+            with_async.push(publish_load(&extended, publishers, each, &format!("async{run}")).await);
         }
         let m = |v: &[Publishing], f: fn(&Publishing) -> f64| median(v.iter().map(f).collect());
         let rate_without = m(&without, |p| p.rate);
@@ -121,6 +133,23 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             row(&with),
             row(&with_async)
         );
+        for (what, v) in [("without", &without), ("with", &with), ("with, synchronous_commit off", &with_async)] {
+            let cpu = |i: usize| median(v.iter().map(|p| p.cpu_us[i]).collect());
+            cpu_rows.push(format!(
+                "| {publishers} x {each} | {what} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} % |",
+                cpu(0),
+                cpu(1),
+                cpu(2),
+                m(v, |p| p.cpu_us.iter().sum()),
+                100.0 * m(v, |p| p.busy)
+            ));
+        }
+    }
+    println!("\nCPU per message in the same runs (medians), microseconds; busy: CPU time of the three over the cores' wall time");
+    println!("| publishers x messages | extension | clients | broker | PostgreSQL | total | busy |");
+    println!("|---|---|---|---|---|---|---|");
+    for row in cpu_rows {
+        println!("{row}");
     }
 
     println!("\n## broker: {SUBSCRIBERS} offline subscribers come back to a {BACKLOG}-message backlog");

@@ -29,9 +29,10 @@ impl Recording {
         Recording { inner, units: Arc::default(), on: Arc::new(AtomicBool::new(true)) }
     }
 
-    fn record(&self, unit: Unit) {
+    /// Records the unit `make` builds, unless recording is off (then nothing is copied).
+    fn record(&self, make: impl FnOnce() -> Unit) {
         if self.on.load(Ordering::Relaxed) {
-            self.units.lock().unwrap().push(unit);
+            self.units.lock().unwrap().push(make());
         }
     }
 }
@@ -39,12 +40,12 @@ impl Recording {
 #[async_trait]
 impl SqlBackend for Recording {
     async fn query(&self, pool: &str, statement: &str, params: &[Value]) -> Result<RowSet, SqlError> {
-        self.record(Unit::Single { statement: statement.into(), params: params.to_vec() });
+        self.record(|| Unit::Single { statement: statement.into(), params: params.to_vec() });
         self.inner.query(pool, statement, params).await
     }
 
     async fn execute(&self, pool: &str, statement: &str, params: &[Value]) -> Result<u64, SqlError> {
-        self.record(Unit::Single { statement: statement.into(), params: params.to_vec() });
+        self.record(|| Unit::Single { statement: statement.into(), params: params.to_vec() });
         self.inner.execute(pool, statement, params).await
     }
 

@@ -3,7 +3,7 @@
 //! and COPY BINARY of the same rows (the physical limit), with synchronous_commit on and off.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use futures::pin_mut;
 use host_harness::bindings::{Message, Rules};
@@ -15,7 +15,8 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::recording::{self, Recording};
-use crate::{median, per_second};
+use crate::cpu::{Figure, Stopwatch};
+use crate::median;
 
 const BATCHES: [usize; 4] = [1, 10, 100, 1000];
 const PAYLOAD: [u8; 100] = [7; 100];
@@ -43,6 +44,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
         "| synchronous_commit | batch | guest | same SQL native | guest/native | multi-row INSERT | COPY BINARY | guest/multi-row |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    let mut cpu_rows = Vec::new();
     for synchronous_commit in ["on", "off"] {
         let db = TestDb::create(&format!("bench_store_{synchronous_commit}")).await;
         let rules = db.rules(&offline_rules(""));
@@ -52,8 +54,8 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             .batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = {synchronous_commit}", db.name))
             .await?;
         for batch in BATCHES {
-            let total = if batch == 1 { 2_000 } else { 20_000 };
-            let mut figures: [Vec<f64>; 4] = Default::default();
+            let total = if batch == 1 { 5_000 } else { 20_000 };
+            let mut figures: [Vec<Figure>; 4] = Default::default();
             for run in 0..runs {
                 let all = messages(total);
                 admin.batch_execute("TRUNCATE mqtt_msg").await?;
@@ -74,25 +76,37 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
                 admin.batch_execute("TRUNCATE mqtt_msg").await?;
                 figures[3].push(copy_binary(&db, &all, batch).await?);
             }
-            let [guest, native, multi, copy] = figures.map(median);
+            let [guest, native, multi, copy] = figures.each_ref().map(|f| median(f.iter().map(|f| f.rate).collect()));
             println!(
                 "| {synchronous_commit} | {batch} | {guest:.0} | {native:.0} | {:.0} % | {multi:.0} | {copy:.0} | {:.0} % |",
                 100.0 * guest / native,
                 100.0 * guest / multi
             );
+            let [guest, native, multi, copy] =
+                figures.each_ref().map(|f| median(f.iter().map(|f| f.postgres_us).collect()));
+            cpu_rows.push(format!(
+                "| {synchronous_commit} | {batch} | {guest:.1} | {native:.1} | {multi:.1} | {copy:.1} |"
+            ));
         }
+    }
+    // Every PostgreSQL process counts (backends, WAL writer, ...): the server's whole cost.
+    println!("\nPostgreSQL CPU per message in the same runs (medians), microseconds");
+    println!("| synchronous_commit | batch | guest | same SQL native | multi-row INSERT | COPY BINARY |");
+    println!("|---|---|---|---|---|---|");
+    for row in cpu_rows {
+        println!("{row}");
     }
     Ok(())
 }
 
-/// Stores `all` through the guest in batches; returns messages/s and what the guest sent
+/// Stores `all` through the guest in batches; returns the timing and what the guest sent
 /// (recorded in a first, untimed pass).
 async fn through_guest(
     rules: &str,
     admin: &tokio_postgres::Client,
     all: &[Message],
     batch: usize,
-) -> anyhow::Result<(f64, Vec<recording::Unit>)> {
+) -> anyhow::Result<(Figure, Vec<recording::Unit>)> {
     let file = RulesFile::parse(rules)?;
     let backend = Arc::new(PgBackend::new(&file.pools, None)?);
     let recording = Recording::new(backend.clone());
@@ -108,11 +122,11 @@ async fn through_guest(
     }
     on.store(false, std::sync::atomic::Ordering::Relaxed);
     admin.batch_execute("TRUNCATE mqtt_msg").await?;
-    let started = Instant::now();
+    let stopwatch = Stopwatch::start();
     for chunk in all.chunks(batch) {
         instance.message_publish(chunk).await?;
     }
-    let rate = per_second(all.len(), started.elapsed());
+    let rate = stopwatch.stop(all.len());
     let recorded = units.lock().unwrap().clone();
     Ok((rate, recorded))
 }
@@ -124,23 +138,23 @@ async fn native_same_sql(
     admin: &tokio_postgres::Client,
     units: &[recording::Unit],
     messages: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Figure> {
     let file = RulesFile::parse(rules)?;
     let backend = PgBackend::new(&file.pools, None)?;
     recording::replay(&backend, "pool1", units).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     admin.batch_execute("TRUNCATE mqtt_msg").await?;
-    let started = Instant::now();
+    let stopwatch = Stopwatch::start();
     recording::replay(&backend, "pool1", units).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(per_second(messages, started.elapsed()))
+    Ok(stopwatch.stop(messages))
 }
 
 const COLUMNS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
 
 /// One multi-row INSERT per batch, each its own transaction: the best plain SQL can do.
-async fn multi_row_insert(db: &TestDb, all: &[Message], batch: usize) -> anyhow::Result<f64> {
+async fn multi_row_insert(db: &TestDb, all: &[Message], batch: usize) -> anyhow::Result<Figure> {
     let client = db.client().await;
     let arrived = SystemTime::now();
-    let started = Instant::now();
+    let stopwatch = Stopwatch::start();
     for chunk in all.chunks(batch) {
         let rows: Vec<String> = (0..chunk.len())
             .map(|r| {
@@ -164,15 +178,15 @@ async fn multi_row_insert(db: &TestDb, all: &[Message], batch: usize) -> anyhow:
         }
         client.execute(&statement, &params).await?;
     }
-    Ok(per_second(all.len(), started.elapsed()))
+    Ok(stopwatch.stop(all.len()))
 }
 
 /// COPY BINARY, one COPY per batch: the physical limit.
-async fn copy_binary(db: &TestDb, all: &[Message], batch: usize) -> anyhow::Result<f64> {
+async fn copy_binary(db: &TestDb, all: &[Message], batch: usize) -> anyhow::Result<Figure> {
     let client = db.client().await;
     let arrived = SystemTime::now();
     let types = [Type::TEXT, Type::TEXT, Type::TEXT, Type::INT2, Type::BOOL, Type::BYTEA, Type::TIMESTAMPTZ];
-    let started = Instant::now();
+    let stopwatch = Stopwatch::start();
     for chunk in all.chunks(batch) {
         let sink = client.copy_in(&format!("COPY mqtt_msg ({COLUMNS}) FROM STDIN BINARY")).await?;
         let writer = BinaryCopyInWriter::new(sink, &types);
@@ -183,5 +197,5 @@ async fn copy_binary(db: &TestDb, all: &[Message], batch: usize) -> anyhow::Resu
         }
         writer.finish().await?;
     }
-    Ok(per_second(all.len(), started.elapsed()))
+    Ok(stopwatch.stop(all.len()))
 }

@@ -1,0 +1,82 @@
+//! CPU time of the processes in a run, from `/proc/<pid>/stat`: where the machine's two cores go
+//! when the broker is the bottleneck or the database is.
+
+use std::time::Duration;
+
+/// User plus system CPU time of one process so far (all its threads); zero if it is gone.
+pub fn process(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces: utime and
+    // stime are fields 14 and 15 of the line, so 12 and 13 after the name.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / clock_ticks_per_second())
+}
+
+/// CPU time of every PostgreSQL server process on the machine (postmaster, backends, writers).
+/// A backend that exits during a measurement takes its time with it; the broker's pool keeps
+/// its connections for the whole run.
+pub fn postgres() -> Duration {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Duration::ZERO };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .map(|pid| process(&pid))
+        .sum()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant of the system and has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// CPU time of the bench's clients, the broker and PostgreSQL at one moment.
+#[derive(Clone, Copy)]
+pub struct Sample {
+    clients: Duration,
+    broker: Duration,
+    postgres: Duration,
+}
+
+impl Sample {
+    pub fn take(broker_pid: u32) -> Sample {
+        Sample { clients: process("self"), broker: process(&broker_pid.to_string()), postgres: postgres() }
+    }
+
+    /// Microseconds of CPU per message between `self` and a later sample:
+    /// (clients, broker, PostgreSQL).
+    pub fn per_message_until(&self, later: &Sample, messages: usize) -> [f64; 3] {
+        let per = |a: Duration, b: Duration| b.saturating_sub(a).as_secs_f64() * 1e6 / messages as f64;
+        [per(self.clients, later.clients), per(self.broker, later.broker), per(self.postgres, later.postgres)]
+    }
+}
+
+/// Times a stretch of work: its rate, and PostgreSQL's CPU time per item.
+pub struct Stopwatch {
+    started: std::time::Instant,
+    postgres: Duration,
+}
+
+/// What a [`Stopwatch`] measured.
+#[derive(Clone, Copy)]
+pub struct Figure {
+    /// Items per second.
+    pub rate: f64,
+    /// Microseconds of PostgreSQL CPU per item.
+    pub postgres_us: f64,
+}
+
+impl Stopwatch {
+    pub fn start() -> Stopwatch {
+        Stopwatch { started: std::time::Instant::now(), postgres: postgres() }
+    }
+
+    pub fn stop(&self, items: usize) -> Figure {
+        let elapsed = self.started.elapsed();
+        Figure {
+            rate: crate::per_second(items, elapsed),
+            postgres_us: postgres().saturating_sub(self.postgres).as_secs_f64() * 1e6 / items as f64,
+        }
+    }
+}
