@@ -96,3 +96,36 @@ fn row_values(message: &Message, ord: usize) -> impl Iterator<Item = Value> {
         .chain(rows::values(message))
         .chain(std::iter::once(Value::Int32(ord as i32)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(i: usize) -> Message {
+        Message {
+            id: None,
+            msgid: format!("m{i}"),
+            sender: "s".into(),
+            topic: "t".into(),
+            payload: vec![1],
+            qos: 1,
+            retain: false,
+            timestamp: 0,
+            properties: vec![],
+        }
+    }
+
+    #[test]
+    fn a_batch_takes_the_smallest_shape_that_holds_it_and_pads_with_null_rows() {
+        for (count, shape) in [(1, 1), (2, 4), (4, 4), (5, 16), (65, 256), (257, 512), (512, 512)] {
+            let messages: Vec<Message> = (0..count).map(message).collect();
+            let refs: Vec<&Message> = messages.iter().collect();
+            let (statement, params) = padded_insert(&refs);
+            assert_eq!(statement, insert_statement(shape), "{count} messages");
+            assert_eq!(params.len(), shape * PARAMS_PER_ROW, "{count} messages");
+            // The last message's place is its `ord`; every padding parameter is NULL, `ord` too.
+            assert!(matches!(params[count * PARAMS_PER_ROW - 1], Value::Int32(ord) if ord as usize == count - 1));
+            assert!(params[count * PARAMS_PER_ROW..].iter().all(|p| matches!(p, Value::Null)));
+        }
+    }
+}
