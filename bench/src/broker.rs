@@ -1,6 +1,7 @@
-//! The broker with real MQTT connections (rumqttc), as processes: QoS 1 publish throughput and
-//! latency through the broker with the extension against the same broker without it, and the
-//! time for 100 offline subscribers to receive a 1000-message backlog.
+//! The broker with real MQTT connections (rumqttc), as processes: QoS 1 publish throughput,
+//! latency and CPU per message through the broker with the extension against the same broker
+//! without it (and with the extension's hook path alone, to tell its cost from the database's),
+//! and the time for 100 offline subscribers to receive a 1000-message backlog.
 //!
 //! Each publisher publishes QoS 1 messages one after the other, waiting for each PUBACK (what a
 //! device does); the latency of a message is from PUBLISH to PUBACK. No subscribers are online:
@@ -89,67 +90,91 @@ fn peak_rss_mib(broker: &BrokerProcess) -> f64 {
     process_status_kib(&broker.pid().to_string(), "VmHWM") as f64 / 1024.0
 }
 
+/// The brokers each load is run against, in this order in every run.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    /// `extension = []`: plain rmqtt.
+    Plain,
+    /// The extension loaded, but its publish rule matches no topic: the hook path (rmqtt's
+    /// hooks, the publish queue, the wasm call) without any SQL.
+    HookPathOnly,
+    /// The example rules: every message stored, durably.
+    Storing,
+    /// The same on a database with `synchronous_commit = off`: how much of the cost is the WAL flush.
+    StoringAsync,
+}
+
+impl Setup {
+    const ALL: [Setup; 4] = [Setup::Plain, Setup::HookPathOnly, Setup::Storing, Setup::StoringAsync];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Setup::Plain => "without the extension",
+            Setup::HookPathOnly => "extension, no rule stores (hook path only)",
+            Setup::Storing => "extension storing every message",
+            Setup::StoringAsync => "the same, synchronous_commit off",
+        }
+    }
+
+    async fn start(self, launcher: &Launcher, db: &TestDb) -> anyhow::Result<BrokerProcess> {
+        let rules = match self {
+            Setup::Plain => return Ok(launcher.start_plain("bench-plain").await),
+            Setup::HookPathOnly => NO_RULE_STORES.to_owned(),
+            Setup::Storing | Setup::StoringAsync => offline_rules(""),
+        };
+        if self == Setup::StoringAsync {
+            let admin = db.client().await;
+            admin.batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = off", db.name)).await?;
+        }
+        Ok(launcher.start_with("bench-extension", &db.rules(&rules), &extra()).await)
+    }
+}
+
+/// A publish rule whose filter no benchmark topic matches.
+const NO_RULE_STORES: &str = "backend.pgsql.hook.message.publish.1 = \
+    {\"topic\": \"nothing/#\", \"action\": {\"function\": \"on_message_publish\"}, \"pool\": \"pool1\"}";
+
 pub async fn run(runs: usize) -> anyhow::Result<()> {
     let launcher = launcher();
     println!("\n## broker: QoS 1 publish through the broker, with the extension and without");
     println!(
-        "| publishers x messages | without: msg/s | p50 ms | p99 ms | with: msg/s | p50 ms | p99 ms | with / without \
-         | with, synchronous_commit off: msg/s | p50 ms | p99 ms | that / without |"
+        "CPU: microseconds per message of the clients (this process), the broker and PostgreSQL; \
+         busy: their CPU time over the cores' wall time"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let mut peaks = (0.0f64, 0.0f64);
-    let mut cpu_rows = Vec::new();
+    println!(
+        "| publishers x messages | broker | msg/s | p50 ms | p99 ms | vs without | CPU clients | CPU broker \
+         | CPU PostgreSQL | CPU total | busy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut peaks = [0.0f64; Setup::ALL.len()];
     for (publishers, each) in LOADS {
-        let (mut without, mut with, mut with_async) = (Vec::new(), Vec::new(), Vec::new());
+        let mut figures: [Vec<Publishing>; Setup::ALL.len()] = Default::default();
         for run in 0..runs {
             let db = TestDb::create("bench_broker").await;
-            let plain = launcher.start_plain("bench-plain").await;
-            without.push(publish_load(&plain, publishers, each, &format!("plain{run}")).await);
-            let extended = launcher.start_with("bench-extension", &db.rules(&offline_rules("")), &extra()).await;
-            with.push(publish_load(&extended, publishers, each, &format!("ext{run}")).await);
-            peaks = (peaks.0.max(peak_rss_mib(&plain)), peaks.1.max(peak_rss_mib(&extended)));
-            drop(extended);
-            // The same without waiting for the WAL flush: how much of the gap is durability.
-            let admin = db.client().await;
-            admin.batch_execute(&format!("ALTER DATABASE {} SET synchronous_commit = off", db.name)).await?;
-            let extended = launcher.start_with("bench-extension", &db.rules(&offline_rules("")), &extra()).await;
-            with_async.push(publish_load(&extended, publishers, each, &format!("async{run}")).await);
+            for (i, setup) in Setup::ALL.into_iter().enumerate() {
+                let broker = setup.start(&launcher, &db).await?;
+                figures[i].push(publish_load(&broker, publishers, each, &format!("{run}-{i}")).await);
+                peaks[i] = peaks[i].max(peak_rss_mib(&broker));
+            }
         }
-        let m = |v: &[Publishing], f: fn(&Publishing) -> f64| median(v.iter().map(f).collect());
-        let rate_without = m(&without, |p| p.rate);
-        let row = |v: &[Publishing]| {
-            let rate = m(v, |p| p.rate);
-            format!(
-                "{rate:.0} | {:.2} | {:.2} | {:.0} %",
-                m(v, |p| p.p50_ms),
-                m(v, |p| p.p99_ms),
-                100.0 * rate / rate_without
-            )
-        };
-        println!(
-            "| {publishers} x {each} | {rate_without:.0} | {:.2} | {:.2} | {} | {} |",
-            m(&without, |p| p.p50_ms),
-            m(&without, |p| p.p99_ms),
-            row(&with),
-            row(&with_async)
-        );
-        for (what, v) in [("without", &without), ("with", &with), ("with, synchronous_commit off", &with_async)] {
-            let cpu = |i: usize| median(v.iter().map(|p| p.cpu_us[i]).collect());
-            cpu_rows.push(format!(
-                "| {publishers} x {each} | {what} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} % |",
+        let m = |v: &[Publishing], f: &dyn Fn(&Publishing) -> f64| median(v.iter().map(f).collect());
+        let rate_without = m(&figures[0], &|p| p.rate);
+        for (setup, v) in Setup::ALL.into_iter().zip(&figures) {
+            let rate = m(v, &|p| p.rate);
+            let cpu = |i: usize| m(v, &|p| p.cpu_us[i]);
+            println!(
+                "| {publishers} x {each} | {} | {rate:.0} | {:.2} | {:.2} | {:.0} % | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} % |",
+                setup.describe(),
+                m(v, &|p| p.p50_ms),
+                m(v, &|p| p.p99_ms),
+                100.0 * rate / rate_without,
                 cpu(0),
                 cpu(1),
                 cpu(2),
-                m(v, |p| p.cpu_us.iter().sum()),
-                100.0 * m(v, |p| p.busy)
-            ));
+                m(v, &|p| p.cpu_us.iter().sum()),
+                100.0 * m(v, &|p| p.busy)
+            );
         }
-    }
-    println!("\nCPU per message in the same runs (medians), microseconds; busy: CPU time of the three over the cores' wall time");
-    println!("| publishers x messages | extension | clients | broker | PostgreSQL | total | busy |");
-    println!("|---|---|---|---|---|---|---|");
-    for row in cpu_rows {
-        println!("{row}");
     }
 
     println!("\n## broker: {SUBSCRIBERS} offline subscribers come back to a {BACKLOG}-message backlog");
@@ -165,7 +190,10 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     }
     let seconds = median(times);
     println!("| {seconds:.2} | {:.0} | {peak:.0} |", (SUBSCRIBERS * BACKLOG) as f64 / seconds);
-    println!("\npeak RSS during the publish runs, MiB: without the extension {:.0}, with it {:.0}", peaks.0, peaks.1);
+    println!(
+        "\npeak RSS during the publish runs, MiB: without the extension {:.0}, storing with it {:.0}",
+        peaks[0], peaks[2]
+    );
     Ok(())
 }
 
