@@ -17,7 +17,6 @@ use rumqttc::QoS;
 use crate::memory::process_status_kib;
 use crate::{cpu, median, per_second};
 
-/// (publishers, messages each)
 /// (publishers, messages each). Long enough for a steady state: with 100 x 100 the plain broker
 /// spent most of the run warming up and reached half its rate.
 const LOADS: [(usize, usize); 2] = [(10, 1000), (100, 1000)];

