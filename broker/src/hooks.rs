@@ -46,6 +46,19 @@ pub async fn register(hooks: Hooks) {
     register.start().await;
 }
 
+/// Marks `publish` with what became of it in `extension`: its stored id, or the failure that
+/// the ACL check turns into a refusal.
+fn record_outcome(publish: &mut Publish, extension: &Extension, outcome: PublishOutcome) {
+    match outcome {
+        PublishOutcome::Stored(id) => message::attach_stored_id(publish, &extension.name, id),
+        PublishOutcome::NotStored => {}
+        PublishOutcome::Failed(e) => {
+            tracing::warn!(extension = extension.name, topic = %publish.topic, "not stored: {}", e.describe());
+            message::set_flag(publish, STORE_FAILED);
+        }
+    }
+}
+
 fn connection(session: &Session) -> Connection {
     Connection { clientid: session.id.client_id.to_string(), since: session.id.create_time }
 }
@@ -194,15 +207,14 @@ impl Hooks {
         message::strip_own_properties(&mut publish);
         let sender = from.id.client_id.to_string();
         let message = message::to_message(&publish, &sender, None);
-        for extension in self.extensions.iter() {
-            match extension.message_publish(message.clone()).await {
-                PublishOutcome::Stored(id) => message::attach_stored_id(&mut publish, &extension.name, id),
-                PublishOutcome::NotStored => {}
-                PublishOutcome::Failed(e) => {
-                    tracing::warn!(extension = extension.name, topic = message.topic, "not stored: {}", e.describe());
-                    message::set_flag(&mut publish, STORE_FAILED);
-                }
+        if let Some((last, others)) = self.extensions.split_last() {
+            for extension in others {
+                let outcome = extension.message_publish(message.clone()).await;
+                record_outcome(&mut publish, extension, outcome);
             }
+            // The last extension takes the message itself, the others a copy.
+            let outcome = last.message_publish(message).await;
+            record_outcome(&mut publish, last, outcome);
         }
         publish
     }
