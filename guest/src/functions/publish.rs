@@ -61,8 +61,8 @@ pub fn publish_stores(message: &Message) -> bool {
 }
 
 /// Stores `messages` atomically and returns their ids, in order. Up to [`MAX_ROWS`] messages
-/// are one statement and one round trip; more are a transaction of one statement per
-/// [`MAX_ROWS`], pipelined.
+/// are one statement and one round trip; more are a transaction: the full statements of
+/// [`MAX_ROWS`] pipelined in one round trip, then the padded rest.
 pub fn store(pool: &str, messages: &[&Message]) -> Result<Vec<i64>, sql::Error> {
     let row_sets = if messages.len() <= MAX_ROWS {
         let (statement, params) = padded_insert(messages);
@@ -88,7 +88,8 @@ pub fn store(pool: &str, messages: &[&Message]) -> Result<Vec<i64>, sql::Error> 
 fn padded_insert(messages: &[&Message]) -> (&'static str, Vec<Value>) {
     assert!(messages.len() <= MAX_ROWS, "at most MAX_ROWS messages");
     let shape = messages.len().next_power_of_two();
-    let mut params: Vec<Value> = messages.iter().enumerate().flat_map(|(ord, m)| row_values(m, ord)).collect();
+    let mut params = Vec::with_capacity(shape * PARAMS_PER_ROW);
+    params.extend(messages.iter().enumerate().flat_map(|(ord, m)| row_values(m, ord)));
     params.resize(shape * PARAMS_PER_ROW, Value::Null);
     (insert_statement(shape), params)
 }
