@@ -8,7 +8,8 @@ pub fn process(pid: &str) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces: utime and
     // stime are fields 14 and 15 of the line, so 12 and 13 after the name.
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     Duration::from_secs_f64((ticks(11) + ticks(12)) as f64 / clock_ticks_per_second())
 }
@@ -83,5 +84,35 @@ impl Stopwatch {
     pub fn stop(&self, items: usize) -> Figure {
         let elapsed = self.started.elapsed();
         Figure { rate: crate::per_second(items, elapsed), postgres_us: micros_per(self.postgres, postgres(), items) }
+    }
+}
+
+/// Time and PostgreSQL CPU summed over several stretches of work: for two ways of doing the same
+/// work measured in turns, so that whatever drifts during a run (the disk's flush times, other
+/// processes) falls on both alike.
+#[derive(Default)]
+pub struct Tally {
+    elapsed: Duration,
+    postgres: Duration,
+    items: usize,
+}
+
+impl Tally {
+    /// Runs `work` (which handles `items` items) and adds what it took.
+    pub async fn time<T>(&mut self, items: usize, work: impl Future<Output = T>) -> T {
+        let postgres_before = postgres();
+        let started = std::time::Instant::now();
+        let output = work.await;
+        self.elapsed += started.elapsed();
+        self.postgres += postgres().saturating_sub(postgres_before);
+        self.items += items;
+        output
+    }
+
+    pub fn figure(&self) -> Figure {
+        Figure {
+            rate: crate::per_second(self.items, self.elapsed),
+            postgres_us: micros_per(Duration::ZERO, self.postgres, self.items),
+        }
     }
 }

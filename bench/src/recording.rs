@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use host_harness::bindings::{RowSet, SqlError, Value};
@@ -22,11 +23,14 @@ pub struct Recording {
     pub units: Arc<Mutex<Vec<Unit>>>,
     /// Off while timing: recording (a lock and a copy of every parameter) is not the guest's cost.
     pub on: Arc<AtomicBool>,
+    /// When the last statement outside a transaction went to the database and when its answer
+    /// came back: what of a hook call's time is the database's (kept while off, too).
+    pub last_statement: Arc<Mutex<Option<(Instant, Instant)>>>,
 }
 
 impl Recording {
     pub fn new(inner: Arc<dyn SqlBackend>) -> Recording {
-        Recording { inner, units: Arc::default(), on: Arc::new(AtomicBool::new(true)) }
+        Recording { inner, units: Arc::default(), on: Arc::new(AtomicBool::new(true)), last_statement: Arc::default() }
     }
 
     /// Records the unit `make` builds, unless recording is off (then nothing is copied).
@@ -41,7 +45,10 @@ impl Recording {
 impl SqlBackend for Recording {
     async fn query(&self, pool: &str, statement: &str, params: &[Value]) -> Result<RowSet, SqlError> {
         self.record(|| Unit::Single { statement: statement.into(), params: params.to_vec() });
-        self.inner.query(pool, statement, params).await
+        let sent = Instant::now();
+        let answer = self.inner.query(pool, statement, params).await;
+        *self.last_statement.lock().unwrap() = Some((sent, Instant::now()));
+        answer
     }
 
     async fn execute(&self, pool: &str, statement: &str, params: &[Value]) -> Result<u64, SqlError> {

@@ -1,9 +1,10 @@
 //! Store path: messages/s stored through the guest's `message-publish`, against the same SQL
-//! issued natively (recorded from the guest, replayed without wasm), a native multi-row INSERT
-//! and COPY BINARY of the same rows (the physical limit), with synchronous_commit on and off.
+//! issued natively (recorded from the guest, replayed without wasm, the two taking turns), a
+//! native multi-row INSERT and COPY BINARY of the same rows (the physical limit), with
+//! synchronous_commit on and off; and where a guest call's time goes around its statement.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::pin_mut;
 use host_harness::bindings::{Message, Rules};
@@ -14,9 +15,9 @@ use integration_tests::{TestDb, guest_module, offline_rules};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::recording::{self, Recording};
-use crate::cpu::{Figure, Stopwatch};
+use crate::cpu::{Figure, Stopwatch, Tally};
 use crate::median;
+use crate::recording::{self, Recording};
 
 const BATCHES: [usize; 4] = [1, 10, 100, 1000];
 const PAYLOAD: [u8; 100] = [7; 100];
@@ -44,7 +45,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
         "| synchronous_commit | batch | guest | same SQL native | guest/native | multi-row INSERT | COPY BINARY | guest/multi-row |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let mut cpu_rows = Vec::new();
+    let (mut cpu_rows, mut split_rows) = (Vec::new(), Vec::new());
     for synchronous_commit in ["on", "off"] {
         let db = TestDb::create(&format!("bench_store_{synchronous_commit}")).await;
         let rules = db.rules(&offline_rules(""));
@@ -56,19 +57,12 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
         for batch in BATCHES {
             let total = if batch == 1 { 5_000 } else { 20_000 };
             let mut figures: [Vec<Figure>; 4] = Default::default();
-            for run in 0..runs {
+            let mut splits = Vec::new();
+            for _ in 0..runs {
                 let all = messages(total);
                 admin.batch_execute("TRUNCATE mqtt_msg").await?;
-                let (guest, units) = through_guest(&rules, &admin, &all, batch).await?;
-                admin.batch_execute("TRUNCATE mqtt_msg").await?;
-                let native = native_same_sql(&rules, &admin, &units, total).await?;
-                // Every other run, the guest again after the native replay: no side gains from going first.
-                let guest = if run % 2 == 1 {
-                    admin.batch_execute("TRUNCATE mqtt_msg").await?;
-                    through_guest(&rules, &admin, &all, batch).await?.0
-                } else {
-                    guest
-                };
+                let (guest, native, split) = guest_and_native(&rules, &admin, &all, batch).await?;
+                splits.extend(split.per_call());
                 figures[0].push(guest);
                 figures[1].push(native);
                 admin.batch_execute("TRUNCATE mqtt_msg").await?;
@@ -77,9 +71,12 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
                 figures[3].push(copy_binary(&db, &all, batch).await?);
             }
             let [guest, native, multi, copy] = figures.each_ref().map(|f| median(f.iter().map(|f| f.rate).collect()));
+            // The guest and its native replay were measured in turns: the ratio is the median of
+            // each run's own.
+            let guest_to_native = median(figures[0].iter().zip(&figures[1]).map(|(g, n)| g.rate / n.rate).collect());
             println!(
                 "| {synchronous_commit} | {batch} | {guest:.0} | {native:.0} | {:.0} % | {multi:.0} | {copy:.0} | {:.0} % |",
-                100.0 * guest / native,
+                100.0 * guest_to_native,
                 100.0 * guest / multi
             );
             let [guest, native, multi, copy] =
@@ -87,6 +84,13 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             cpu_rows.push(format!(
                 "| {synchronous_commit} | {batch} | {guest:.1} | {native:.1} | {multi:.1} | {copy:.1} |"
             ));
+            if !splits.is_empty() {
+                let [before, database, after] = [0, 1, 2].map(|i| median(splits.iter().map(|s| s[i]).collect()));
+                let native_call = median(figures[1].iter().map(|f| 1e6 * batch as f64 / f.rate).collect());
+                split_rows.push(format!(
+                    "| {synchronous_commit} | {batch} | {before:.1} | {database:.1} | {after:.1} | {native_call:.1} |"
+                ));
+            }
         }
     }
     // Every PostgreSQL process counts (backends, WAL writer, ...): the server's whole cost.
@@ -96,56 +100,107 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     for row in cpu_rows {
         println!("{row}");
     }
+    println!("\nA guest publish call in the same runs (medians), microseconds per call");
+    println!(
+        "| synchronous_commit | batch | guest, before its statement | guest, in the database call | guest, after the answer | native, the same call |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for row in split_rows {
+        println!("{row}");
+    }
     Ok(())
 }
 
-/// Stores `all` through the guest in batches; returns the timing and what the guest sent
-/// (recorded in a first, untimed pass).
-async fn through_guest(
+/// Messages per turn when the guest and the native replay take turns: 20 turns each.
+fn turn_size(total: usize, batch: usize) -> usize {
+    (total / 20).max(batch) / batch * batch
+}
+
+/// Stores `all` through the guest in batches, and replays what the guest sent natively, the two
+/// taking turns of [`turn_size`] messages (each turn's first alternating), so that whatever drifts
+/// during the run falls on both alike. Returns (guest, native, where the guest's calls spent their time).
+async fn guest_and_native(
     rules: &str,
     admin: &tokio_postgres::Client,
     all: &[Message],
     batch: usize,
-) -> anyhow::Result<(Figure, Vec<recording::Unit>)> {
+) -> anyhow::Result<(Figure, Figure, Split)> {
     let file = RulesFile::parse(rules)?;
     let backend = Arc::new(PgBackend::new(&file.pools, None)?);
     let recording = Recording::new(backend.clone());
-    let (units, on) = (recording.units.clone(), recording.on.clone());
+    let (units, on, last_statement) = (recording.units.clone(), recording.on.clone(), recording.last_statement.clone());
     let mut instance = guest_module().instantiate(Arc::new(recording), Arc::new(Metrics::default())).await?;
     let guest_rules =
         Rules { source: "bench".into(), text: file.guest_text, pools: backend.pool_names(), node: "bench".into() };
     instance.configure(&guest_rules).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    // Untimed: what the guest sends, for the native replay (it also opens the connection and
-    // prepares the statements).
-    for chunk in all.chunks(batch) {
-        instance.message_publish(chunk).await?;
+    // The native replay has a backend of its own, as the guest has.
+    let native = PgBackend::new(&file.pools, None)?;
+    let turns: Vec<&[Message]> = all.chunks(turn_size(all.len(), batch)).collect();
+    // Untimed: what the guest sends in each turn, for the native replay; this also opens both
+    // connections and prepares the statements on them.
+    let mut sent = Vec::with_capacity(turns.len());
+    for turn in &turns {
+        for chunk in turn.chunks(batch) {
+            instance.message_publish(chunk).await?;
+        }
+        let units = std::mem::take(&mut *units.lock().unwrap());
+        replay(&native, &units).await?;
+        sent.push(units);
     }
     on.store(false, std::sync::atomic::Ordering::Relaxed);
     admin.batch_execute("TRUNCATE mqtt_msg").await?;
-    let stopwatch = Stopwatch::start();
-    for chunk in all.chunks(batch) {
-        instance.message_publish(chunk).await?;
+    let (mut guest, mut replayed, mut split) = (Tally::default(), Tally::default(), Split::default());
+    for (i, (turn, units)) in turns.iter().zip(&sent).enumerate() {
+        for guest_turn in [i % 2 == 0, i % 2 == 1] {
+            if guest_turn {
+                guest
+                    .time(turn.len(), async {
+                        for chunk in turn.chunks(batch) {
+                            let called = Instant::now();
+                            instance.message_publish(chunk).await?;
+                            split.add(called, last_statement.lock().unwrap().take(), Instant::now());
+                        }
+                        anyhow::Ok(())
+                    })
+                    .await?;
+            } else {
+                replayed.time(turn.len(), replay(&native, units)).await?;
+            }
+        }
     }
-    let rate = stopwatch.stop(all.len());
-    let recorded = units.lock().unwrap().clone();
-    Ok((rate, recorded))
+    Ok((guest.figure(), replayed.figure(), split))
 }
 
-/// Replays the guest's recorded statements straight through the host's PostgreSQL backend,
-/// once untimed (connection, prepared statements) and once timed.
-async fn native_same_sql(
-    rules: &str,
-    admin: &tokio_postgres::Client,
-    units: &[recording::Unit],
-    messages: usize,
-) -> anyhow::Result<Figure> {
-    let file = RulesFile::parse(rules)?;
-    let backend = PgBackend::new(&file.pools, None)?;
-    recording::replay(&backend, "pool1", units).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    admin.batch_execute("TRUNCATE mqtt_msg").await?;
-    let stopwatch = Stopwatch::start();
-    recording::replay(&backend, "pool1", units).await.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    Ok(stopwatch.stop(messages))
+/// Where a guest's publish calls spent their time: before the statement went to the database, in
+/// the database call, and after its answer came back; summed over the calls that made exactly one
+/// statement outside a transaction (batches up to 512).
+#[derive(Default, Clone, Copy)]
+struct Split {
+    before: Duration,
+    database: Duration,
+    after: Duration,
+    calls: u32,
+}
+
+impl Split {
+    fn add(&mut self, called: Instant, statement: Option<(Instant, Instant)>, returned: Instant) {
+        if let Some((sent, answered)) = statement {
+            self.before += sent - called;
+            self.database += answered - sent;
+            self.after += returned - answered;
+            self.calls += 1;
+        }
+    }
+
+    /// Microseconds per call: (before, database, after); `None` without a call to split.
+    fn per_call(&self) -> Option<[f64; 3]> {
+        (self.calls > 0)
+            .then(|| [self.before, self.database, self.after].map(|d| d.as_secs_f64() * 1e6 / f64::from(self.calls)))
+    }
+}
+
+async fn replay(backend: &PgBackend, units: &[recording::Unit]) -> anyhow::Result<()> {
+    recording::replay(backend, "pool1", units).await.map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
 const COLUMNS: &str = "msgid, sender, topic, qos, retain, payload, arrived";
