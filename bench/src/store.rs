@@ -134,12 +134,12 @@ async fn guest_and_native(
         Rules { source: "bench".into(), text: file.guest_text, pools: backend.pool_names(), node: "bench".into() };
     instance.configure(&guest_rules).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     // The native replay goes through the guest's own backend, on the same connection: the round
-    // trips of two connections differ by up to 15 µs (whichever backend process the scheduler
-    // places better), which would otherwise decide the comparison at batch 1.
+    // trips of two connections differ by up to 15 µs, depending on which was opened first,
+    // which would otherwise decide the comparison at batch 1.
     let native = backend.clone();
     let turns: Vec<&[Message]> = all.chunks(turn_size(all.len(), batch)).collect();
-    // Untimed: what the guest sends in each turn, for the native replay; this also opens both
-    // connections and prepares the statements on them.
+    // Untimed: what the guest sends in each turn, for the native replay; this also opens the
+    // connection and prepares the statements on it.
     let mut sent = Vec::with_capacity(turns.len());
     for turn in &turns {
         for chunk in turn.chunks(batch) {
