@@ -176,7 +176,7 @@ async fn guest_and_native(
 /// Where a guest's publish calls spent their time: before the statement went to the database, in
 /// the database call, and after its answer came back; summed over the calls that made exactly one
 /// statement outside a transaction (batches up to 512).
-#[derive(Default, Clone, Copy)]
+#[derive(Default)]
 struct Split {
     before: Duration,
     database: Duration,
