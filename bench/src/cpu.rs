@@ -33,7 +33,6 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// CPU time of the bench's clients, the broker and PostgreSQL at one moment.
-#[derive(Clone, Copy)]
 pub struct Sample {
     clients: Duration,
     broker: Duration,
@@ -61,13 +60,13 @@ fn micros_per(before: Duration, after: Duration, items: usize) -> f64 {
     after.saturating_sub(before).as_secs_f64() * 1e6 / items as f64
 }
 
-/// Times a stretch of work: its rate, and PostgreSQL's CPU time per item.
+/// Times a stretch of work: its wall time, and the CPU time PostgreSQL spent meanwhile.
 pub struct Stopwatch {
     started: std::time::Instant,
     postgres: Duration,
 }
 
-/// What a [`Stopwatch`] measured.
+/// What a [`Stopwatch`] or a [`Tally`] measured.
 #[derive(Clone, Copy)]
 pub struct Figure {
     /// Items per second.
@@ -78,12 +77,16 @@ pub struct Figure {
 
 impl Stopwatch {
     pub fn start() -> Stopwatch {
-        Stopwatch { started: std::time::Instant::now(), postgres: postgres() }
+        // Reading /proc takes a while: before the clock starts, not inside the stretch.
+        let postgres = postgres();
+        Stopwatch { started: std::time::Instant::now(), postgres }
     }
 
+    /// The stretch as a figure of its own, `items` done in it.
     pub fn stop(&self, items: usize) -> Figure {
-        let elapsed = self.started.elapsed();
-        Figure { rate: crate::per_second(items, elapsed), postgres_us: micros_per(self.postgres, postgres(), items) }
+        let mut tally = Tally::default();
+        tally.add(self, items);
+        tally.figure()
     }
 }
 
@@ -100,13 +103,17 @@ pub struct Tally {
 impl Tally {
     /// Runs `work` (which handles `items` items) and adds what it took.
     pub async fn time<T>(&mut self, items: usize, work: impl Future<Output = T>) -> T {
-        let postgres_before = postgres();
-        let started = std::time::Instant::now();
+        let stopwatch = Stopwatch::start();
         let output = work.await;
-        self.elapsed += started.elapsed();
-        self.postgres += postgres().saturating_sub(postgres_before);
-        self.items += items;
+        self.add(&stopwatch, items);
         output
+    }
+
+    /// Adds the stretch `stopwatch` has timed until now.
+    fn add(&mut self, stopwatch: &Stopwatch, items: usize) {
+        self.elapsed += stopwatch.started.elapsed();
+        self.postgres += postgres().saturating_sub(stopwatch.postgres);
+        self.items += items;
     }
 
     pub fn figure(&self) -> Figure {

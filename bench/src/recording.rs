@@ -23,8 +23,9 @@ pub struct Recording {
     pub units: Arc<Mutex<Vec<Unit>>>,
     /// Off while timing: recording (a lock and a copy of every parameter) is not the guest's cost.
     pub on: Arc<AtomicBool>,
-    /// When the last statement outside a transaction went to the database and when its answer
-    /// came back: what of a hook call's time is the database's (kept while off, too).
+    /// When the last `query` outside a transaction (a publish batch of up to 512 messages) went
+    /// to the database and when its answer came back: what of a hook call's time is the
+    /// database's (kept while off, too).
     pub last_statement: Arc<Mutex<Option<(Instant, Instant)>>>,
 }
 

@@ -136,7 +136,7 @@ async fn guest_and_native(
     // The native replay goes through the guest's own backend, on the same connection: the round
     // trips of two connections differ by up to 15 µs, depending on which was opened first,
     // which would otherwise decide the comparison at batch 1.
-    let native = backend.clone();
+    let native: &PgBackend = &backend;
     let turns: Vec<&[Message]> = all.chunks(turn_size(all.len(), batch)).collect();
     // Untimed: what the guest sends in each turn, for the native replay; this also opens the
     // connection and prepares the statements on it.
@@ -146,7 +146,7 @@ async fn guest_and_native(
             instance.message_publish(chunk).await?;
         }
         let units = std::mem::take(&mut *units.lock().unwrap());
-        replay(&native, &units).await?;
+        replay(native, &units).await?;
         sent.push(units);
     }
     on.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -166,7 +166,7 @@ async fn guest_and_native(
                     })
                     .await?;
             } else {
-                replayed.time(turn.len(), replay(&native, units)).await?;
+                replayed.time(turn.len(), replay(native, units)).await?;
             }
         }
     }
