@@ -69,8 +69,12 @@ CREATE TABLE IF NOT EXISTS mqtt_retain (
     payload    bytea NOT NULL,
     properties jsonb,
     arrived    timestamptz NOT NULL DEFAULT now(),
-    expires_at timestamptz
+    expires_at timestamptz,
+    -- The id of the same message in mqtt_msg, when a rule stored it there too: a subscriber whose
+    -- backlog holds that message gets it once, with the backlog.
+    msg_id     bigint
 );
+ALTER TABLE mqtt_retain ADD COLUMN IF NOT EXISTS msg_id bigint;
 
 -- The commit-order lock. Every transaction that inserts into mqtt_msg first takes
 --   pg_advisory_xact_lock(7526752370208940653)

@@ -1,6 +1,9 @@
 //! Small helpers over the host's `sql` interface.
 
-use crate::bindings::broker::extension::sql::{self, Transaction, Value};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use crate::bindings::broker::extension::sql::{self, RowSet, Transaction, Value};
 
 /// Runs `work` in one transaction on `pool`: all of it is committed, or none of it.
 pub fn in_transaction<T>(
@@ -11,6 +14,86 @@ pub fn in_transaction<T>(
     let result = work(&transaction)?;
     Transaction::commit(transaction)?;
     Ok(result)
+}
+
+/// Where a rule's statements run: on a pool, each statement (or each function's own group of
+/// statements) its own transaction; or inside a transaction that other rules share.
+pub enum Conn<'a> {
+    Pool(&'a str),
+    Shared(Rc<Transaction>),
+}
+
+impl Conn<'_> {
+    pub fn query(&self, statement: &str, params: &[Value]) -> Result<RowSet, sql::Error> {
+        match self {
+            Conn::Pool(pool) => sql::query(pool, statement, params),
+            Conn::Shared(tx) => tx.query(statement, params),
+        }
+    }
+
+    pub fn execute(&self, statement: &str, params: &[Value]) -> Result<u64, sql::Error> {
+        match self {
+            Conn::Pool(pool) => sql::execute(pool, statement, params),
+            Conn::Shared(tx) => tx.execute(statement, params),
+        }
+    }
+
+    /// Runs `work` all or nothing: in a transaction of its own on a pool, or inside the shared one.
+    pub fn atomically<T>(&self, work: impl FnOnce(&Transaction) -> Result<T, sql::Error>) -> Result<T, sql::Error> {
+        match self {
+            Conn::Pool(pool) => in_transaction(pool, work),
+            Conn::Shared(tx) => work(tx),
+        }
+    }
+
+    /// Runs `statement` once per parameter list, all or nothing: one list needs no explicit
+    /// transaction; several are pipelined in one.
+    pub fn run_batch(&self, statement: &str, params: &[Vec<Value>]) -> Result<Vec<RowSet>, sql::Error> {
+        match params {
+            [] => Ok(Vec::new()),
+            [one] => Ok(vec![self.query(statement, one)?]),
+            _ => self.atomically(|tx| tx.query_batch(statement, params)),
+        }
+    }
+}
+
+/// The rules of one event that must take effect together: with `shared`, every rule's
+/// statements run in one transaction per pool (begun at its first statement), committed together
+/// at the end; without, each rule runs on its pool as it would alone (one rule needs no more).
+/// Across pools the commits go one after another: a failing statement undoes every pool's work,
+/// a failing commit only its own pool's.
+pub struct Work {
+    shared: bool,
+    open: RefCell<Vec<(String, Rc<Transaction>)>>,
+}
+
+impl Work {
+    pub fn new(shared: bool) -> Work {
+        Work { shared, open: RefCell::new(Vec::new()) }
+    }
+
+    pub fn conn<'a>(&self, pool: &'a str) -> Result<Conn<'a>, sql::Error> {
+        if !self.shared {
+            return Ok(Conn::Pool(pool));
+        }
+        let mut open = self.open.borrow_mut();
+        if let Some((_, tx)) = open.iter().find(|(name, _)| name == pool) {
+            return Ok(Conn::Shared(tx.clone()));
+        }
+        let tx = Rc::new(Transaction::begin(pool)?);
+        open.push((pool.to_owned(), tx.clone()));
+        Ok(Conn::Shared(tx))
+    }
+
+    /// Commits what is open; dropping a `Work` instead rolls it back. The caller must have
+    /// dropped every `Conn` it took.
+    pub fn commit(self) -> Result<(), sql::Error> {
+        for (pool, tx) in self.open.into_inner() {
+            let tx = Rc::try_unwrap(tx).map_err(|_| sql::Error::Connection(format!("{pool}: transaction still in use")))?;
+            Transaction::commit(tx)?;
+        }
+        Ok(())
+    }
 }
 
 pub fn text(s: &str) -> Value {
@@ -96,12 +179,3 @@ impl Query {
     }
 }
 
-/// Runs `statement` once per parameter list, all or nothing: one list needs no explicit
-/// transaction; several are pipelined in one.
-pub fn run_batch(pool: &str, statement: &str, params: &[Vec<Value>]) -> Result<Vec<sql::RowSet>, sql::Error> {
-    match params {
-        [] => Ok(Vec::new()),
-        [one] => Ok(vec![sql::query(pool, statement, one)?]),
-        _ => in_transaction(pool, |tx| tx.query_batch(statement, params)),
-    }
-}

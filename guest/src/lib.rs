@@ -25,6 +25,7 @@ use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
     ConfigError, FetchPage, Guest, HookError, PublishOutcome, Rules as RulesText,
 };
+use db::{Conn, Work};
 use functions::{acked, client, fetch, housekeeping, publish, retain};
 use placeholder::Event;
 use rules::{Action, Function, Hookpoint, OnError, Rule, Rules};
@@ -90,10 +91,98 @@ fn run_sql_rules(hookpoint: Hookpoint, topic: Option<&str>, event: &Event<'_>) -
     for rule in firing(&config, hookpoint, topic) {
         if let Action::Sql(statements) = &rule.action {
             let started = Instant::now();
-            settle(rule, started, action::run(&rule.pool, statements, std::slice::from_ref(event)))?;
+            settle(rule, started, action::run(&Conn::Pool(&rule.pool), statements, std::slice::from_ref(event)))?;
         }
     }
     Ok(())
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Whether a rule of message.publish works on `message`: its topic filter fires, and its
+/// function wants such a message.
+fn publish_applies(rule: &Rule, message: &Message) -> bool {
+    let wanted = match &rule.action {
+        Action::Function(Function::MessagePublish(_)) => publish::publish_stores(message),
+        Action::Function(Function::MessageRetain) => retain::retains(message),
+        Action::Function(Function::RetainDelete) => retain::deletes(message),
+        _ => true,
+    };
+    wanted && rule.fires_for(&message.topic)
+}
+
+/// Runs the message.publish rules that reject on error over the messages `selected`, all or
+/// nothing: when more than one rule has work, they share one transaction per pool. Returns the
+/// ids the storing rules gave (message index, id); on error nothing took effect (the ids set on
+/// `messages` meanwhile are stale: the caller clears them).
+fn publish_together(config: &Config, messages: &mut [Message], selected: &[usize]) -> Result<Vec<(usize, i64)>, HookError> {
+    // Storing rules first, so that every other rule sees the stored id (`${id}`, the retained
+    // message's `msg_id`); otherwise in `N` order.
+    let mut working: Vec<(&Rule, Vec<usize>)> = config
+        .rules
+        .for_hookpoint(Hookpoint::MessagePublish)
+        .iter()
+        .filter(|rule| rule.on_error != OnError::Ignore)
+        .map(|rule| (rule, selected.iter().copied().filter(|&i| publish_applies(rule, &messages[i])).collect()))
+        .filter(|(_, indices): &(&Rule, Vec<usize>)| !indices.is_empty())
+        .collect();
+    working.sort_by_key(|(rule, _)| !matches!(rule.action, Action::Function(Function::MessagePublish(_))));
+    let work = Work::new(working.len() > 1);
+    let mut stored = Vec::new();
+    for (rule, indices) in &working {
+        let started = Instant::now();
+        let result =
+            work.conn(&rule.pool).and_then(|conn| run_publish_rule(rule, &conn, messages, indices, &mut stored));
+        settle(rule, started, result)?;
+    }
+    work.commit().map_err(|e| HookError::Sql(("backend.pgsql.hook.message.publish (commit)".into(), e)))?;
+    Ok(stored)
+}
+
+/// One message.publish rule over the messages at `indices`; a storing rule records the ids it
+/// gave in `stored` and on the messages (for `${id}` in later rules). Returns the rows handled.
+fn run_publish_rule(
+    rule: &Rule,
+    conn: &Conn<'_>,
+    messages: &mut [Message],
+    indices: &[usize],
+    stored: &mut Vec<(usize, i64)>,
+) -> Result<u64, sql::Error> {
+    let batch: Vec<&Message> = indices.iter().map(|&i| &messages[i]).collect();
+    let rows = batch.len() as u64;
+    match &rule.action {
+        Action::Function(Function::MessagePublish(_)) => {
+            let ids = publish::store(conn, &batch)?;
+            for (&i, id) in indices.iter().zip(ids) {
+                messages[i].id = Some(id);
+                stored.push((i, id));
+            }
+            Ok(rows)
+        }
+        // Archive copies: no id travels, acks do not move positions with them.
+        Action::Function(Function::MessageStore(_)) => publish::store(conn, &batch).map(|_| rows),
+        Action::Function(Function::MessageRetain) => retain::keep(conn, &batch).map(|()| rows),
+        Action::Function(Function::RetainDelete) => retain::delete(conn, &batch).map(|()| rows),
+        Action::Sql(statements) => {
+            let events: Vec<Event<'_>> = batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
+            action::run(conn, statements, &events)
+        }
+        Action::Function(_) => Ok(0), // configuration keeps other functions off this hookpoint
+    }
+}
+
+fn record_stored(outcomes: &mut [PublishOutcome], stored: Vec<(usize, i64)>) {
+    for (i, id) in stored {
+        outcomes[i] = PublishOutcome::Stored(id);
+    }
+}
+
+/// A failure that is the database's, not a message's: trying messages one by one would only
+/// wait for the same unreachable server again.
+fn unreachable(failure: &HookError) -> bool {
+    matches!(failure, HookError::Sql((_, sql::Error::Connection(_) | sql::Error::NoSuchPool(_))))
 }
 
 struct Extension;
@@ -125,7 +214,7 @@ impl Guest for Extension {
                         rows
                     })
                 }
-                Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
+                Action::Sql(statements) => action::run(&Conn::Pool(&rule.pool), statements, &[Event::Client(&client)]),
                 Action::Function(_) => continue,
             };
             settle(rule, started, result)?;
@@ -141,7 +230,7 @@ impl Guest for Extension {
                 Action::Function(Function::ClientDisconnected) => {
                     client::disconnected(&rule.pool, &client.clientid, &config.node).map(|()| 1)
                 }
-                Action::Sql(statements) => action::run(&rule.pool, statements, &[Event::Client(&client)]),
+                Action::Sql(statements) => action::run(&Conn::Pool(&rule.pool), statements, &[Event::Client(&client)]),
                 Action::Function(_) => continue,
             };
             settle(rule, started, result)?;
@@ -155,44 +244,75 @@ impl Guest for Extension {
         let event = Event::Subscription { client: &client, filter, qos: Some(subscription.qos) };
         // Retained messages first, then the offline backlog's first page (one fetch rule serves a
         // subscription: the first that fires; only QoS 1/2 subscriptions fetch).
-        let mut page = FetchPage { messages: Vec::new(), next: None };
-        let mut fetched = false;
+        let fetch_rule = config.rules.fetch_rule(filter).map(|(rule, _)| rule.index);
+        let mut retained = Vec::new();
+        let mut backlog = None;
         for rule in firing(&config, Hookpoint::SessionSubscribed, Some(filter)) {
             let started = Instant::now();
             let result = match &rule.action {
-                Action::Function(Function::RetainLookup) => retain::lookup(&rule.pool, filter).map(|retained| {
-                    let rows = retained.len() as u64;
-                    page.messages.extend(retained);
+                Action::Function(Function::RetainLookup) => retain::lookup(&rule.pool, filter).map(|found| {
+                    let rows = found.len() as u64;
+                    retained.extend(found);
                     rows
                 }),
-                Action::Function(Function::MessageFetch(opts)) if !fetched && subscription.qos > 0 => {
-                    fetched = true;
-                    fetch::first_page(&rule.pool, rule.index, opts, &client.clientid, filter).map(|first| {
+                Action::Function(Function::MessageFetch(opts))
+                    if Some(rule.index) == fetch_rule && subscription.qos > 0 =>
+                {
+                    fetch::first_page(&rule.pool, opts, &client.clientid, filter).map(|(start, first)| {
                         let rows = first.messages.len() as u64;
-                        page.messages.extend(first.messages);
-                        page.next = first.next.map(|c| c.encode());
+                        backlog = Some((start, first));
                         rows
                     })
                 }
-                Action::Sql(statements) => action::run(&rule.pool, statements, std::slice::from_ref(&event)),
+                Action::Sql(statements) => {
+                    action::run(&Conn::Pool(&rule.pool), statements, std::slice::from_ref(&event))
+                }
                 Action::Function(_) => continue,
             };
             settle(rule, started, result)?;
         }
-        Ok(page)
+        // One delivery per message: a retained message that the backlog holds (stored after the
+        // position the backlog starts from) comes with the backlog, in order, not twice.
+        if let Some((start, _)) = &backlog {
+            let opts = config.rules.fetch_rule(filter).map(|(_, opts)| opts);
+            let fetched_since = opts.and_then(|o| o.time_range_secs).map(|secs| now_millis() - secs as i64 * 1000);
+            retained.retain(|(stored_id, message)| {
+                let in_backlog = stored_id.is_some_and(|id| id > *start)
+                    && fetched_since.is_none_or(|since| message.timestamp >= since);
+                !in_backlog
+            });
+        }
+        let mut messages: Vec<Message> = retained.into_iter().map(|(_, message)| message).collect();
+        let mut next = None;
+        if let Some((_, first)) = backlog {
+            messages.extend(first.messages);
+            next = first.next.map(|c| c.encode());
+        }
+        Ok(FetchPage { messages, next })
+    }
+
+    fn session_resume(client: Client, subscription: Subscription) -> Result<FetchPage, HookError> {
+        let config = config();
+        let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else {
+            return Ok(FetchPage { messages: Vec::new(), next: None });
+        };
+        let started = Instant::now();
+        let page = fetch::resume(&rule.pool, opts, &client.clientid, &subscription.filter);
+        observe(rule, started, &page.as_ref().map(|p| p.messages.len() as u64));
+        let page = page.map_err(|e| sql_error(rule, e))?;
+        Ok(FetchPage { messages: page.messages, next: page.next.map(|c| c.encode()) })
     }
 
     fn session_fetch_next(_client: Client, subscription: Subscription, cursor: String) -> Result<FetchPage, HookError> {
         let cursor = fetch::Cursor::decode(&cursor).map_err(HookError::Invalid)?;
         let config = config();
-        let Some(rule) = config.rules.find(Hookpoint::SessionSubscribed, cursor.rule_index) else {
-            return Err(HookError::Invalid(format!(
-                "the rule of cursor `{}` is no longer configured",
-                cursor.encode()
-            )));
-        };
-        let Action::Function(Function::MessageFetch(opts)) = &rule.action else {
-            return Err(HookError::Invalid(format!("{} is not an on_message_fetch rule", rule.key)));
+        // The rule in force now serves the page, whatever rule served the one before.
+        let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else {
+            warn(&format!(
+                "no on_message_fetch rule serves {} any more: its backlog ends here",
+                subscription.filter
+            ));
+            return Ok(FetchPage { messages: Vec::new(), next: None });
         };
         let started = Instant::now();
         let page = fetch::page(&rule.pool, opts, &subscription.filter, cursor);
@@ -209,47 +329,43 @@ impl Guest for Extension {
     fn message_publish(mut messages: Vec<Message>) -> Vec<PublishOutcome> {
         let config = config();
         let mut outcomes: Vec<PublishOutcome> = messages.iter().map(|_| PublishOutcome::NotStored).collect();
+        let all: Vec<usize> = (0..messages.len()).collect();
+        match publish_together(&config, &mut messages, &all) {
+            Ok(stored) => record_stored(&mut outcomes, stored),
+            // A failure belongs to its message: unless the database itself is out of reach, each
+            // message is tried again alone, so that one bad message refuses only itself.
+            Err(failure) if all.len() > 1 && !unreachable(&failure) => {
+                for &i in &all {
+                    messages[i].id = None;
+                }
+                for &i in &all {
+                    match publish_together(&config, &mut messages, &[i]) {
+                        Ok(stored) => record_stored(&mut outcomes, stored),
+                        Err(failure) => {
+                            messages[i].id = None;
+                            outcomes[i] = PublishOutcome::Failed(failure);
+                        }
+                    }
+                }
+            }
+            Err(failure) => outcomes.iter_mut().for_each(|o| *o = PublishOutcome::Failed(failure.clone())),
+        }
+        // `on_error: ignore` rules run outside the all-or-nothing, on the messages accepted.
         for rule in config.rules.for_hookpoint(Hookpoint::MessagePublish) {
-            // The messages this rule works on; one that already failed is left alone.
-            let applies: fn(&Message) -> bool = match &rule.action {
-                Action::Function(Function::MessagePublish(_)) => publish::publish_stores,
-                Action::Function(Function::MessageRetain) => retain::retains,
-                Action::Function(Function::RetainDelete) => retain::deletes,
-                _ => |_| true,
-            };
+            if rule.on_error != OnError::Ignore {
+                continue;
+            }
             let selected: Vec<usize> = (0..messages.len())
-                .filter(|&i| !matches!(outcomes[i], PublishOutcome::Failed(_)))
-                .filter(|&i| rule.fires_for(&messages[i].topic) && applies(&messages[i]))
+                .filter(|&i| !matches!(outcomes[i], PublishOutcome::Failed(_)) && publish_applies(rule, &messages[i]))
                 .collect();
             if selected.is_empty() {
                 continue;
             }
-            let batch: Vec<&Message> = selected.iter().map(|&i| &messages[i]).collect();
-            let rows = batch.len() as u64;
             let started = Instant::now();
-            let result = match &rule.action {
-                Action::Function(Function::MessagePublish(_)) => publish::store(&rule.pool, &batch).map(|ids| {
-                    for (&i, id) in selected.iter().zip(ids) {
-                        messages[i].id = Some(id);
-                        outcomes[i] = PublishOutcome::Stored(id);
-                    }
-                    rows
-                }),
-                // Archive copies: no id travels, acks do not move positions with them.
-                Action::Function(Function::MessageStore(_)) => publish::store(&rule.pool, &batch).map(|_| rows),
-                Action::Function(Function::MessageRetain) => retain::keep(&rule.pool, &batch).map(|()| rows),
-                Action::Function(Function::RetainDelete) => retain::delete(&rule.pool, &batch).map(|()| rows),
-                Action::Sql(statements) => {
-                    let events: Vec<Event<'_>> =
-                        batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
-                    action::run(&rule.pool, statements, &events)
-                }
-                Action::Function(_) => continue, // configuration keeps other functions off this hookpoint
-            };
-            if let Err(failure) = settle(rule, started, result) {
-                for &i in &selected {
-                    outcomes[i] = PublishOutcome::Failed(failure.clone());
-                }
+            let mut stored = Vec::new();
+            let result = run_publish_rule(rule, &Conn::Pool(&rule.pool), &mut messages, &selected, &mut stored);
+            if settle(rule, started, result).is_ok() {
+                record_stored(&mut outcomes, stored);
             }
         }
         outcomes
@@ -260,16 +376,18 @@ impl Guest for Extension {
         run_sql_rules(Hookpoint::MessageDelivered, Some(&message.topic), &event)
     }
 
-    fn message_acked(client: Client, message: Message) -> Result<(), HookError> {
+    fn message_acked(client: Client, message: Message, positions: Vec<String>) -> Result<(), HookError> {
         let config = config();
         let event = Event::Message { receiver: Some(&client), message: &message };
         for rule in firing(&config, Hookpoint::MessageAcked, Some(&message.topic)) {
             let started = Instant::now();
             let result = match (&rule.action, message.id) {
                 (Action::Function(Function::MessageAcked), Some(id)) => {
-                    acked::advance(&rule.pool, &client.clientid, id).map(|()| 1)
+                    acked::advance(&rule.pool, &client.clientid, id, &positions)
                 }
-                (Action::Sql(statements), _) => action::run(&rule.pool, statements, std::slice::from_ref(&event)),
+                (Action::Sql(statements), _) => {
+                    action::run(&Conn::Pool(&rule.pool), statements, std::slice::from_ref(&event))
+                }
                 _ => continue,
             };
             settle(rule, started, result)?;

@@ -106,6 +106,10 @@ impl Function {
 pub struct OfflineOpts {
     /// Page size: how many messages one fetch returns. The whole backlog still arrives, page by page.
     pub max_returned_count: u32,
+    /// Page budget in payload bytes: a page stops before the message that would take it past
+    /// this, so a page's memory is bounded in bytes as well as in messages. A message larger
+    /// than the budget comes in a page of its own.
+    pub max_returned_bytes: u64,
     /// Only messages that arrived within this many seconds are fetched.
     pub time_range_secs: Option<u64>,
     /// Where a first subscription starts reading.
@@ -115,9 +119,18 @@ pub struct OfflineOpts {
 /// EMQX's example value; a page size, so it bounds memory, not what is delivered.
 pub const DEFAULT_PAGE_SIZE: u32 = 500;
 
+/// 4 MiB: with the host's default guest memory of 64 MiB, a page and a message of the largest
+/// size a listener accepts by default fit many times over.
+pub const DEFAULT_PAGE_BYTES: u64 = 4 << 20;
+
 impl Default for OfflineOpts {
     fn default() -> Self {
-        OfflineOpts { max_returned_count: DEFAULT_PAGE_SIZE, time_range_secs: None, first_fetch: FirstFetch::Latest }
+        OfflineOpts {
+            max_returned_count: DEFAULT_PAGE_SIZE,
+            max_returned_bytes: DEFAULT_PAGE_BYTES,
+            time_range_secs: None,
+            first_fetch: FirstFetch::Latest,
+        }
     }
 }
 
@@ -211,8 +224,16 @@ impl Rules {
     }
 
     /// The rule with this key, if any (cursors name the rule that made them).
-    pub fn find(&self, hookpoint: Hookpoint, index: u32) -> Option<&Rule> {
-        self.for_hookpoint(hookpoint).iter().find(|rule| rule.index == index)
+    /// The on_message_fetch rule that serves a subscription to `filter`: the first that fires.
+    /// Chosen anew for every page, so that a backlog survives a reload that renumbers or edits
+    /// the rules: it goes on from where it is with the rule now in force.
+    pub fn fetch_rule(&self, filter: &str) -> Option<(&Rule, &OfflineOpts)> {
+        self.for_hookpoint(Hookpoint::SessionSubscribed).iter().filter(|rule| rule.fires_for(filter)).find_map(
+            |rule| match &rule.action {
+                Action::Function(Function::MessageFetch(opts)) => Some((rule, opts)),
+                _ => None,
+            },
+        )
     }
 }
 
@@ -318,6 +339,12 @@ fn parse_offline_opts(opts: &Value) -> Result<OfflineOpts, String> {
                     .filter(|n| *n > 0)
                     .ok_or("offline_opts.max_returned_count must be a whole number above 0")?;
             }
+            "max_returned_bytes" => {
+                parsed.max_returned_bytes = value
+                    .as_u64()
+                    .filter(|n| *n > 0)
+                    .ok_or("offline_opts.max_returned_bytes must be a whole number of bytes above 0")?;
+            }
             "time_range" => {
                 let text = value.as_str().ok_or("offline_opts.time_range must be a string such as \"2h\"")?;
                 parsed.time_range_secs =
@@ -332,7 +359,7 @@ fn parse_offline_opts(opts: &Value) -> Result<OfflineOpts, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown field offline_opts.{other}; known: max_returned_count, time_range, first_fetch"
+                    "unknown field offline_opts.{other}; known: max_returned_count, max_returned_bytes, time_range, first_fetch"
                 ));
             }
         }
@@ -366,6 +393,7 @@ backend.pgsql.hook.session.unsubscribed.1= {"topic": "#", "action": {"sql": ["de
             fetch.action,
             Action::Function(Function::MessageFetch(OfflineOpts {
                 max_returned_count: 50,
+                max_returned_bytes: DEFAULT_PAGE_BYTES,
                 time_range_secs: Some(7200),
                 first_fetch: FirstFetch::Latest
             }))

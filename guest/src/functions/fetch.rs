@@ -2,8 +2,10 @@
 //! page at a time.
 //!
 //! A read position is kept per (clientid, subscription filter) in `mqtt_acked.mid`: every stored
-//! message up to that id has been acked. Because publishers take the commit-order lock, ids
-//! become visible in order, so nothing below a position can still appear later.
+//! message of the filter up to that id was delivered through that subscription and acked (the
+//! host says which positions an ack may move; see on_message_acked). Because publishers take the
+//! commit-order lock, ids become visible in order, so nothing below a position can still appear
+//! later.
 
 use crate::bindings::broker::extension::sql::{self, Value};
 use crate::bindings::broker::extension::types::Message;
@@ -14,29 +16,27 @@ use crate::topic;
 
 /// Finds or creates the subscriber's position. A first subscription starts after the newest
 /// stored message (`first_fetch: latest`, EMQX's behaviour) or before all of them (`earliest`).
-/// Also stores the filter's regex, which on_message_acked matches topics with.
+/// `topic_re` is kept for operators' own statements (EMQX 4 had it).
 const POSITION: &str = "INSERT INTO mqtt_acked (clientid, topic, topic_re, mid) \
                         VALUES ($1, $2, $3, CASE WHEN $4 THEN 0 ELSE (SELECT coalesce(max(id), 0) FROM mqtt_msg) END) \
-                        ON CONFLICT (clientid, topic) DO UPDATE SET topic_re = excluded.topic_re \
+                        ON CONFLICT (clientid, topic) DO UPDATE SET topic_re = excluded.topic_re, updated = now() \
                         RETURNING mid";
 
-/// Where the next page starts: the rule that made the page (its `N`) and the last id handed out.
-/// The host treats it as opaque.
+/// Where the next page starts: the last id handed out. It names no rule: the rule in force
+/// when the next page is asked for serves it (see `Rules::fetch_rule`). The host treats it as
+/// opaque.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Cursor {
-    pub rule_index: u32,
     pub after_id: i64,
 }
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        format!("{}:{}", self.rule_index, self.after_id)
+        self.after_id.to_string()
     }
 
     pub fn decode(text: &str) -> Result<Cursor, String> {
-        let bad = || format!("malformed cursor `{text}`");
-        let (rule, id) = text.split_once(':').ok_or_else(bad)?;
-        Ok(Cursor { rule_index: rule.parse().map_err(|_| bad())?, after_id: id.parse().map_err(|_| bad())? })
+        text.parse().map(|after_id| Cursor { after_id }).map_err(|_| format!("malformed cursor `{text}`"))
     }
 }
 
@@ -45,14 +45,8 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
-/// The first page for a (new) subscription.
-pub fn first_page(
-    pool: &str,
-    rule_index: u32,
-    opts: &OfflineOpts,
-    clientid: &str,
-    filter: &str,
-) -> Result<Page, sql::Error> {
+/// The first page for a (new) subscription, and the position it starts after.
+pub fn first_page(pool: &str, opts: &OfflineOpts, clientid: &str, filter: &str) -> Result<(i64, Page), sql::Error> {
     let params = [
         db::text(clientid),
         db::text(filter),
@@ -61,26 +55,57 @@ pub fn first_page(
     ];
     let position = sql::query(pool, POSITION, &params)?;
     let after_id = db::int64(position.rows.first().map_or(&[][..], |r| r), 0)?;
-    page(pool, opts, filter, Cursor { rule_index, after_id })
+    Ok((after_id, page(pool, opts, filter, Cursor { after_id })?))
 }
 
-/// The page after `cursor`: unread, unexpired, within time_range, oldest first.
+/// The subscriber's stored position: where a fetch starts again (`session-resume`). None when
+/// it has none (an unsubscribe's sql action deleted it, say).
+const STORED_POSITION: &str = "SELECT mid FROM mqtt_acked WHERE clientid = $1 AND topic = $2";
+
+/// The backlog again from the stored position.
+pub fn resume(pool: &str, opts: &OfflineOpts, clientid: &str, filter: &str) -> Result<Page, sql::Error> {
+    let position = sql::query(pool, STORED_POSITION, &[db::text(clientid), db::text(filter)])?;
+    match position.rows.first() {
+        Some(row) => page(pool, opts, filter, Cursor { after_id: db::int64(row, 0)? }),
+        None => Ok(Page { messages: Vec::new(), next: None }),
+    }
+}
+
+/// The page after `cursor`: unread, unexpired, within time_range, oldest first; at most
+/// `max_returned_count` messages, and no more payload bytes than `max_returned_bytes` (the first
+/// message always, however large, so that a backlog always moves).
 pub fn page(pool: &str, opts: &OfflineOpts, filter: &str, cursor: Cursor) -> Result<Page, sql::Error> {
-    let select = format!("SELECT id, retain, {} FROM mqtt_msg WHERE id > $1{}", rows::COLUMNS, rows::NOT_EXPIRED);
-    let mut query = Query::new(&select, vec![Value::Int64(cursor.after_id)]);
+    // Backlog messages go with RETAIN clear (MQTT: a message for an established subscription).
+    // The candidates: the next `max_returned_count` by id (a top-N sort, whatever the backlog's
+    // size). Around them, the running byte count that cuts the page, and how many there were.
+    let candidates = format!("SELECT * FROM mqtt_msg WHERE id > $1{}", rows::NOT_EXPIRED);
+    let mut query = Query::new(&candidates, vec![Value::Int64(cursor.after_id)]);
     topic::push_match(&mut query, filter);
     if let Some(secs) = opts.time_range_secs {
         query.bind(" AND arrived >= now() - ?::float8 * interval '1 second'", Value::Float64(secs as f64));
     }
     let limit = opts.max_returned_count;
     query.bind(" ORDER BY id LIMIT ?", Value::Int64(i64::from(limit)));
+    let counted = format!(
+        "SELECT id, false, {}, candidates FROM (SELECT c.*, \
+           sum(octet_length(c.payload)) OVER (ORDER BY c.id) - octet_length(c.payload) AS bytes_before, \
+           count(*) OVER () AS candidates FROM ({}) c) w",
+        rows::COLUMNS,
+        query.sql
+    );
+    let mut query = Query { sql: counted, params: query.params };
+    query.bind(" WHERE bytes_before < ? ORDER BY id", Value::Int64(i64::try_from(opts.max_returned_bytes).unwrap_or(i64::MAX)));
 
     let mut rows = query.run(pool)?.rows;
+    let candidates = match rows.first() {
+        Some(row) => db::int64(row, rows::DECODED_COLUMNS)?,
+        None => 0,
+    };
     let messages = rows.iter_mut().map(|row| rows::decode(row)).collect::<Result<Vec<_>, _>>()?;
+    // More may follow when the candidates were a full page, or the byte budget cut them.
+    let more = candidates >= i64::from(limit) || (messages.len() as i64) < candidates;
     let next = match messages.last() {
-        Some(last) if messages.len() >= limit as usize => {
-            Some(Cursor { rule_index: cursor.rule_index, after_id: last.id.unwrap_or(cursor.after_id) })
-        }
+        Some(last) if more => Some(Cursor { after_id: last.id.unwrap_or(cursor.after_id) }),
         _ => None,
     };
     Ok(Page { messages, next })
@@ -92,9 +117,9 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_refuse_garbage() {
-        let cursor = Cursor { rule_index: 3, after_id: 9_000_000_000 };
+        let cursor = Cursor { after_id: 9_000_000_000 };
         assert_eq!(Cursor::decode(&cursor.encode()), Ok(cursor));
-        for bad in ["", "3", "x:1", "3:y", "3:1:2"] {
+        for bad in ["", "x", "3:1", "1.5"] {
             assert!(Cursor::decode(bad).is_err(), "{bad:?}");
         }
     }

@@ -2,7 +2,7 @@
 
 use crate::bindings::broker::extension::sql::{self, Value};
 use crate::bindings::broker::extension::types::Message;
-use crate::db;
+use crate::db::{self, Conn};
 use crate::functions::rows;
 
 /// Rows per INSERT statement: the powers of two up to 512. A batch of up to 512 messages goes out
@@ -63,15 +63,15 @@ pub fn publish_stores(message: &Message) -> bool {
 /// Stores `messages` atomically and returns their ids, in order. Up to [`MAX_ROWS`] messages
 /// are one statement and one round trip; more are a transaction: the full statements of
 /// [`MAX_ROWS`] pipelined in one round trip, then the padded rest.
-pub fn store(pool: &str, messages: &[&Message]) -> Result<Vec<i64>, sql::Error> {
+pub fn store(conn: &Conn<'_>, messages: &[&Message]) -> Result<Vec<i64>, sql::Error> {
     let row_sets = if messages.len() <= MAX_ROWS {
         let (statement, params) = padded_insert(messages);
-        vec![sql::query(pool, statement, &params)?]
+        vec![conn.query(statement, &params)?]
     } else {
         // Full statements first, then the padded rest: concatenated results keep message order.
         let (full, rest) = messages.split_at(messages.len() - messages.len() % MAX_ROWS);
         let lists: Vec<Vec<Value>> = full.chunks(MAX_ROWS).map(|chunk| padded_insert(chunk).1).collect();
-        db::in_transaction(pool, |tx| {
+        conn.atomically(|tx| {
             let mut all = tx.query_batch(insert_statement(MAX_ROWS), &lists)?;
             if !rest.is_empty() {
                 let (statement, params) = padded_insert(rest);

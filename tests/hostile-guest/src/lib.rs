@@ -53,6 +53,10 @@ impl Guest for Hostile {
         Ok(FetchPage { messages: Vec::new(), next: None })
     }
 
+    fn session_resume(_: Client, _: Subscription) -> Result<FetchPage, HookError> {
+        Ok(FetchPage { messages: Vec::new(), next: None })
+    }
+
     fn session_unsubscribed(_: Client, _: String) -> Result<(), HookError> {
         Ok(())
     }
@@ -61,7 +65,7 @@ impl Guest for Hostile {
         Ok(())
     }
 
-    fn message_acked(_: Client, _: Message) -> Result<(), HookError> {
+    fn message_acked(_: Client, _: Message, _: Vec<String>) -> Result<(), HookError> {
         Ok(())
     }
 
