@@ -78,7 +78,7 @@ async fn drain(host: &Host, clientid: &str) -> anyhow::Result<f64> {
     loop {
         delivered += page.messages.len();
         if let Some(last) = page.messages.last() {
-            host.call("message-acked", async |i| i.message_acked(&client, last).await)
+            host.call("message-acked", async |i| i.message_acked(&client, last, std::slice::from_ref(&subscription.filter)).await)
                 .await?
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }

@@ -44,6 +44,8 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     };
     instance.configure(&rules).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let client = Client { clientid: "c".into(), username: None, peerhost: None };
+    // The ack moves the position of one subscription, as a broker names it.
+    let positions = vec!["t/#".to_owned()];
     let message = Message {
         id: Some(1),
         msgid: "m".into(),
@@ -65,7 +67,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
         no_op.push(started.elapsed().as_nanos() as f64 / f64::from(CALLS));
         let started = Instant::now();
         for _ in 0..CALLS {
-            instance.message_acked(&client, &message).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            instance.message_acked(&client, &message, &positions).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
         one_sql.push(started.elapsed().as_nanos() as f64 / f64::from(CALLS));
         let started = Instant::now();

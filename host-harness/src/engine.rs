@@ -176,6 +176,18 @@ impl Instance {
             .await?)
     }
 
+    pub async fn session_resume(
+        &mut self,
+        client: &Client,
+        subscription: &Subscription,
+    ) -> Call<Result<FetchPage, HookError>> {
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_session_resume(armed(&mut self.store, self.deadline), client, subscription)
+            .await?)
+    }
+
     pub async fn session_unsubscribed(&mut self, client: &Client, filter: &str) -> Call<Result<(), HookError>> {
         Ok(self
             .hooks
@@ -200,11 +212,16 @@ impl Instance {
             .await?)
     }
 
-    pub async fn message_acked(&mut self, client: &Client, message: &Message) -> Call<Result<(), HookError>> {
+    pub async fn message_acked(
+        &mut self,
+        client: &Client,
+        message: &Message,
+        positions: &[String],
+    ) -> Call<Result<(), HookError>> {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_message_acked(armed(&mut self.store, self.deadline), client, message)
+            .call_message_acked(armed(&mut self.store, self.deadline), client, message, positions)
             .await?)
     }
 

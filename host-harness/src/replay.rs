@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::bindings::{Client, Describe, HookError, Message, Property, PublishOutcome, Subscription};
+use crate::bindings::{Client, Describe, HookError, Message, Property, PropertyValue, PublishOutcome, Subscription};
 use crate::engine::Runtime;
 use crate::host::{Host, Sources};
 
@@ -49,9 +49,10 @@ enum Event {
         retain: bool,
         payload: Option<String>,
         payload_base64: Option<String>,
-        /// MQTT 5 properties, e.g. {"content-type": "text/plain"}.
+        /// MQTT 5 properties, e.g. {"content-type": "text/plain", "message-expiry-interval": 60,
+        /// "correlation-data": {"base64": "AAE="}}.
         #[serde(default)]
-        properties: BTreeMap<String, String>,
+        properties: BTreeMap<String, serde_json::Value>,
     },
     #[serde(rename = "message.acked")]
     MessageAcked { clientid: String, id: i64 },
@@ -64,12 +65,32 @@ fn yes() -> bool {
     true
 }
 
+/// A property of a `message.publish` line: a string, a number (seconds, for
+/// `message-expiry-interval`), or `{"base64": "..."}` for bytes (`correlation-data`).
+fn property_value(key: &str, value: serde_json::Value) -> Result<PropertyValue, Stop> {
+    match value {
+        serde_json::Value::String(text) => Ok(PropertyValue::Text(text)),
+        serde_json::Value::Number(number) => Ok(PropertyValue::Text(number.to_string())),
+        serde_json::Value::Object(object) if object.len() == 1 && object.contains_key("base64") => {
+            let text = object["base64"].as_str().unwrap_or_default();
+            let bytes = BASE64.decode(text).map_err(|e| Stop::Failed(format!("properties.{key}.base64: {e}")))?;
+            Ok(PropertyValue::Bytes(bytes))
+        }
+        other => failed(format!(
+            "properties.{key}: expected a string, a number or {{\"base64\": \"...\"}}, got {other}"
+        )),
+    }
+}
+
 struct Session {
     client: Client,
     /// Filter to (granted QoS, auto-ack).
     subscriptions: BTreeMap<String, (u8, bool)>,
-    /// Delivered with QoS > 0 and not acked yet, by stored id.
-    unacked: HashMap<i64, Message>,
+    /// Delivered with QoS > 0 and not acked yet, by stored id, with the subscriptions that
+    /// delivered it (whose positions its ack may move).
+    unacked: HashMap<i64, (Message, Vec<String>)>,
+    /// Acked, but above a lower unacked message of one of its subscriptions: waiting for it.
+    acked: BTreeMap<i64, (Message, Vec<String>)>,
 }
 
 /// Why an event stopped.
@@ -215,7 +236,12 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // failing rule is reported, the client stays connected. A new connection takes
                 // over the client id's old one, as in MQTT.
                 let session =
-                    Session { client: client.clone(), subscriptions: BTreeMap::new(), unacked: HashMap::new() };
+                    Session {
+                    client: client.clone(),
+                    subscriptions: BTreeMap::new(),
+                    unacked: HashMap::new(),
+                    acked: BTreeMap::new(),
+                };
                 self.sessions.insert(clientid.clone(), session);
                 let stored = self.host.call("client-connected", async |i| i.client_connected(&client).await).await??;
                 for subscription in stored {
@@ -266,11 +292,37 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             }
             Event::MessageAcked { clientid, id } => {
                 let session = self.session(&clientid)?;
-                let Some(message) = session.unacked.remove(&id) else {
+                let Some(acked) = session.unacked.remove(&id) else {
                     return failed(format!("{clientid} has no unacked message with id {id}"));
                 };
+                session.acked.insert(id, acked);
+                // A position moves only for subscriptions still there, and only over what is
+                // acked below the lowest message it delivered that is still unacked.
+                let mut passed: Vec<(Message, Vec<String>)> = Vec::new();
+                for filter in session.subscriptions.keys() {
+                    let floor = session
+                        .unacked
+                        .iter()
+                        .filter(|(_, (_, through))| through.contains(filter))
+                        .map(|(&other, _)| other)
+                        .min()
+                        .unwrap_or(i64::MAX);
+                    let highest = session.acked.range(..floor).rev().find(|(_, (_, through))| through.contains(filter));
+                    if let Some((_, (message, _))) = highest {
+                        match passed.iter_mut().find(|(m, _)| m.id == message.id) {
+                            Some((_, filters)) => filters.push(filter.clone()),
+                            None => passed.push((message.clone(), vec![filter.clone()])),
+                        }
+                    }
+                }
+                let lowest_unacked = session.unacked.keys().min().copied().unwrap_or(i64::MAX);
+                session.acked = session.acked.split_off(&lowest_unacked);
                 let client = session.client.clone();
-                self.host.call("message-acked", async |i| i.message_acked(&client, &message).await).await??;
+                for (message, positions) in passed {
+                    self.host
+                        .call("message-acked", async |i| i.message_acked(&client, &message, &positions).await)
+                        .await??;
+                }
             }
             Event::Tick {} => {
                 let deleted = self.host.call("tick", async |i| i.tick().await).await??;
@@ -296,7 +348,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         loop {
             for message in page.messages {
                 let qos = message.qos.min(subscription.qos);
-                self.deliver(clientid, message, qos, auto_ack).await?;
+                self.deliver(clientid, message, qos, auto_ack, std::slice::from_ref(&subscription.filter)).await?;
             }
             let Some(cursor) = page.next else { return Ok(()) };
             page = self
@@ -313,7 +365,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         qos: u8,
         retain: bool,
         payload: Vec<u8>,
-        properties: BTreeMap<String, String>,
+        properties: BTreeMap<String, serde_json::Value>,
     ) -> Result<(), Stop> {
         self.published += 1;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -326,7 +378,10 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             qos,
             retain,
             timestamp: now.as_millis() as i64,
-            properties: properties.into_iter().map(|(key, value)| Property { key, value }).collect(),
+            properties: properties
+                .into_iter()
+                .map(|(key, value)| property_value(&key, value).map(|value| Property { key, value }))
+                .collect::<Result<_, Stop>>()?,
         };
         let outcome = self
             .host
@@ -347,30 +402,40 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             json!({"published": {"clientid": message.sender, "topic": message.topic, "qos": qos, "id": message.id}});
         self.emit(published).await?;
 
-        // Live routing: each online client once, at the highest QoS among its matching filters.
-        let receivers: Vec<(String, u8, bool)> = self
+        // Live routing: each online client once, at the highest QoS among its matching filters;
+        // the delivery counts for each of them.
+        let receivers: Vec<(String, u8, bool, Vec<String>)> = self
             .sessions
             .iter()
             .filter_map(|(clientid, session)| {
-                session
+                let matching: Vec<(&String, &(u8, bool))> = session
                     .subscriptions
                     .iter()
                     .filter(|(filter, _)| mqtt_topic::matches(filter, &message.topic))
-                    .map(|(_, &(qos, auto_ack))| (qos, auto_ack))
-                    .max()
-                    .map(|(qos, auto_ack)| (clientid.clone(), qos, auto_ack))
+                    .collect();
+                let (qos, auto_ack) = matching.iter().map(|(_, options)| **options).max()?;
+                let filters = matching.into_iter().map(|(filter, _)| filter.clone()).collect();
+                Some((clientid.clone(), qos, auto_ack, filters))
             })
             .collect();
-        for (clientid, sub_qos, auto_ack) in receivers {
+        for (clientid, sub_qos, auto_ack, filters) in receivers {
             // MQTT: a message forwarded to an established subscription goes without RETAIN.
             let live = Message { retain: false, ..message.clone() };
-            self.deliver(&clientid, live, qos.min(sub_qos), auto_ack).await?;
+            self.deliver(&clientid, live, qos.min(sub_qos), auto_ack, &filters).await?;
         }
         Ok(())
     }
 
-    /// Delivers one message to an online client, then acks it back if it asked for that.
-    async fn deliver(&mut self, clientid: &str, message: Message, qos: u8, auto_ack: bool) -> anyhow::Result<()> {
+    /// Delivers one message to an online client through the subscriptions `through`, then acks it
+    /// back if it asked for that.
+    async fn deliver(
+        &mut self,
+        clientid: &str,
+        message: Message,
+        qos: u8,
+        auto_ack: bool,
+        through: &[String],
+    ) -> anyhow::Result<()> {
         let payload = match std::str::from_utf8(&message.payload) {
             Ok(text) => ("payload", json!(text)),
             Err(_) => ("payload_base64", json!(BASE64.encode(&message.payload))),
@@ -392,12 +457,14 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         if qos > 0 {
             match message.id {
                 Some(id) if !auto_ack => {
-                    session.unacked.insert(id, message);
+                    session.unacked.insert(id, (message, through.to_vec()));
                 }
                 _ if auto_ack => {
-                    if let Err(e) =
-                        self.host.call("message-acked", async |i| i.message_acked(&client, &message).await).await?
-                    {
+                    let acked = self
+                        .host
+                        .call("message-acked", async |i| i.message_acked(&client, &message, through).await)
+                        .await?;
+                    if let Err(e) = acked {
                         failures.push(e);
                     }
                 }

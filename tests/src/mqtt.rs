@@ -64,10 +64,18 @@ impl Launcher {
         self.spawn(node, None, "", false).await
     }
 
+    /// Like [`Launcher::start_with`], on `port` (a restart on the port of a broker that ended).
+    pub async fn start_on(&self, port: u16, node: &str, rules: &str, extra: &str) -> BrokerProcess {
+        self.spawn_on(port, node, Some(rules), extra, true).await
+    }
+
     async fn spawn(&self, node: &str, rules: Option<&str>, extra: &str, migrate: bool) -> BrokerProcess {
+        self.spawn_on(free_port(), node, rules, extra, migrate).await
+    }
+
+    async fn spawn_on(&self, port: u16, node: &str, rules: Option<&str>, extra: &str, migrate: bool) -> BrokerProcess {
         let dir = scratch(node);
         let rules_path = dir.join("rules.conf");
-        let port = free_port();
         let mut config = format!("node = \"{node}@127.0.0.1\"\nlisten = \"127.0.0.1:{port}\"\ntick_seconds = 1\n");
         match rules {
             Some(rules) => {
@@ -89,6 +97,10 @@ impl Launcher {
             .arg("--cache-dir")
             .arg(scratch("compiled"))
             .stdout(Stdio::null())
+            .stderr(match std::env::var_os("BROKER_STDERR") {
+                Some(path) => Stdio::from(std::fs::File::create(dir.join(path)).unwrap()),
+                None => Stdio::inherit(),
+            })
             .env(
                 "RUST_LOG",
                 std::env::var("BROKER_LOG").unwrap_or_else(|_| "warn,broker=info,host_harness=info".into()),
@@ -112,8 +124,25 @@ impl BrokerProcess {
 
     /// SIGHUP: reload the module and the rules.
     pub fn hangup(&self) {
-        let status = Command::new("kill").arg("-HUP").arg(self.child.id().to_string()).status().unwrap();
+        self.signal("HUP");
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, `KILL`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
         assert!(status.success());
+    }
+
+    /// Waits for the process to end (at most [`PATIENCE`]) and returns its exit code.
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "the broker did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
@@ -143,8 +172,14 @@ impl Mqtt {
     /// Connects with a clean session; with `manual_acks`, received QoS 1/2 messages are acked
     /// only by [`Mqtt::ack`].
     pub async fn connect(port: u16, clientid: &str, manual_acks: bool) -> Mqtt {
+        Mqtt::connect_with(port, clientid, manual_acks, |_| {}).await
+    }
+
+    /// Like [`Mqtt::connect`], after `more` set what the test needs (the in-flight window, ...).
+    pub async fn connect_with(port: u16, clientid: &str, manual_acks: bool, more: impl FnOnce(&mut MqttOptions)) -> Mqtt {
         let mut options = MqttOptions::new(clientid, "127.0.0.1", port);
         options.set_clean_session(true).set_manual_acks(manual_acks).set_keep_alive(Duration::from_secs(30));
+        more(&mut options);
         let (client, event_loop) = AsyncClient::new(options, 1000);
         let (tx, events) = mpsc::unbounded_channel();
         tokio::spawn(run(event_loop, tx));
@@ -243,4 +278,50 @@ async fn run(mut event_loop: EventLoop, tx: mpsc::UnboundedSender<Result<Incomin
 
 pub fn payloads(messages: &[Publish]) -> Vec<String> {
     messages.iter().map(|p| String::from_utf8_lossy(&p.payload).into_owned()).collect()
+}
+
+/// The MQTT 5 steps the tests need (rumqttc's v5 client).
+pub mod v5 {
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish, PublishProperties};
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    use tokio::sync::mpsc;
+
+    pub async fn connect(port: u16, clientid: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Packet>) {
+        connect_with(port, clientid, |_| {}).await
+    }
+
+    /// Connects with a clean start, after `options` set what the test needs.
+    pub async fn connect_with(
+        port: u16,
+        clientid: &str,
+        options: impl FnOnce(&mut MqttOptions),
+    ) -> (AsyncClient, mpsc::UnboundedReceiver<Packet>) {
+        let mut mqtt_options = MqttOptions::new(clientid, "127.0.0.1", port);
+        mqtt_options.set_clean_start(true);
+        options(&mut mqtt_options);
+        let (client, mut event_loop) = AsyncClient::new(mqtt_options, 1000);
+        let (tx, mut events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = event_loop.poll().await {
+                if let Event::Incoming(packet) = event
+                    && tx.send(packet).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        until(&mut events, |p| matches!(p, Packet::ConnAck(_))).await;
+        (client, events)
+    }
+
+    pub async fn until(events: &mut mpsc::UnboundedReceiver<Packet>, wanted: impl Fn(&Packet) -> bool) -> Packet {
+        let deadline = tokio::time::Instant::now() + super::PATIENCE;
+        loop {
+            let packet = tokio::time::timeout_at(deadline, events.recv()).await.expect("in time").expect("connected");
+            if wanted(&packet) {
+                return packet;
+            }
+        }
+    }
 }

@@ -37,7 +37,7 @@ async fn drain(host: &Host, client: &Client, subscription: &Subscription, got: &
     loop {
         got.extend(page.messages.iter().map(|m| m.payload.clone()));
         if let Some(last) = page.messages.last() {
-            host.call("message-acked", async |i| i.message_acked(client, last).await).await.unwrap().unwrap();
+            host.call("message-acked", async |i| i.message_acked(client, last, std::slice::from_ref(&subscription.filter)).await).await.unwrap().unwrap();
         }
         let Some(cursor) = page.next.take() else { break };
         page = host
