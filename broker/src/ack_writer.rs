@@ -1,7 +1,8 @@
 //! Acks are written in the background, coalesced: while one round of `message-acked` calls runs,
-//! newer acks of the same client and topic replace older ones (a read position only moves
+//! newer acks of the same client and subscription replace older ones (a read position only moves
 //! forward, so the newest says all). A subscriber acking every message then costs a few position
-//! updates per round instead of one durable UPDATE per message.
+//! updates per round instead of one durable UPDATE per message. What reaches this writer has
+//! passed the ack gates of `delivery`: each ack names the filters whose positions it may move.
 //!
 //! The price is the usual one of at-least-once: a broker that dies with acks not yet written
 //! delivers those messages again. A client's pending acks are written before its next
@@ -17,10 +18,13 @@ use tokio::sync::Notify;
 /// `message-acked` calls made at once in a round.
 const AT_ONCE: usize = 16;
 
+/// One `message-acked` call: the client, the message, the filters whose positions move to it.
+type Ack = (Client, Message, Vec<String>);
+
 pub struct AckWriter {
     host: Arc<Host>,
     extension: String,
-    /// The newest ack per (client id, topic).
+    /// The newest ack per (client id, subscription filter).
     pending: Mutex<HashMap<(String, String), (Client, Message)>>,
     wake: Notify,
     /// Held while a round is written, so that a flush waits for acks already taken.
@@ -40,26 +44,21 @@ impl AckWriter {
         tokio::spawn(async move {
             loop {
                 worker.wake.notified().await;
-                loop {
-                    let _writing = worker.writing.lock().await;
-                    let round: Vec<_> = worker.pending.lock().unwrap().drain().map(|(_, ack)| ack).collect();
-                    if round.is_empty() {
-                        break;
-                    }
-                    worker.write(round).await;
-                }
+                while worker.write_pending(|_| true).await {}
             }
         });
         writer
     }
 
-    /// Queues an ack; a newer one of the same client and topic replaces an older one.
-    pub fn push(&self, client: Client, message: Message) {
-        let key = (client.clientid.clone(), message.topic.clone());
+    /// Queues an ack that may move the positions of `filters`; a newer one of the same client
+    /// and filter replaces an older one.
+    pub fn push(&self, client: Client, message: Message, filters: Vec<String>) {
         let mut pending = self.pending.lock().unwrap();
-        let newer = pending.get(&key).is_none_or(|(_, queued)| queued.id < message.id);
-        if newer {
-            pending.insert(key, (client, message));
+        for filter in filters {
+            let key = (client.clientid.clone(), filter);
+            if pending.get(&key).is_none_or(|(_, queued)| queued.id < message.id) {
+                pending.insert(key, (client.clone(), message.clone()));
+            }
         }
         drop(pending);
         self.wake.notify_one();
@@ -67,19 +66,34 @@ impl AckWriter {
 
     /// Writes `clientid`'s pending acks now (after the round being written, if any).
     pub async fn flush(&self, clientid: &str) {
-        let _writing = self.writing.lock().await;
-        let round: Vec<_> = {
-            let mut pending = self.pending.lock().unwrap();
-            let keys: Vec<_> = pending.keys().filter(|(c, _)| c == clientid).cloned().collect();
-            keys.iter().filter_map(|k| pending.remove(k)).collect()
-        };
-        self.write(round).await;
+        self.write_pending(|c| c == clientid).await;
     }
 
-    async fn write(&self, round: Vec<(Client, Message)>) {
+    /// Writes everything pending of the clients `which` selects; false if there was nothing.
+    async fn write_pending(&self, which: impl Fn(&str) -> bool) -> bool {
+        let _writing = self.writing.lock().await;
+        let taken: Vec<((String, String), (Client, Message))> = {
+            let mut pending = self.pending.lock().unwrap();
+            let keys: Vec<_> = pending.keys().filter(|(c, _)| which(c)).cloned().collect();
+            keys.into_iter().filter_map(|k| pending.remove_entry(&k)).collect()
+        };
+        if taken.is_empty() {
+            return false;
+        }
+        // One call per (client, message): its filters together.
+        let mut round: HashMap<(String, Option<i64>), Ack> = HashMap::new();
+        for ((clientid, filter), (client, message)) in taken {
+            round.entry((clientid, message.id)).or_insert_with(|| (client, message, Vec::new())).2.push(filter);
+        }
+        self.write(round.into_values().collect()).await;
+        true
+    }
+
+    async fn write(&self, round: Vec<Ack>) {
         for slice in round.chunks(AT_ONCE) {
-            let calls = slice.iter().map(|(client, message)| async move {
-                match self.host.call("message-acked", async |i| i.message_acked(client, message).await).await {
+            let calls = slice.iter().map(|(client, message, filters)| async move {
+                let call = async |i: &mut host_harness::Instance| i.message_acked(client, message, filters).await;
+                match self.host.call("message-acked", call).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(extension = self.extension, "message-acked: {}", e.describe()),
                     Err(e) => tracing::error!(extension = self.extension, "message-acked: {e:#}"),
@@ -87,5 +101,10 @@ impl AckWriter {
             });
             futures::future::join_all(calls).await;
         }
+    }
+
+    /// Writes every pending ack now (a shutdown).
+    pub async fn flush_all(&self) {
+        while self.write_pending(|_| true).await {}
     }
 }

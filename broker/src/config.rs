@@ -32,6 +32,8 @@ pub struct BrokerConfig {
     #[serde(rename = "extension")]
     pub extensions: Vec<ExtensionConfig>,
     #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
     pub publish_batch: BatchConfig,
     #[serde(default)]
     pub sandbox: SandboxConfig,
@@ -51,6 +53,26 @@ pub struct ExtensionConfig {
     pub name: Option<String>,
     pub module: PathBuf,
     pub rules: PathBuf,
+}
+
+/// The MQTT side of the listener: flow control and sizes.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// QoS 1/2 messages a client may have unacknowledged, each way: what it may send before the
+    /// broker's PUBACK/PUBREC (advertised as Receive Maximum in an MQTT 5 CONNACK; rmqtt closes a
+    /// client that sends more), and what the broker sends it before its acks (at most its own
+    /// Receive Maximum). The default fits the usual client windows (paho 20, mosquitto 20,
+    /// rumqttc 100) with room to spare.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// The largest MQTT packet accepted, in bytes.
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: u32,
+    /// Messages queued per session on their way to a client; past that rmqtt lets the oldest
+    /// go (stored ones are then fetched again from the database).
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
 }
 
 /// Group commit: publishes from all clients are handed to `message-publish` in batches.
@@ -96,12 +118,54 @@ impl BrokerConfig {
         if config.publish_batch.max_messages == 0 {
             anyhow::bail!("{}: publish_batch.max_messages must be at least 1", path.display());
         }
+        let slices = 2 * crate::delivery::FORWARD_AT_ONCE;
+        if config.mqtt.max_queue < slices {
+            anyhow::bail!("{}: mqtt.max_queue must be at least {slices} (two slices of a backlog)", path.display());
+        }
+        if config.mqtt.max_inflight == 0 {
+            anyhow::bail!("{}: mqtt.max_inflight must be at least 1", path.display());
+        }
+        // A guest holds a batch of publishes, or a backlog page, in its memory: the largest message
+        // must fit many times over, or it would be accepted and then trap every fetch.
+        let memory = (config.sandbox.memory_mib as u64) << 20;
+        let largest = u64::from(config.mqtt.max_packet_size);
+        if memory < GUEST_MEMORY_PER_PACKET * largest {
+            anyhow::bail!(
+                "{}: sandbox.memory_mib = {} cannot hold the largest message mqtt.max_packet_size = {} allows: \
+                 give the guest at least {} MiB, or accept smaller packets",
+                path.display(),
+                config.sandbox.memory_mib,
+                largest,
+                (GUEST_MEMORY_PER_PACKET * largest).div_ceil(1 << 20)
+            );
+        }
         let folder = path.parent().unwrap_or(Path::new("."));
         for extension in &mut config.extensions {
             extension.module = folder.join(&extension.module);
             extension.rules = folder.join(&extension.rules);
         }
         Ok(config)
+    }
+}
+
+/// Guest memory per byte of the largest packet: a backlog page (`max_returned_bytes`, 4 MiB by
+/// default, plus one message past it) and its copy on the way out, with room to spare.
+pub const GUEST_MEMORY_PER_PACKET: u64 = 8;
+
+impl SandboxConfig {
+    /// The payload bytes a publish batch may hold: an eighth of the guest's memory.
+    pub fn batch_bytes(&self) -> usize {
+        (self.memory_mib << 20) / 8
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_inflight: default_max_inflight(),
+            max_packet_size: default_max_packet_size(),
+            max_queue: default_max_queue(),
+        }
     }
 }
 
@@ -147,6 +211,15 @@ fn default_listen() -> SocketAddr {
 }
 fn default_tick_seconds() -> u64 {
     5
+}
+fn default_max_inflight() -> u16 {
+    128
+}
+fn default_max_packet_size() -> u32 {
+    1 << 20
+}
+fn default_max_queue() -> usize {
+    1000
 }
 fn default_max_messages() -> usize {
     256

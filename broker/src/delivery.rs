@@ -1,18 +1,24 @@
 //! What the broker keeps per connected client so that stored messages reach it once, in order,
-//! and acks never move a read position past an unread message:
+//! and an ack moves a read position only as far as it is true (the contract's invariant: position
+//! (client, filter) = N means every stored message of that filter up to N was delivered through
+//! that subscription and acked). A state machine without I/O; `hooks` drives it.
 //!
-//! - **Backlogs.** After a SUBSCRIBE, the backlog the extension returns is forwarded to the
-//!   client page by page, each page once the previous one has left the broker. Until the whole
-//!   backlog has gone out, live stored messages for that subscription are held back; they follow
-//!   the backlog, minus those the backlog already sent. Pages run in id order over every
-//!   matching message from the read position on, so a held message whose id lies between the
-//!   lowest and the highest id the pages sent was sent; one below (the position had passed it,
-//!   e.g. `first_fetch: latest`) or above (committed after the last page) was not. A live
-//!   message that arrives after the backlog but lies in that range is a duplicate and is dropped.
-//! - **The ack gate.** An ack moves a read position to the acked message. Clients may ack out of
-//!   order, and live messages from different publishers may arrive out of id order, so an ack is
-//!   passed on only when no lower stored id delivered to that client is still unacked: what a
-//!   client acks past an unacked message waits for it.
+//! - **Subscriptions fetch, then go live.** After a SUBSCRIBE (or when a subscription must catch
+//!   up, below) it is *fetching*: its backlog goes out page by page, and live stored messages it
+//!   matches are held back meanwhile. Held messages belong to the client, not to one
+//!   subscription: when a fetch ends, or a subscription goes away, a held message is released
+//!   once no subscription that matches it is fetching, and dropped only when no live
+//!   subscription matches it any more, or a page already sent it (a duplicate).
+//! - **Per-subscription ack gates.** Each stored message is attributed to the subscriptions that
+//!   delivered it: its own backlog's pages, or every live subscription that matches it when it
+//!   goes out live. An ack credits each of them; a subscription's position may move to the
+//!   highest acked id below its lowest unacked one. So an ack never moves the position of a
+//!   filter the client is not subscribed to, nor of one whose backlog is behind.
+//! - **Nothing dropped silently.** A stored message lost on the way (rmqtt's session queue was
+//!   full) is left to the database: every subscription it concerns stops its position below it
+//!   and catches up, fetching again from its stored position once what it delivered so far is
+//!   acked. Ids a subscription already had acked are not sent again. Held messages are bounded
+//!   ([`HELD_PER_CLIENT`]); past that they are left to the database the same way.
 //!
 //! One [`Deliveries`] per extension: ids are the extension's own.
 
@@ -31,6 +37,15 @@ pub struct Connection {
     pub since: i64,
 }
 
+/// Messages forwarded to a session at a time (a slice of a page, or of the held-back ones), well
+/// below rmqtt's per-session queue (1000 by default), which drops messages when full.
+pub const FORWARD_AT_ONCE: usize = 100;
+
+/// Live stored messages held back per client while its subscriptions fetch. Past that, the held
+/// ones are let go and the fetching subscriptions fetch once more at the end (the messages are in
+/// the database): a client's memory here stays below this many messages.
+pub const HELD_PER_CLIENT: usize = 1000;
+
 #[derive(Default)]
 pub struct Deliveries {
     clients: Mutex<HashMap<String, ClientState>>,
@@ -38,59 +53,79 @@ pub struct Deliveries {
 
 struct ClientState {
     since: i64,
-    /// Subscriptions whose backlog is still going out, by filter.
-    backlogs: HashMap<String, Backlog>,
-    /// Subscriptions whose backlog has gone out: the range of ids its pages sent.
-    sent: HashMap<String, (i64, i64)>,
+    subscriptions: HashMap<String, Subscription>,
+    /// Live stored messages held back while a subscription that matches them fetches.
+    held: Vec<(i64, Publish)>,
     /// Messages this extension forwarded to the session that have not left the broker yet.
     queued: usize,
-    /// Woken when `queued` drops or the client goes away.
+    /// Woken when `queued` drops, an ack comes, or the client goes away.
     progress: Arc<Notify>,
-    /// Stored ids delivered with QoS 1 or 2 and not acked yet.
-    unacked: BTreeSet<i64>,
-    /// Acked, but waiting for a lower unacked id.
-    acked: BTreeMap<i64, Message>,
-    /// Filters whose backlog could not be fetched: their acks are not passed on during this
-    /// connection, so that the positions stay before the unread messages.
-    stalled: Vec<String>,
 }
 
 #[derive(Default)]
-struct Backlog {
-    /// The lowest and highest stored ids the pages sent.
+struct Subscription {
+    qos: u8,
+    /// The backlog is going out (or will again: `refetch`).
+    fetching: bool,
+    /// Fetch again from the stored position when the current fetch ends: something this
+    /// subscription should have delivered was let go.
+    refetch: bool,
+    /// The lowest and highest stored ids its pages sent.
     sent: Option<(i64, i64)>,
-    /// Live stored messages held back meanwhile.
-    held: Vec<(i64, Publish)>,
+    /// Stored ids it delivered that are not acked yet.
+    unacked: BTreeSet<i64>,
+    /// Acked, waiting for a lower unacked id (or for `stop`).
+    acked: BTreeMap<i64, Message>,
+    /// A stored id it lost on the way: its position stays below until it fetches again.
+    stop: Option<i64>,
+    /// Its backlog could not be fetched: no ack moves its position during this connection.
+    stalled: bool,
+}
+
+impl Subscription {
+    /// The highest acked id its position may move to now, taken out of `acked`.
+    fn passable(&mut self) -> Option<Message> {
+        if self.stalled {
+            return None;
+        }
+        let floor = self.unacked.first().copied().unwrap_or(i64::MAX).min(self.stop.unwrap_or(i64::MAX));
+        let rest = self.acked.split_off(&floor);
+        let passable = std::mem::replace(&mut self.acked, rest);
+        passable.into_values().next_back()
+    }
+
+    fn has(&self, id: i64) -> bool {
+        within(self.sent, id) || self.unacked.contains(&id) || self.acked.contains_key(&id)
+    }
 }
 
 fn within(range: Option<(i64, i64)>, id: i64) -> bool {
     range.is_some_and(|(low, high)| (low..=high).contains(&id))
 }
 
-/// Messages forwarded to a session at a time (a slice of a page, or of the held-back ones), well
-/// below rmqtt's per-session queue (1000 by default), which drops messages when full.
-pub const FORWARD_AT_ONCE: usize = 100;
-
-/// What is left to do when a backlog's last page has gone out.
-pub enum BacklogEnd {
-    /// Live messages were held back meanwhile: forward these (the lowest ids, in order), wait for
-    /// them to go out, and ask again.
-    Release(Vec<Publish>),
-    /// The subscription is live now.
+/// What a fetching subscription does when its pages are out.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FetchEnd {
+    /// Something was let go meanwhile: fetch again from the stored position (after waiting for
+    /// [`Deliveries::settled`]).
+    Refetch,
+    /// The subscription is live now; release what is held ([`Deliveries::release`]).
     Live,
+    /// It is gone (unsubscribed, client away).
+    Gone,
 }
+
+/// An ack to pass on: the message, and the filters whose positions may move to it.
+pub type PassedAck = (Message, Vec<String>);
 
 impl Deliveries {
     pub fn connected(&self, connection: &Connection) {
         let state = ClientState {
             since: connection.since,
-            backlogs: HashMap::new(),
-            sent: HashMap::new(),
+            subscriptions: HashMap::new(),
+            held: Vec::new(),
             queued: 0,
             progress: Arc::new(Notify::new()),
-            unacked: BTreeSet::new(),
-            acked: BTreeMap::new(),
-            stalled: Vec::new(),
         };
         if let Some(old) = self.clients.lock().unwrap().insert(connection.clientid.clone(), state) {
             old.progress.notify_waiters();
@@ -111,49 +146,68 @@ impl Deliveries {
         clients.get_mut(&connection.clientid).filter(|s| s.since == connection.since).map(f)
     }
 
-    /// A backlog starts for `filter`: live stored messages for it are held back from now on. A
-    /// repeated SUBSCRIBE while a backlog is going out keeps what is held so far.
-    pub fn backlog_started(&self, connection: &Connection, filter: &str) {
+    /// A subscription to `filter` starts fetching its backlog: live stored messages it matches
+    /// are held back from now on. A repeated SUBSCRIBE keeps what the subscription had.
+    pub fn subscribed(&self, connection: &Connection, filter: &str, qos: u8) {
         self.with(connection, |s| {
-            s.backlogs.entry(filter.to_owned()).or_default();
+            let subscription = s.subscriptions.entry(filter.to_owned()).or_default();
+            subscription.qos = qos;
+            subscription.fetching = true;
+            subscription.stalled = false;
         });
     }
 
-    /// The subscription went away: nothing more of its backlog is sent, nothing held back.
+    /// The subscription went away. What is held stays for the client's other subscriptions
+    /// ([`Deliveries::release`] lets go of what none of them matches).
     pub fn unsubscribed(&self, connection: &Connection, filter: &str) {
-        self.with(connection, |s| {
-            s.backlogs.remove(filter);
-            s.sent.remove(filter);
-        });
+        self.with(connection, |s| s.subscriptions.remove(filter));
     }
 
-    /// `count` messages were forwarded; `ids` are the stored ids among them that a page sent.
-    /// Returns false when the backlog is no longer wanted (client gone, unsubscribed).
-    pub fn page_forwarded(
-        &self,
-        connection: &Connection,
-        filter: &str,
-        count: usize,
-        ids: impl Iterator<Item = i64>,
-    ) -> bool {
+    /// A page slice of `filter`'s backlog is about to be forwarded: `ids` are its messages' stored
+    /// ids (none for a retained message). Returns, for each, whether to forward it (one this
+    /// subscription already had acked is not sent again), or `None` when the backlog is no
+    /// longer wanted (client gone, unsubscribed).
+    pub fn forward_page(&self, connection: &Connection, filter: &str, ids: &[Option<i64>]) -> Option<Vec<bool>> {
         self.with(connection, |s| {
-            let Some(backlog) = s.backlogs.get_mut(filter) else { return false };
-            for id in ids {
-                backlog.sent = Some(backlog.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
-            }
-            s.queued += count;
-            true
+            let subscription = s.subscriptions.get_mut(filter)?;
+            let decisions: Vec<bool> = ids
+                .iter()
+                .map(|id| match id {
+                    None => true,
+                    Some(id) if subscription.acked.contains_key(id) => false,
+                    &Some(id) => {
+                        subscription.sent =
+                            Some(subscription.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
+                        subscription.unacked.insert(id);
+                        true
+                    }
+                })
+                .collect();
+            s.queued += decisions.iter().filter(|&&d| d).count();
+            Some(decisions)
         })
-        .unwrap_or(false)
+        .flatten()
     }
 
     /// Waits until everything forwarded has left the broker. False if the client went away.
     pub async fn sent(&self, connection: &Connection) -> bool {
+        self.wait(connection, |s| s.queued == 0).await
+    }
+
+    /// Waits until everything `filter` delivered has been acked, so that its stored position
+    /// (once the acks are written) is where a new fetch must start. False if the client or the
+    /// subscription went away.
+    pub async fn settled(&self, connection: &Connection, filter: &str) -> bool {
+        self.wait(connection, |s| s.subscriptions.get(filter).is_none_or(|sub| sub.unacked.is_empty())).await
+            && self.with(connection, |s| s.subscriptions.contains_key(filter)).unwrap_or(false)
+    }
+
+    async fn wait(&self, connection: &Connection, done: impl Fn(&ClientState) -> bool) -> bool {
         loop {
-            let Some((queued, progress)) = self.with(connection, |s| (s.queued, s.progress.clone())) else {
+            let Some((ready, progress)) = self.with(connection, |s| (done(s), s.progress.clone())) else {
                 return false;
             };
-            if queued == 0 {
+            if ready {
                 return true;
             }
             // The timeout covers a wake-up sent between the check and the wait.
@@ -161,49 +215,109 @@ impl Deliveries {
         }
     }
 
-    /// The last page of `filter`'s backlog has gone out. Either held-back messages are left to
-    /// release, or the subscription goes live, atomically with respect to [`Deliveries::hold`].
-    pub fn backlog_end(&self, connection: &Connection, filter: &str) -> Option<BacklogEnd> {
+    /// A fetch of `filter` is about to start again from the stored position: what it lost is
+    /// behind that position, so its stop is lifted.
+    pub fn refetching(&self, connection: &Connection, filter: &str) {
         self.with(connection, |s| {
-            let backlog = s.backlogs.get_mut(filter)?;
-            let mut held = std::mem::take(&mut backlog.held);
-            held.retain(|(id, _)| !within(backlog.sent, *id));
-            if held.is_empty() {
-                if let Some(sent) = backlog.sent {
-                    s.sent.insert(filter.to_owned(), sent);
-                }
-                s.backlogs.remove(filter);
-                return Some(BacklogEnd::Live);
+            if let Some(subscription) = s.subscriptions.get_mut(filter) {
+                subscription.refetch = false;
+                subscription.stop = None;
             }
-            held.sort_by_key(|(id, _)| *id);
-            held.dedup_by_key(|(id, _)| *id);
-            // The rest waits for the next call: the session's queue is bounded.
-            backlog.held = held.split_off(held.len().min(FORWARD_AT_ONCE));
-            Some(BacklogEnd::Release(held.into_iter().map(|(_, p)| p).collect()))
-        })
-        .flatten()
-    }
-
-    /// The backlog of `filter` could not be fetched: the subscription goes live, but acks of
-    /// what it matches are kept back until the client reconnects.
-    pub fn backlog_failed(&self, connection: &Connection, filter: &str) {
-        self.with(connection, |s| {
-            s.backlogs.remove(filter);
-            s.stalled.push(filter.to_owned());
         });
     }
 
-    /// A live message stored as `id` is about to go to the client. Returns true when it must not
-    /// go now: a backlog it belongs to is still going out (it is held back, to follow), or a
-    /// backlog already sent it (a duplicate).
+    /// Whether `filter` let something go during its fetch and should fetch again now.
+    pub fn refetch_wanted(&self, connection: &Connection, filter: &str) -> bool {
+        self.with(connection, |s| s.subscriptions.get(filter).is_some_and(|sub| sub.refetch)).unwrap_or(false)
+    }
+
+    /// `filter`'s pages are all out.
+    pub fn fetch_end(&self, connection: &Connection, filter: &str) -> FetchEnd {
+        self.with(connection, |s| {
+            let Some(subscription) = s.subscriptions.get_mut(filter) else { return FetchEnd::Gone };
+            if subscription.refetch {
+                return FetchEnd::Refetch;
+            }
+            subscription.fetching = false;
+            FetchEnd::Live
+        })
+        .unwrap_or(FetchEnd::Gone)
+    }
+
+    /// The backlog of `filter` could not be fetched: the subscription goes live, but its
+    /// position does not move during this connection (it stays before the unread messages).
+    pub fn fetch_failed(&self, connection: &Connection, filter: &str) {
+        self.with(connection, |s| {
+            if let Some(subscription) = s.subscriptions.get_mut(filter) {
+                subscription.fetching = false;
+                subscription.refetch = false;
+                subscription.stalled = true;
+            }
+        });
+    }
+
+    /// Held messages that may go now (the lowest ids first, at most [`FORWARD_AT_ONCE`]):
+    /// those no fetching subscription matches. Each is attributed to the live subscriptions that
+    /// match it and did not have it from a page; one that none needs is dropped. Call until empty.
+    pub fn release(&self, connection: &Connection) -> Vec<Publish> {
+        self.with(connection, |s| {
+            let subscriptions = &mut s.subscriptions;
+            let (mut ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut s.held).into_iter().partition(|(_, p)| {
+                !subscriptions.iter().any(|(filter, sub)| sub.fetching && mqtt_topic::matches(filter, &p.topic))
+            });
+            s.held = waiting;
+            ready.sort_by_key(|(id, _)| *id);
+            ready.dedup_by_key(|(id, _)| *id);
+            let mut out = Vec::new();
+            while let Some((id, publish)) = (out.len() < FORWARD_AT_ONCE).then(|| ready.first().cloned()).flatten() {
+                ready.remove(0);
+                let mut wanted = false;
+                for (filter, sub) in subscriptions.iter_mut() {
+                    if mqtt_topic::matches(filter, &publish.topic) && !sub.has(id) {
+                        sub.unacked.insert(id);
+                        wanted = true;
+                    }
+                }
+                if wanted {
+                    out.push(publish);
+                }
+            }
+            // What did not fit in this slice waits for the next call.
+            s.held.extend(ready);
+            s.queued += out.len();
+            out
+        })
+        .unwrap_or_default()
+    }
+
+    /// A live message stored as `id` is about to go to the client (rmqtt's expiry check, as it
+    /// leaves the session queue). Returns true when it must not go now: a subscription it matches
+    /// is fetching (it is held back, to follow), or the client already has it (a page sent it, or
+    /// another subscription's copy did). Otherwise it is attributed to every live subscription
+    /// that matches it. A resend (DUP) goes as it is.
     pub fn hold(&self, connection: &Connection, id: i64, publish: &Publish) -> bool {
+        if publish.dup {
+            return false;
+        }
         self.with(connection, |s| {
             let topic = &publish.topic;
-            if let Some((_, backlog)) = s.backlogs.iter_mut().find(|(filter, _)| mqtt_topic::matches(filter, topic)) {
-                backlog.held.push((id, publish.clone()));
+            let matching = || s.subscriptions.iter().filter(|(filter, _)| mqtt_topic::matches(filter, topic));
+            if matching().any(|(_, sub)| sub.fetching) {
+                s.held.push((id, publish.clone()));
+                if s.held.len() > HELD_PER_CLIENT {
+                    let_go_held(s);
+                }
                 return true;
             }
-            s.sent.iter().any(|(filter, sent)| mqtt_topic::matches(filter, topic) && within(Some(*sent), id))
+            if matching().any(|(_, sub)| sub.has(id)) {
+                return true;
+            }
+            for (filter, sub) in s.subscriptions.iter_mut() {
+                if mqtt_topic::matches(filter, topic) {
+                    sub.unacked.insert(id);
+                }
+            }
+            false
         })
         .unwrap_or(false)
     }
@@ -216,31 +330,60 @@ impl Deliveries {
         });
     }
 
-    /// A stored message went to the client with QoS 1 or 2 (or was lost on the way): no ack
-    /// passes it until it is acked.
-    pub fn awaiting_ack(&self, connection: &Connection, id: i64) {
-        self.with(connection, |s| s.unacked.insert(id));
-    }
-
-    /// The client acked `message` (stored as `id`). Returns the acks to pass on: for each topic,
-    /// the highest acked id below every unacked one.
-    pub fn acked(&self, connection: &Connection, id: i64, message: Message) -> Vec<Message> {
+    /// A stored message on its way to the client was lost (a full session queue). Every
+    /// subscription it concerns stops its position below it and fetches again: returns the
+    /// filters that were live and now need a fetch started (the others refetch when their
+    /// current fetch ends).
+    pub fn lost(&self, connection: &Connection, id: i64, topic: &str) -> Vec<(String, u8)> {
         self.with(connection, |s| {
-            s.unacked.remove(&id);
-            s.acked.insert(id, message);
-            let floor = s.unacked.first().copied().unwrap_or(i64::MAX);
-            let rest = s.acked.split_off(&floor);
-            let passable = std::mem::replace(&mut s.acked, rest);
-            let mut by_topic: HashMap<String, Message> = HashMap::new();
-            for (_, message) in passable {
-                if s.stalled.iter().any(|filter| mqtt_topic::matches(filter, &message.topic)) {
+            let mut start = Vec::new();
+            for (filter, sub) in s.subscriptions.iter_mut() {
+                if !(sub.unacked.remove(&id) || mqtt_topic::matches(filter, topic)) {
                     continue;
                 }
-                by_topic.insert(message.topic.clone(), message);
+                sub.stop = Some(sub.stop.map_or(id, |stop| stop.min(id)));
+                sub.refetch = true;
+                if !sub.fetching {
+                    sub.fetching = true;
+                    start.push((filter.clone(), sub.qos));
+                }
             }
-            by_topic.into_values().collect()
+            s.progress.notify_waiters();
+            start
         })
         .unwrap_or_default()
+    }
+
+    /// The client acked `message` (stored as `id`). Returns the acks to pass on: for each
+    /// subscription whose position may move now, the highest such message, grouped by message.
+    pub fn acked(&self, connection: &Connection, id: i64, message: Message) -> Vec<PassedAck> {
+        self.with(connection, |s| {
+            let mut passed: Vec<PassedAck> = Vec::new();
+            for (filter, sub) in s.subscriptions.iter_mut() {
+                if sub.unacked.remove(&id) {
+                    sub.acked.insert(id, message.clone());
+                }
+                if let Some(highest) = sub.passable() {
+                    match passed.iter_mut().find(|(m, _)| m.id == highest.id) {
+                        Some((_, filters)) => filters.push(filter.clone()),
+                        None => passed.push((highest, vec![filter.clone()])),
+                    }
+                }
+            }
+            s.progress.notify_waiters();
+            passed
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// Too much is held: let it all go to the database, and have every fetching subscription fetch
+/// once more when its pages are out (the held messages are stored after the pages it has seen).
+fn let_go_held(s: &mut ClientState) {
+    tracing::info!(held = s.held.len(), "held messages left to the database");
+    s.held.clear();
+    for sub in s.subscriptions.values_mut().filter(|sub| sub.fetching) {
+        sub.refetch = true;
     }
 }
 
@@ -263,6 +406,10 @@ mod tests {
         }
     }
 
+    fn live(id: i64, topic: &str) -> Publish {
+        message::to_publish(&stored(id, topic), 1, "x")
+    }
+
     fn client() -> (Deliveries, Connection) {
         let deliveries = Deliveries::default();
         let connection = Connection { clientid: "c".into(), since: 1 };
@@ -270,59 +417,188 @@ mod tests {
         (deliveries, connection)
     }
 
+    fn page(deliveries: &Deliveries, connection: &Connection, filter: &str, ids: impl IntoIterator<Item = i64>) {
+        let ids: Vec<Option<i64>> = ids.into_iter().map(Some).collect();
+        deliveries.forward_page(connection, filter, &ids).expect("subscribed");
+    }
+
+    fn go_live(deliveries: &Deliveries, connection: &Connection, filter: &str) -> Vec<i64> {
+        assert_eq!(deliveries.fetch_end(connection, filter), FetchEnd::Live);
+        let mut released = Vec::new();
+        loop {
+            let slice = deliveries.release(connection);
+            if slice.is_empty() {
+                return released;
+            }
+            assert!(slice.len() <= FORWARD_AT_ONCE);
+            released.extend(slice.iter().map(|p| message::stored_id(p, "x").unwrap()));
+        }
+    }
+
+    /// (filters, id) of what an ack passes on, sorted.
+    fn passed(acks: Vec<PassedAck>) -> Vec<(i64, Vec<String>)> {
+        let mut out: Vec<(i64, Vec<String>)> = acks
+            .into_iter()
+            .map(|(m, mut filters)| {
+                filters.sort();
+                (m.id.unwrap(), filters)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn ack(deliveries: &Deliveries, connection: &Connection, id: i64, topic: &str) -> Vec<(i64, Vec<String>)> {
+        passed(deliveries.acked(connection, id, stored(id, topic)))
+    }
+
     #[test]
     fn held_messages_are_released_in_id_order_in_slices_without_what_the_backlog_sent() {
         let (deliveries, connection) = client();
-        deliveries.backlog_started(&connection, "t/#");
+        deliveries.subscribed(&connection, "t/#", 1);
         // The pages sent ids 5 to 10; the position had passed 1 to 4.
-        assert!(deliveries.page_forwarded(&connection, "t/#", 6, 5..=10));
+        page(&deliveries, &connection, "t/#", 5..=10);
         // Live messages arrive out of order, some of them already in the backlog.
         for id in (1..=260).rev() {
-            assert!(deliveries.hold(&connection, id, &message::to_publish(&stored(id, "t/a"), 1, "x")));
+            assert!(deliveries.hold(&connection, id, &live(id, "t/a")));
         }
-        assert!(!deliveries.hold(&connection, 999, &message::to_publish(&stored(999, "other"), 1, "x")));
-        let mut released = Vec::new();
-        loop {
-            match deliveries.backlog_end(&connection, "t/#").unwrap() {
-                BacklogEnd::Release(slice) => {
-                    assert!(slice.len() <= FORWARD_AT_ONCE);
-                    released.extend(slice.iter().map(|p| message::stored_id(p, "x").unwrap()));
-                }
-                BacklogEnd::Live => break,
-            }
-        }
+        assert!(!deliveries.hold(&connection, 999, &live(999, "other")));
+        let released = go_live(&deliveries, &connection, "t/#");
         let expected: Vec<i64> = (1..=4).chain(11..=260).collect();
         assert_eq!(released, expected, "all but what the pages sent, in order");
-        assert!(!deliveries.hold(&connection, 261, &message::to_publish(&stored(261, "t/a"), 1, "x")), "live now");
-        assert!(deliveries.hold(&connection, 7, &message::to_publish(&stored(7, "t/a"), 1, "x")), "a duplicate");
-        assert!(!deliveries.hold(&connection, 3, &message::to_publish(&stored(3, "t/a"), 1, "x")), "not one");
+        assert!(!deliveries.hold(&connection, 261, &live(261, "t/a")), "live now");
+        assert!(deliveries.hold(&connection, 7, &live(7, "t/a")), "a duplicate");
     }
 
     #[test]
-    fn an_ack_waits_for_every_lower_unacked_id_and_then_passes_the_highest_per_topic() {
+    fn an_ack_waits_for_every_lower_unacked_id_of_its_subscription_and_passes_the_highest() {
         let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "#", 1);
+        go_live(&deliveries, &connection, "#");
         for id in [1, 2, 3, 4] {
-            deliveries.awaiting_ack(&connection, id);
+            assert!(!deliveries.hold(&connection, id, &live(id, if id % 2 == 0 { "b" } else { "a" })));
         }
-        let ids = |acked: Vec<Message>| {
-            let mut ids: Vec<i64> = acked.iter().map(|m| m.id.unwrap()).collect();
-            ids.sort();
-            ids
-        };
-        assert_eq!(ids(deliveries.acked(&connection, 3, stored(3, "a"))), Vec::<i64>::new(), "1 is unacked");
-        assert_eq!(ids(deliveries.acked(&connection, 2, stored(2, "b"))), Vec::<i64>::new());
-        assert_eq!(ids(deliveries.acked(&connection, 1, stored(1, "a"))), [2, 3], "per topic, the highest");
-        assert_eq!(ids(deliveries.acked(&connection, 4, stored(4, "a"))), [4]);
+        assert_eq!(ack(&deliveries, &connection, 3, "a"), [], "1 is unacked");
+        assert_eq!(ack(&deliveries, &connection, 2, "b"), []);
+        assert_eq!(ack(&deliveries, &connection, 1, "a"), [(3, vec!["#".to_owned()])], "the highest");
+        assert_eq!(ack(&deliveries, &connection, 4, "b"), [(4, vec!["#".to_owned()])]);
     }
 
     #[test]
-    fn a_backlog_that_failed_keeps_the_acks_of_its_filter() {
+    fn an_ack_moves_only_the_positions_of_subscriptions_that_delivered_the_message() {
+        // Issue 17, case 1: a/# has a backlog going out, a/+/c runs ahead of it.
         let (deliveries, connection) = client();
-        deliveries.backlog_started(&connection, "t/#");
-        deliveries.backlog_failed(&connection, "t/#");
-        deliveries.awaiting_ack(&connection, 7);
-        assert!(deliveries.acked(&connection, 7, stored(7, "t/a")).is_empty());
-        deliveries.awaiting_ack(&connection, 8);
-        assert_eq!(deliveries.acked(&connection, 8, stored(8, "u")).len(), 1, "other filters go on");
+        deliveries.subscribed(&connection, "a/#", 1);
+        deliveries.subscribed(&connection, "a/+/c", 1);
+        page(&deliveries, &connection, "a/#", 1..=3);
+        page(&deliveries, &connection, "a/+/c", [10, 20]);
+        assert_eq!(ack(&deliveries, &connection, 10, "a/x/c"), [(10, vec!["a/+/c".to_owned()])], "not a/#");
+        assert_eq!(ack(&deliveries, &connection, 1, "a/y"), [(1, vec!["a/#".to_owned()])]);
+        // A filter the client is not subscribed to is never named.
+        deliveries.unsubscribed(&connection, "a/#");
+        assert_eq!(ack(&deliveries, &connection, 2, "a/y"), []);
+        assert_eq!(ack(&deliveries, &connection, 20, "a/x/c"), [(20, vec!["a/+/c".to_owned()])]);
+    }
+
+    #[test]
+    fn a_live_message_counts_for_every_live_subscription_it_matches_and_goes_once() {
+        let (deliveries, connection) = client();
+        for filter in ["a/#", "a/+/c"] {
+            deliveries.subscribed(&connection, filter, 1);
+            go_live(&deliveries, &connection, filter);
+        }
+        assert!(!deliveries.hold(&connection, 5, &live(5, "a/x/c")));
+        assert!(deliveries.hold(&connection, 5, &live(5, "a/x/c")), "a second copy (3.1.1: one per subscription)");
+        assert_eq!(ack(&deliveries, &connection, 5, "a/x/c"), [(5, vec!["a/#".to_owned(), "a/+/c".to_owned()])]);
+    }
+
+    #[test]
+    fn unsubscribing_keeps_held_messages_another_subscription_matches() {
+        // Issue 17, case 2: a/# live, a/+/c fetching; a/x/c messages held; a/+/c goes away.
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "a/#", 1);
+        go_live(&deliveries, &connection, "a/#");
+        deliveries.subscribed(&connection, "a/+/c", 1);
+        page(&deliveries, &connection, "a/+/c", [1, 2]);
+        for id in 10..20 {
+            assert!(deliveries.hold(&connection, id, &live(id, "a/x/c")), "held behind a/+/c's backlog");
+        }
+        deliveries.unsubscribed(&connection, "a/+/c");
+        let released: Vec<i64> =
+            deliveries.release(&connection).iter().map(|p| message::stored_id(p, "x").unwrap()).collect();
+        assert_eq!(released, (10..20).collect::<Vec<_>>(), "a/# still wants them");
+        assert_eq!(ack(&deliveries, &connection, 10, "a/x/c"), [(10, vec!["a/#".to_owned()])]);
+    }
+
+    #[test]
+    fn held_messages_nobody_matches_any_more_are_dropped() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "a/+/c", 1);
+        assert!(deliveries.hold(&connection, 3, &live(3, "a/x/c")));
+        deliveries.unsubscribed(&connection, "a/+/c");
+        assert!(deliveries.release(&connection).is_empty());
+    }
+
+    #[test]
+    fn a_lost_message_stops_the_position_below_it_and_refetches_without_resending_what_was_acked() {
+        // Issue 17, case 3: a slow consumer's session queue overflows.
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t", 1);
+        go_live(&deliveries, &connection, "t");
+        for id in 1..=4 {
+            assert!(!deliveries.hold(&connection, id, &live(id, "t")));
+        }
+        assert_eq!(deliveries.lost(&connection, 5, "t"), [("t".to_owned(), 1)], "a fetch to start");
+        assert!(deliveries.hold(&connection, 6, &live(6, "t")), "held while it catches up");
+        assert!(deliveries.hold(&connection, 7, &live(7, "t")));
+        assert_eq!(ack(&deliveries, &connection, 1, "t"), [(1, vec!["t".to_owned()])]);
+        assert_eq!(ack(&deliveries, &connection, 4, "t"), [], "2 and 3 unacked");
+        assert_eq!(ack(&deliveries, &connection, 2, "t"), [(2, vec!["t".to_owned()])]);
+        assert_eq!(ack(&deliveries, &connection, 3, "t"), [(4, vec!["t".to_owned()])], "up to the lost 5, not past");
+        // Fetching again from the stored position (4): 5, 6, 7 come from the database.
+        deliveries.refetching(&connection, "t");
+        assert_eq!(deliveries.forward_page(&connection, "t", &[Some(5), Some(6), Some(7)]), Some(vec![true; 3]));
+        assert_eq!(deliveries.fetch_end(&connection, "t"), FetchEnd::Live);
+        assert!(deliveries.release(&connection).is_empty(), "6 came with the page");
+        assert_eq!(ack(&deliveries, &connection, 5, "t"), [(5, vec!["t".to_owned()])]);
+    }
+
+    #[test]
+    fn a_page_does_not_resend_what_the_subscription_already_had_acked() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t", 1);
+        go_live(&deliveries, &connection, "t");
+        assert!(!deliveries.hold(&connection, 6, &live(6, "t")));
+        deliveries.lost(&connection, 5, "t");
+        assert_eq!(ack(&deliveries, &connection, 6, "t"), [], "stopped below 5");
+        deliveries.refetching(&connection, "t");
+        assert_eq!(deliveries.forward_page(&connection, "t", &[Some(5), Some(6)]), Some(vec![true, false]));
+        assert_eq!(ack(&deliveries, &connection, 5, "t"), [(6, vec!["t".to_owned()])]);
+    }
+
+    #[test]
+    fn too_many_held_messages_are_left_to_the_database_and_the_fetch_goes_once_more() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t", 1);
+        for id in 1..=(HELD_PER_CLIENT as i64 + 1) {
+            assert!(deliveries.hold(&connection, id, &live(id, "t")));
+        }
+        assert_eq!(deliveries.fetch_end(&connection, "t"), FetchEnd::Refetch);
+        deliveries.refetching(&connection, "t");
+        assert_eq!(deliveries.fetch_end(&connection, "t"), FetchEnd::Live);
+        assert!(deliveries.release(&connection).is_empty(), "nothing kept in memory");
+    }
+
+    #[test]
+    fn a_backlog_that_failed_keeps_its_position_and_the_others_go_on() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t/#", 1);
+        deliveries.fetch_failed(&connection, "t/#");
+        deliveries.subscribed(&connection, "u", 1);
+        go_live(&deliveries, &connection, "u");
+        assert!(!deliveries.hold(&connection, 7, &live(7, "t/a")));
+        assert_eq!(ack(&deliveries, &connection, 7, "t/a"), []);
+        assert!(!deliveries.hold(&connection, 8, &live(8, "u")));
+        assert_eq!(ack(&deliveries, &connection, 8, "u"), [(8, vec!["u".to_owned()])]);
     }
 }

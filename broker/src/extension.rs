@@ -8,7 +8,7 @@ use host_harness::host::Sources;
 use host_harness::{Host, Runtime};
 
 use crate::ack_writer::AckWriter;
-use crate::config::{BatchConfig, ExtensionConfig};
+use crate::config::{BatchConfig, ExtensionConfig, SandboxConfig};
 use crate::delivery::Deliveries;
 use crate::group_commit::GroupCommit;
 
@@ -28,14 +28,14 @@ impl Extension {
         config: &ExtensionConfig,
         node: &str,
         batch: BatchConfig,
-        max_instances: usize,
+        sandbox: &SandboxConfig,
     ) -> anyhow::Result<Extension> {
         let sources = config.sources();
-        let host = Arc::new(Host::load(runtime, &sources, node).await?.with_max_instances(max_instances));
+        let host = Arc::new(Host::load(runtime, &sources, node).await?.with_max_instances(sandbox.max_instances));
         // Unnamed, it goes by its module's name (the file stem), as in the host's logs.
         let name = config.name.clone().unwrap_or_else(|| host.name());
         Ok(Extension {
-            publish: GroupCommit::start(host.clone(), batch),
+            publish: GroupCommit::start(host.clone(), batch, sandbox.batch_bytes()),
             acks: AckWriter::start(host.clone(), name.clone()),
             name,
             host,

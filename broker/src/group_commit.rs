@@ -6,8 +6,15 @@
 //! Up to `in_flight` batches are stored at once: one waits for the commit-order lock while the
 //! one before it commits, which hides a round trip. Each publisher's messages stay in order, as
 //! rmqtt hands a session's next publish over only once the previous one was answered.
+//!
+//! A batch is bounded in payload bytes too (the guest holds it in its memory). Each message's
+//! outcome is its own: the guest refuses a failing message alone, and a batch on which the guest
+//! trapped is stored again one message at a time, so that one message that traps the guest
+//! refuses nobody else's.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use host_harness::Host;
 use host_harness::bindings::{HookError, Message, PublishOutcome};
@@ -20,6 +27,8 @@ use crate::config::BatchConfig;
 #[derive(Clone)]
 pub struct GroupCommit {
     queue: mpsc::UnboundedSender<Pending>,
+    /// Messages handed over and not answered yet.
+    unanswered: Arc<AtomicUsize>,
 }
 
 struct Pending {
@@ -29,20 +38,36 @@ struct Pending {
 
 impl GroupCommit {
     /// Starts the task that stores batches through `host`.
-    pub fn start(host: Arc<Host>, config: BatchConfig) -> GroupCommit {
+    /// A batch holds at most `max_bytes` of payload (and always one message).
+    pub fn start(host: Arc<Host>, config: BatchConfig, max_bytes: usize) -> GroupCommit {
         let (queue, requests) = mpsc::unbounded_channel();
-        tokio::spawn(store_batches(host, config, requests));
-        GroupCommit { queue }
+        tokio::spawn(store_batches(host, config, max_bytes, requests));
+        GroupCommit { queue, unanswered: Arc::new(AtomicUsize::new(0)) }
+    }
+
+    /// Waits until every message handed over has its answer (at most `patience`); true if so.
+    pub async fn drained(&self, patience: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + patience;
+        while self.unanswered.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
     }
 
     /// Stores `message` with the next batch and returns what became of it. A batch that could
     /// not be stored at all (the guest trapped) fails each of its messages.
     pub async fn store(&self, message: Message) -> PublishOutcome {
         let (outcome, receiver) = oneshot::channel();
-        if self.queue.send(Pending { message, outcome }).is_err() {
-            return failed("the publish queue is closed");
-        }
-        receiver.await.unwrap_or_else(|_| failed("the publish queue dropped the message"))
+        self.unanswered.fetch_add(1, Ordering::SeqCst);
+        let answer = match self.queue.send(Pending { message, outcome }) {
+            Ok(()) => receiver.await.unwrap_or_else(|_| failed("the publish queue dropped the message")),
+            Err(_) => failed("the publish queue is closed"),
+        };
+        self.unanswered.fetch_sub(1, Ordering::SeqCst);
+        answer
     }
 }
 
@@ -50,21 +75,33 @@ fn failed(why: &str) -> PublishOutcome {
     PublishOutcome::Failed(HookError::Invalid(why.to_owned()))
 }
 
-async fn store_batches(host: Arc<Host>, config: BatchConfig, mut requests: mpsc::UnboundedReceiver<Pending>) {
+async fn store_batches(
+    host: Arc<Host>,
+    config: BatchConfig,
+    max_bytes: usize,
+    mut requests: mpsc::UnboundedReceiver<Pending>,
+) {
     let in_flight = Arc::new(Semaphore::new(config.in_flight.max(1)));
     loop {
         // A batch starts forming only when it could be stored at once: until then, messages queue.
         let permit = in_flight.clone().acquire_owned().await.expect("the semaphore is never closed");
         let Some(first) = requests.recv().await else { return };
         let closes = Instant::now() + config.linger();
+        let mut bytes = first.message.payload.len();
         let mut batch = vec![first];
-        while batch.len() < config.max_messages {
+        while batch.len() < config.max_messages && bytes < max_bytes {
             match requests.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => {
+                    bytes += next.message.payload.len();
+                    batch.push(next)
+                }
                 // No linger: no timer either (tokio's wait at least a millisecond).
                 Err(_) if config.linger_us == 0 => break,
                 Err(_) => match tokio::time::timeout_at(closes, requests.recv()).await {
-                    Ok(Some(next)) => batch.push(next),
+                    Ok(Some(next)) => {
+                        bytes += next.message.payload.len();
+                        batch.push(next)
+                    }
                     _ => break,
                 },
             }
@@ -80,19 +117,33 @@ async fn store_batches(host: Arc<Host>, config: BatchConfig, mut requests: mpsc:
 async fn store(host: &Host, batch: Vec<Pending>) {
     let (messages, replies): (Vec<Message>, Vec<_>) = batch.into_iter().map(|p| (p.message, p.outcome)).unzip();
     let started = std::time::Instant::now();
-    let result = host.call("message-publish", async |i| i.message_publish(&messages).await).await;
+    let mut outcomes = call(host, &messages).await;
     tracing::debug!(messages = messages.len(), micros = started.elapsed().as_micros() as u64, "batch stored");
-    let outcomes = match result {
-        Ok(outcomes) if outcomes.len() == messages.len() => outcomes,
-        Ok(outcomes) => {
-            let why = format!("message-publish returned {} outcomes for {} messages", outcomes.len(), messages.len());
-            tracing::error!("{why}");
-            messages.iter().map(|_| failed(&why)).collect()
+    if messages.len() > 1 && outcomes.is_err() {
+        // The guest trapped on the batch (and lost its instance): nothing of it was stored. Each
+        // message alone, so that the one that traps refuses only itself.
+        let mut alone = Vec::with_capacity(messages.len());
+        for message in &messages {
+            alone.push(call(host, std::slice::from_ref(message)).await.map_or_else(|why| failed(&why), |mut o| o.remove(0)));
         }
-        Err(e) => messages.iter().map(|_| failed(&format!("the extension trapped: {e:#}"))).collect(),
-    };
+        outcomes = Ok(alone);
+    }
+    let outcomes = outcomes.unwrap_or_else(|why| messages.iter().map(|_| failed(&why)).collect());
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         // A publisher that went away no longer waits for its answer.
         let _ = reply.send(outcome);
+    }
+}
+
+/// One `message-publish` call: an outcome per message, or why there is none (a trap).
+async fn call(host: &Host, messages: &[Message]) -> Result<Vec<PublishOutcome>, String> {
+    match host.call("message-publish", async |i| i.message_publish(messages).await).await {
+        Ok(outcomes) if outcomes.len() == messages.len() => Ok(outcomes),
+        Ok(outcomes) => {
+            let why = format!("message-publish returned {} outcomes for {} messages", outcomes.len(), messages.len());
+            tracing::error!("{why}");
+            Ok(messages.iter().map(|_| failed(&why)).collect())
+        }
+        Err(e) => Err(format!("the extension trapped: {e:#}")),
     }
 }

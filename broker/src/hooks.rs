@@ -13,7 +13,7 @@ use rmqtt::types::{
     From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Reason, Subscribe,
 };
 
-use crate::delivery::{BacklogEnd, Connection, FORWARD_AT_ONCE};
+use crate::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd};
 use crate::extension::Extension;
 use crate::message::{self, STORE_FAILED};
 
@@ -91,6 +91,9 @@ impl Handler for Hooks {
                 for extension in self.extensions.iter() {
                     extension.deliveries.unsubscribed(&connection(session), &filter);
                     extension.session_unsubscribed(&client, &filter).await;
+                    // What was held for it may be what another subscription still waits for.
+                    let (scx, extension, session) = (self.scx.clone(), extension.clone(), (*session).clone());
+                    tokio::spawn(async move { release_held(&scx, &extension, &session).await });
                 }
             }
             Parameter::MessagePublish(_, from, publish) => {
@@ -130,15 +133,26 @@ impl Handler for Hooks {
                     if is_from(from, extension) {
                         extension.deliveries.forwarded_gone(&connection);
                     }
-                    // Dropped on the way (a full queue): like a delivery never acked, it keeps
-                    // the position before it, and comes with the next connection's backlog.
-                    // Expired messages are meant to be skipped, and held-back ones come later.
+                    // Lost on the way (a full queue): left to the database, the subscriptions it
+                    // concerns catch up from their positions. Expired messages are meant to be
+                    // skipped, and held-back ones come later.
                     if let Some(id) = message::stored_id(publish, &extension.name)
                         && publish.qos != QoS::AtMostOnce
                         && !matches!(reason, Reason::MessageExpiration)
                     {
-                        tracing::warn!(extension = extension.name, clientid = %to.client_id, id, "a stored message was dropped: {reason}");
-                        extension.deliveries.awaiting_ack(&connection, id);
+                        tracing::debug!(extension = extension.name, clientid = %to.client_id, id, "a stored message was let go ({reason})");
+                        let restart = extension.deliveries.lost(&connection, id, &publish.topic);
+                        if restart.is_empty() {
+                            continue;
+                        }
+                        tracing::info!(extension = extension.name, clientid = %to.client_id, id, "a stored message was let go ({reason}): its subscriptions catch up from the database");
+                        let Some(session) = self.scx.extends.shared().await.entry(to.clone()).session() else { continue };
+                        for (filter, qos) in restart {
+                            let (scx, extension, session) = (self.scx.clone(), extension.clone(), session.clone());
+                            tokio::spawn(async move {
+                                send_backlog(&scx, &extension, &session, &Subscription { filter, qos }, None).await;
+                            });
+                        }
                     }
                 }
             }
@@ -183,20 +197,22 @@ impl Hooks {
         let subscription = message::subscription(subscribe);
         let client = message::client(session);
         for extension in self.extensions.iter() {
-            extension.deliveries.backlog_started(&connection(session), &subscription.filter);
+            extension.deliveries.subscribed(&connection(session), &subscription.filter, subscription.qos);
             // Its acks so far first: the fetch starts from the position they leave.
             extension.acks.flush(&client.clientid).await;
-            let Some(first) = extension
+            let first = extension
                 .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
-                .await
-            else {
-                extension.deliveries.backlog_failed(&connection(session), &subscription.filter);
-                continue;
-            };
+                .await;
             let (extension, session, subscription) = (extension.clone(), session.clone(), subscription.clone());
             let scx = self.scx.clone();
             tokio::spawn(async move {
-                send_backlog(&scx, &extension, &session, &subscription, first).await;
+                match first {
+                    Some(first) => send_backlog(&scx, &extension, &session, &subscription, Some(first)).await,
+                    None => {
+                        extension.deliveries.fetch_failed(&connection(&session), &subscription.filter);
+                        release_held(&scx, &extension, &session).await;
+                    }
+                }
             });
         }
     }
@@ -226,11 +242,6 @@ impl Hooks {
             if is_from(from, extension) {
                 extension.deliveries.forwarded_gone(&connection(session));
             }
-            if let Some(id) = id
-                && publish.qos != QoS::AtMostOnce
-            {
-                extension.deliveries.awaiting_ack(&connection(session), id);
-            }
             let message = message::to_message(publish, &from.id.client_id, id);
             extension.message_delivered(&client, &message).await;
         }
@@ -241,75 +252,112 @@ impl Hooks {
         for extension in self.extensions.iter() {
             let Some(id) = message::stored_id(publish, &extension.name) else { continue };
             let acked = message::to_message(publish, &from.id.client_id, Some(id));
-            for message in extension.deliveries.acked(&connection(session), id, acked) {
-                extension.acks.push(client.clone(), message);
+            for (message, filters) in extension.deliveries.acked(&connection(session), id, acked) {
+                extension.acks.push(client.clone(), message, filters);
             }
         }
     }
 }
 
-/// Sends one subscription's backlog to the session, page by page, each page once the previous
-/// one has left the broker; then releases the live messages held back meanwhile.
+/// Sends one subscription's backlog to the session, page by page, each slice once the previous
+/// one has left the broker (rmqtt's session queue drops what does not fit). With `first`, the
+/// pages start there (a SUBSCRIBE); without, or when the subscription let messages go meanwhile,
+/// they start again from the stored position once what it delivered is acked and written. Then
+/// the subscription is live, and the messages held back for the client meanwhile are released.
 async fn send_backlog(
     scx: &ServerContext,
     extension: &Extension,
     session: &Session,
     subscription: &Subscription,
-    first: FetchPage,
+    first: Option<FetchPage>,
 ) {
     let connection = connection(session);
     let client = message::client(session);
+    let deliveries = &extension.deliveries;
+    let filter = &subscription.filter;
     let Some(tx) = scx.extends.shared().await.entry(session.id.clone()).tx() else { return };
     let from = from_extension(session, extension);
     let forward = |publish: Publish| tx.unbounded_send(SessionMessage::Forward(from.clone(), publish)).is_ok();
 
-    let mut page = Some(first);
-    while let Some(current) = page.take() {
-        tracing::debug!(
-            clientid = client.clientid,
-            filter = subscription.filter,
-            messages = current.messages.len(),
-            "backlog page"
-        );
-        // In slices: a page may be bigger than the session's queue (`max_returned_count`).
-        for slice in current.messages.chunks(FORWARD_AT_ONCE) {
-            let ids = slice.iter().filter_map(|m| m.id);
-            if !extension.deliveries.page_forwarded(&connection, &subscription.filter, slice.len(), ids) {
-                return;
-            }
-            for message in slice {
-                let qos = message.qos.min(subscription.qos);
-                if !forward(message::to_publish(message, qos, &extension.name)) {
+    let mut first = first;
+    'fetch: loop {
+        let mut page = match first.take() {
+            Some(page) => page,
+            None => {
+                if !deliveries.settled(&connection, filter).await {
                     return;
                 }
+                extension.acks.flush(&client.clientid).await;
+                deliveries.refetching(&connection, filter);
+                let resumed =
+                    extension.call("session-resume", async |i| i.session_resume(&client, subscription).await).await;
+                match resumed {
+                    Some(page) => page,
+                    None => return fetch_failed(scx, extension, session, filter).await,
+                }
             }
-            if !extension.deliveries.sent(&connection).await {
-                return;
+        };
+        loop {
+            tracing::debug!(clientid = client.clientid, filter, messages = page.messages.len(), "backlog page");
+            // In slices: a page may be bigger than the session's queue (`max_returned_count`).
+            for slice in page.messages.chunks(FORWARD_AT_ONCE) {
+                let ids: Vec<Option<i64>> = slice.iter().map(|m| m.id).collect();
+                let Some(decisions) = deliveries.forward_page(&connection, filter, &ids) else { return };
+                for (message, _) in slice.iter().zip(decisions).filter(|(_, go)| *go) {
+                    let qos = message.qos.min(subscription.qos);
+                    if !forward(message::to_publish(message, qos, &extension.name)) {
+                        return;
+                    }
+                }
+                if !deliveries.sent(&connection).await {
+                    return;
+                }
+                // Something it delivered was let go: fetch again from the position now, so
+                // that what it acks meanwhile is not held behind the loss for long.
+                if deliveries.refetch_wanted(&connection, filter) {
+                    continue 'fetch;
+                }
+            }
+            let Some(cursor) = page.next.take() else { break };
+            let next = async |i: &mut host_harness::Instance| i.session_fetch_next(&client, subscription, &cursor).await;
+            match extension.call("session-fetch-next", next).await {
+                Some(next) => page = next,
+                None => return fetch_failed(scx, extension, session, filter).await,
             }
         }
-        if let Some(cursor) = current.next {
-            page = extension
-                .call("session-fetch-next", async |i| i.session_fetch_next(&client, subscription, &cursor).await)
-                .await;
-            if page.is_none() {
-                return extension.deliveries.backlog_failed(&connection, &subscription.filter);
-            }
+        match deliveries.fetch_end(&connection, filter) {
+            FetchEnd::Refetch => continue,
+            FetchEnd::Live => break,
+            FetchEnd::Gone => return,
         }
     }
+    tracing::debug!(clientid = client.clientid, filter, "backlog sent");
+    release_held(scx, extension, session).await;
+}
+
+async fn fetch_failed(scx: &ServerContext, extension: &Extension, session: &Session, filter: &str) {
+    extension.deliveries.fetch_failed(&connection(session), filter);
+    release_held(scx, extension, session).await;
+}
+
+/// Forwards the held-back messages that may go now, slice by slice.
+async fn release_held(scx: &ServerContext, extension: &Extension, session: &Session) {
+    let connection = connection(session);
+    let Some(tx) = scx.extends.shared().await.entry(session.id.clone()).tx() else { return };
+    let from = from_extension(session, extension);
     loop {
-        match extension.deliveries.backlog_end(&connection, &subscription.filter) {
-            Some(BacklogEnd::Release(held)) => {
-                tracing::debug!(clientid = client.clientid, filter = subscription.filter, held = held.len(), "release");
-                let count = held.len();
-                extension.deliveries.page_forwarded(&connection, &subscription.filter, count, std::iter::empty());
-                if !held.into_iter().all(&forward) || !extension.deliveries.sent(&connection).await {
-                    return;
-                }
-            }
-            Some(BacklogEnd::Live) | None => {
-                tracing::debug!(clientid = client.clientid, filter = subscription.filter, "backlog sent");
+        let held = extension.deliveries.release(&connection);
+        if held.is_empty() {
+            return;
+        }
+        tracing::debug!(clientid = %session.id.client_id, held = held.len(), "release");
+        for publish in held {
+            if tx.unbounded_send(SessionMessage::Forward(from.clone(), publish)).is_err() {
                 return;
             }
+        }
+        if !extension.deliveries.sent(&connection).await {
+            return;
         }
     }
 }

@@ -17,9 +17,11 @@ pub mod group_commit;
 pub mod hooks;
 pub mod message;
 
+use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use host_harness::Runtime;
 use host_harness::reload::{forward_sighup, watch_files};
 use rmqtt::context::ServerContext;
@@ -41,8 +43,7 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     let mut extensions = Vec::new();
     for extension in &config.extensions {
         let loaded =
-            Extension::load(&runtime, extension, &config.node, config.publish_batch, config.sandbox.max_instances)
-                .await?;
+            Extension::load(&runtime, extension, &config.node, config.publish_batch, &config.sandbox).await?;
         if migrate {
             loaded.host.migrate().await?;
         }
@@ -79,9 +80,71 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
         }
     });
 
-    // TCP_NODELAY: an ack is one small packet that must not wait for more.
-    let listener = Builder::new().name("tcp").laddr(config.listen).nodelay(true).bind()?.tcp()?;
+    let mqtt = config.mqtt;
+    let listener = Builder::new()
+        .name("tcp")
+        .laddr(config.listen)
+        // An ack is one small packet that must not wait for more.
+        .nodelay(true)
+        // A restart right after a stop or a crash binds although connections are in TIME_WAIT.
+        .reuseaddr(Some(true))
+        .max_inflight(NonZeroU16::new(mqtt.max_inflight).expect("checked when loading"))
+        .max_packet_size(mqtt.max_packet_size)
+        .max_mqueue_len(mqtt.max_queue)
+        // No expiry for a message published without one (rmqtt would give it 5 minutes).
+        .message_expiry_interval(Duration::ZERO)
+        .bind()
+        .and_then(|b| b.tcp())
+        .with_context(|| format!("listening on {}", config.listen))?;
     println!("broker: node {} listening on {}", config.node, config.listen);
-    MqttServer::new(scx).listener(listener).build().run().await?;
+    let server = MqttServer::new(scx.clone()).listener(listener).build();
+    tokio::select! {
+        served = server.run() => served?,
+        signal = shutdown_signal() => shutdown(&scx, &extensions, signal?).await,
+    }
     Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT and names it.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    // A second signal ends the process at once.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("broker: second signal, exiting now");
+        std::process::exit(1);
+    });
+    Ok(name)
+}
+
+/// How long a shutdown waits for publishes being stored.
+const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The listener is closed by now (its future was dropped). Finishes the publish batches in flight
+/// (their publishers get their acks), writes pending acks, and closes the clients.
+async fn shutdown(scx: &ServerContext, extensions: &[Arc<Extension>], signal: &str) {
+    tracing::info!("{signal}: shutting down; no new connections");
+    for extension in extensions {
+        let done = extension.publish.drained(SHUTDOWN_PATIENCE).await;
+        tracing::info!(extension = extension.name, done, "publishes being stored: finished");
+    }
+    let ids: Vec<_> = scx.extends.shared().await.iter().filter_map(|entry| entry.session().map(|s| s.id.clone())).collect();
+    tracing::info!(clients = ids.len(), "closing clients");
+    for id in ids {
+        let mut entry = scx.extends.shared().await.entry(id);
+        let _ = entry.kick(true, true, true).await;
+    }
+    for extension in extensions {
+        extension.acks.flush_all().await;
+        tracing::info!(extension = extension.name, "pending acks written");
+    }
+    tracing::info!("stopped");
 }

@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use host_harness::bindings::{Client, Message, Property, Subscription};
+use host_harness::bindings::{Client, Message, Property, PropertyValue, Subscription};
 use rmqtt::codec::v5::PublishProperties;
 use rmqtt::session::Session;
 use rmqtt::types::{Publish, QoS, Subscribe};
@@ -88,25 +88,25 @@ pub fn to_message(publish: &Publish, sender: &str, id: Option<i64>) -> Message {
 
 fn properties(publish: &Publish) -> Vec<Property> {
     let Some(p) = &publish.properties else { return Vec::new() };
-    let property = |key: &str, value: String| Property { key: key.into(), value };
+    let text = |key: &str, value: String| Property { key: key.into(), value: PropertyValue::Text(value) };
     let mut out = Vec::new();
     if let Some(seconds) = p.message_expiry_interval {
-        out.push(property("message-expiry-interval", seconds.to_string()));
+        out.push(text("message-expiry-interval", seconds.to_string()));
     }
     if let Some(content_type) = &p.content_type {
-        out.push(property("content-type", content_type.to_string()));
+        out.push(text("content-type", content_type.to_string()));
     }
     if let Some(topic) = &p.response_topic {
-        out.push(property("response-topic", topic.to_string()));
+        out.push(text("response-topic", topic.to_string()));
     }
     if p.is_utf8_payload {
-        out.push(property("payload-format-indicator", "1".into()));
+        out.push(text("payload-format-indicator", "1".into()));
     }
-    // Correlation data is bytes; the contract's properties are text, so only UTF-8 passes.
-    if let Some(data) = p.correlation_data.as_ref().and_then(|d| std::str::from_utf8(d).ok()) {
-        out.push(property("correlation-data", data.into()));
+    // Binary data: it stays bytes, whatever they hold.
+    if let Some(data) = &p.correlation_data {
+        out.push(Property { key: "correlation-data".into(), value: PropertyValue::Bytes(data.to_vec()) });
     }
-    out.extend(p.user_properties.iter().filter(|(k, _)| k != STORED_ID).map(|(k, v)| property(k, v.to_string())));
+    out.extend(p.user_properties.iter().filter(|(k, _)| k != STORED_ID).map(|(k, v)| text(k, v.to_string())));
     out
 }
 
@@ -115,15 +115,22 @@ fn properties(publish: &Publish) -> Vec<Property> {
 pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
     let mut properties = PublishProperties::default();
     for Property { key, value } in &message.properties {
-        match key.as_str() {
-            "message-expiry-interval" => {
-                properties.message_expiry_interval = value.parse().ok().and_then(NonZeroU32::new)
+        let text = match value {
+            PropertyValue::Text(text) => text.as_str(),
+            PropertyValue::Bytes(bytes) if key == "correlation-data" => {
+                properties.correlation_data = Some(bytes.clone().into());
+                continue;
             }
-            "content-type" => properties.content_type = Some(value.as_str().into()),
-            "response-topic" => properties.response_topic = Some(value.as_str().into()),
-            "payload-format-indicator" => properties.is_utf8_payload = value == "1",
-            "correlation-data" => properties.correlation_data = Some(value.clone().into_bytes().into()),
-            _ => properties.user_properties.push((key.as_str().into(), value.as_str().into())),
+            // MQTT has no other binary property of a message; a guest that made one is ignored.
+            PropertyValue::Bytes(_) => continue,
+        };
+        match key.as_str() {
+            "message-expiry-interval" => properties.message_expiry_interval = text.parse().ok().and_then(NonZeroU32::new),
+            "content-type" => properties.content_type = Some(text.into()),
+            "response-topic" => properties.response_topic = Some(text.into()),
+            "payload-format-indicator" => properties.is_utf8_payload = text == "1",
+            "correlation-data" => properties.correlation_data = Some(text.as_bytes().to_vec().into()),
+            _ => properties.user_properties.push((key.as_str().into(), text.into())),
         }
     }
     if let Some(id) = message.id {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use integration_tests::mqtt::{Launcher, Mqtt, database, payloads};
+use integration_tests::mqtt::{Launcher, Mqtt, database, payloads, v5};
 use integration_tests::{TestDb, offline_rules};
 use rumqttc::QoS;
 
@@ -312,42 +312,6 @@ async fn mqtt_5_subscribers_see_the_stored_id_as_a_user_property() {
     };
     let properties = message.properties.expect("properties").user_properties;
     assert_eq!(properties, [("x-offline-id".to_owned(), "offline:1".to_owned())]);
-}
-
-/// The few MQTT 5 steps the tests need (rumqttc's v5 client).
-mod v5 {
-    pub use rumqttc::v5::mqttbytes::QoS;
-    pub use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    use tokio::sync::mpsc;
-
-    pub async fn connect(port: u16, clientid: &str) -> (AsyncClient, mpsc::UnboundedReceiver<Packet>) {
-        let mut options = MqttOptions::new(clientid, "127.0.0.1", port);
-        options.set_clean_start(true);
-        let (client, mut event_loop) = AsyncClient::new(options, 100);
-        let (tx, mut events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(event) = event_loop.poll().await {
-                if let Event::Incoming(packet) = event
-                    && tx.send(packet).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        until(&mut events, |p| matches!(p, Packet::ConnAck(_))).await;
-        (client, events)
-    }
-
-    pub async fn until(events: &mut mpsc::UnboundedReceiver<Packet>, wanted: impl Fn(&Packet) -> bool) -> Packet {
-        let deadline = tokio::time::Instant::now() + integration_tests::mqtt::PATIENCE;
-        loop {
-            let packet = tokio::time::timeout_at(deadline, events.recv()).await.expect("in time").expect("connected");
-            if wanted(&packet) {
-                return packet;
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
