@@ -60,7 +60,15 @@ struct ClientState {
     queued: usize,
     /// Woken when `queued` drops, an ack comes, or the client goes away.
     progress: Arc<Notify>,
+    /// Stored messages the client acked during this connection, while a fetch might reach them
+    /// again through another subscription: that page does not send them twice. Forgotten when
+    /// no subscription fetches, and bounded ([`ACKED_REMEMBERED`]).
+    acked: BTreeMap<i64, Message>,
 }
+
+/// Acked ids a client's state remembers at most for [`ClientState::acked`] (the lowest go
+/// first: forgetting one only means a page may send it once more).
+const ACKED_REMEMBERED: usize = 10_000;
 
 #[derive(Default)]
 struct Subscription {
@@ -126,6 +134,7 @@ impl Deliveries {
             held: Vec::new(),
             queued: 0,
             progress: Arc::new(Notify::new()),
+            acked: BTreeMap::new(),
         };
         if let Some(old) = self.clients.lock().unwrap().insert(connection.clientid.clone(), state) {
             old.progress.notify_waiters();
@@ -163,26 +172,36 @@ impl Deliveries {
         self.with(connection, |s| s.subscriptions.remove(filter));
     }
 
-    /// A page slice of `filter`'s backlog is about to be forwarded: `ids` are its messages' stored
-    /// ids (none for a retained message). Returns, for each, whether to forward it (one this
-    /// subscription already had acked is not sent again), or `None` when the backlog is no
-    /// longer wanted (client gone, unsubscribed).
-    pub fn forward_page(&self, connection: &Connection, filter: &str, ids: &[Option<i64>]) -> Option<Vec<bool>> {
+    /// A page slice of `filter`'s backlog is about to be forwarded. Returns, for each message,
+    /// whether to forward it, or `None` when the backlog is no longer wanted (client gone,
+    /// unsubscribed). The client gets a stored message once, whichever subscriptions' pages
+    /// reach it: one it already acked counts as acked for this subscription too, and one another
+    /// subscription delivered and is still unacked counts for both when it is acked. Retained
+    /// messages (no id) always go.
+    pub fn forward_page(&self, connection: &Connection, filter: &str, page: &[Message]) -> Option<Vec<bool>> {
         self.with(connection, |s| {
-            let subscription = s.subscriptions.get_mut(filter)?;
-            let decisions: Vec<bool> = ids
-                .iter()
-                .map(|id| match id {
-                    None => true,
-                    Some(id) if subscription.acked.contains_key(id) => false,
-                    &Some(id) => {
-                        subscription.sent =
-                            Some(subscription.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
-                        subscription.unacked.insert(id);
-                        true
-                    }
-                })
-                .collect();
+            let mut subscription = s.subscriptions.remove(filter)?;
+            let mut decisions = Vec::with_capacity(page.len());
+            for message in page {
+                let Some(id) = message.id else {
+                    decisions.push(true);
+                    continue;
+                };
+                subscription.sent =
+                    Some(subscription.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
+                let forward = if subscription.acked.contains_key(&id) {
+                    false
+                } else if let Some(acked) = s.acked.get(&id) {
+                    subscription.acked.insert(id, acked.clone());
+                    false
+                } else {
+                    let outstanding = s.subscriptions.values().any(|other| other.unacked.contains(&id));
+                    subscription.unacked.insert(id);
+                    !outstanding
+                };
+                decisions.push(forward);
+            }
+            s.subscriptions.insert(filter.to_owned(), subscription);
             s.queued += decisions.iter().filter(|&&d| d).count();
             Some(decisions)
         })
@@ -370,6 +389,14 @@ impl Deliveries {
                     }
                 }
             }
+            if s.subscriptions.values().any(|sub| sub.fetching) {
+                s.acked.insert(id, message);
+                while s.acked.len() > ACKED_REMEMBERED {
+                    s.acked.pop_first();
+                }
+            } else {
+                s.acked.clear();
+            }
             s.progress.notify_waiters();
             passed
         })
@@ -417,9 +444,15 @@ mod tests {
         (deliveries, connection)
     }
 
-    fn page(deliveries: &Deliveries, connection: &Connection, filter: &str, ids: impl IntoIterator<Item = i64>) {
-        let ids: Vec<Option<i64>> = ids.into_iter().map(Some).collect();
-        deliveries.forward_page(connection, filter, &ids).expect("subscribed");
+    /// Forwards a page of messages on topic `t/p` with these ids; returns which went.
+    fn page(
+        deliveries: &Deliveries,
+        connection: &Connection,
+        filter: &str,
+        ids: impl IntoIterator<Item = i64>,
+    ) -> Vec<bool> {
+        let page: Vec<Message> = ids.into_iter().map(|id| stored(id, "t/p")).collect();
+        deliveries.forward_page(connection, filter, &page).expect("subscribed")
     }
 
     fn go_live(deliveries: &Deliveries, connection: &Connection, filter: &str) -> Vec<i64> {
@@ -557,7 +590,7 @@ mod tests {
         assert_eq!(ack(&deliveries, &connection, 3, "t"), [(4, vec!["t".to_owned()])], "up to the lost 5, not past");
         // Fetching again from the stored position (4): 5, 6, 7 come from the database.
         deliveries.refetching(&connection, "t");
-        assert_eq!(deliveries.forward_page(&connection, "t", &[Some(5), Some(6), Some(7)]), Some(vec![true; 3]));
+        assert_eq!(page(&deliveries, &connection, "t", [5, 6, 7]), [true; 3]);
         assert_eq!(deliveries.fetch_end(&connection, "t"), FetchEnd::Live);
         assert!(deliveries.release(&connection).is_empty(), "6 came with the page");
         assert_eq!(ack(&deliveries, &connection, 5, "t"), [(5, vec!["t".to_owned()])]);
@@ -572,8 +605,27 @@ mod tests {
         deliveries.lost(&connection, 5, "t");
         assert_eq!(ack(&deliveries, &connection, 6, "t"), [], "stopped below 5");
         deliveries.refetching(&connection, "t");
-        assert_eq!(deliveries.forward_page(&connection, "t", &[Some(5), Some(6)]), Some(vec![true, false]));
+        assert_eq!(page(&deliveries, &connection, "t", [5, 6]), [true, false]);
         assert_eq!(ack(&deliveries, &connection, 5, "t"), [(6, vec!["t".to_owned()])]);
+    }
+
+    #[test]
+    fn overlapping_backlogs_send_a_message_once_and_its_ack_counts_for_both() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "a/#", 1);
+        deliveries.subscribed(&connection, "a/+/c", 1);
+        // a/+/c runs ahead: 11 goes out and is acked before a/#'s pages reach it.
+        assert_eq!(page(&deliveries, &connection, "a/+/c", [1, 11]), [true, true]);
+        assert_eq!(ack(&deliveries, &connection, 1, "a/x/c"), [(1, vec!["a/+/c".to_owned()])]);
+        assert_eq!(ack(&deliveries, &connection, 11, "a/x/c"), [(11, vec!["a/+/c".to_owned()])]);
+        // a/#'s page: 1 and 11 the client has; 2 is new.
+        assert_eq!(page(&deliveries, &connection, "a/#", [1, 2, 11, 12]), [false, true, false, true]);
+        assert_eq!(ack(&deliveries, &connection, 2, "a/y"), [(11, vec!["a/#".to_owned()])], "1 and 11 count as acked");
+        // Outstanding in one subscription, reached by the other's page: one copy, acked for both.
+        assert_eq!(page(&deliveries, &connection, "a/+/c", [21]), [true]);
+        assert_eq!(page(&deliveries, &connection, "a/#", [21]), [false]);
+        assert_eq!(ack(&deliveries, &connection, 12, "a/y"), [(12, vec!["a/#".to_owned()])]);
+        assert_eq!(ack(&deliveries, &connection, 21, "a/x/c"), [(21, vec!["a/#".to_owned(), "a/+/c".to_owned()])]);
     }
 
     #[test]

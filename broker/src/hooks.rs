@@ -253,6 +253,7 @@ impl Hooks {
             let Some(id) = message::stored_id(publish, &extension.name) else { continue };
             let acked = message::to_message(publish, &from.id.client_id, Some(id));
             for (message, filters) in extension.deliveries.acked(&connection(session), id, acked) {
+                tracing::debug!(clientid = client.clientid, id = message.id, ?filters, "ack passed");
                 extension.acks.push(client.clone(), message, filters);
             }
         }
@@ -301,8 +302,7 @@ async fn send_backlog(
             tracing::debug!(clientid = client.clientid, filter, messages = page.messages.len(), "backlog page");
             // In slices: a page may be bigger than the session's queue (`max_returned_count`).
             for slice in page.messages.chunks(FORWARD_AT_ONCE) {
-                let ids: Vec<Option<i64>> = slice.iter().map(|m| m.id).collect();
-                let Some(decisions) = deliveries.forward_page(&connection, filter, &ids) else { return };
+                let Some(decisions) = deliveries.forward_page(&connection, filter, slice) else { return };
                 for (message, _) in slice.iter().zip(decisions).filter(|(_, go)| *go) {
                     let qos = message.qos.min(subscription.qos);
                     if !forward(message::to_publish(message, qos, &extension.name)) {
