@@ -284,6 +284,7 @@ pub fn payloads(messages: &[Publish]) -> Vec<String> {
 pub mod v5 {
     pub use rumqttc::v5::mqttbytes::QoS;
     pub use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish, PublishProperties};
+    use rumqttc::Outgoing;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     use tokio::sync::mpsc;
 
@@ -303,11 +304,16 @@ pub mod v5 {
         let (client, mut event_loop) = AsyncClient::new(mqtt_options, 1000);
         let (tx, mut events) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while let Ok(event) = event_loop.poll().await {
-                if let Event::Incoming(packet) = event
-                    && tx.send(packet).is_err()
-                {
-                    return;
+            loop {
+                match event_loop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if tx.send(packet).is_err() {
+                            return;
+                        }
+                    }
+                    // After DISCONNECT the client is done: polling on would connect it again.
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(Event::Outgoing(_)) => {}
                 }
             }
         });
