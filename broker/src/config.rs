@@ -10,6 +10,7 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -65,7 +66,7 @@ pub struct MqttConfig {
     /// Receive Maximum). The default fits the usual client windows (paho 20, mosquitto 20,
     /// rumqttc 100) with room to spare.
     #[serde(default = "default_max_inflight")]
-    pub max_inflight: u16,
+    pub max_inflight: NonZeroU16,
     /// The largest MQTT packet accepted, in bytes.
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: u32,
@@ -121,9 +122,6 @@ impl BrokerConfig {
         let slices = 2 * crate::delivery::FORWARD_AT_ONCE;
         if config.mqtt.max_queue < slices {
             anyhow::bail!("{}: mqtt.max_queue must be at least {slices} (two slices of a backlog)", path.display());
-        }
-        if config.mqtt.max_inflight == 0 {
-            anyhow::bail!("{}: mqtt.max_inflight must be at least 1", path.display());
         }
         // A guest holds a batch of publishes, or a backlog page, in its memory: the largest message
         // must fit many times over, or it would be accepted and then trap every fetch.
@@ -212,8 +210,8 @@ fn default_listen() -> SocketAddr {
 fn default_tick_seconds() -> u64 {
     5
 }
-fn default_max_inflight() -> u16 {
-    128
+fn default_max_inflight() -> NonZeroU16 {
+    NonZeroU16::new(128).expect("not zero")
 }
 fn default_max_packet_size() -> u32 {
     1 << 20

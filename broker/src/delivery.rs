@@ -60,10 +60,10 @@ struct ClientState {
     queued: usize,
     /// Woken when `queued` drops, an ack comes, or the client goes away.
     progress: Arc<Notify>,
-    /// Stored messages the client acked during this connection, while a fetch might reach them
+    /// Stored ids the client acked during this connection, while a fetch might reach them
     /// again through another subscription: that page does not send them twice. Forgotten when
     /// no subscription fetches, and bounded ([`ACKED_REMEMBERED`]).
-    acked: BTreeMap<i64, Message>,
+    acked: BTreeSet<i64>,
 }
 
 /// Acked ids a client's state remembers at most for [`ClientState::acked`] (the lowest go
@@ -82,8 +82,9 @@ struct Subscription {
     sent: Option<(i64, i64)>,
     /// Stored ids it delivered that are not acked yet.
     unacked: BTreeSet<i64>,
-    /// Acked, waiting for a lower unacked id (or for `stop`).
-    acked: BTreeMap<i64, Message>,
+    /// Acked, waiting for a lower unacked id (or for `stop`). Shared: one ack may wait in
+    /// several subscriptions.
+    acked: BTreeMap<i64, Arc<Message>>,
     /// A stored id it lost on the way: its position stays below until it fetches again.
     stop: Option<i64>,
     /// Its backlog could not be fetched: no ack moves its position during this connection.
@@ -92,7 +93,7 @@ struct Subscription {
 
 impl Subscription {
     /// The highest acked id its position may move to now, taken out of `acked`.
-    fn passable(&mut self) -> Option<Message> {
+    fn passable(&mut self) -> Option<Arc<Message>> {
         if self.stalled {
             return None;
         }
@@ -134,7 +135,7 @@ impl Deliveries {
             held: Vec::new(),
             queued: 0,
             progress: Arc::new(Notify::new()),
-            acked: BTreeMap::new(),
+            acked: BTreeSet::new(),
         };
         if let Some(old) = self.clients.lock().unwrap().insert(connection.clientid.clone(), state) {
             old.progress.notify_waiters();
@@ -191,8 +192,8 @@ impl Deliveries {
                     Some(subscription.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
                 let forward = if subscription.acked.contains_key(&id) {
                     false
-                } else if let Some(acked) = s.acked.get(&id) {
-                    subscription.acked.insert(id, acked.clone());
+                } else if s.acked.contains(&id) {
+                    subscription.acked.insert(id, Arc::new(message.clone()));
                     false
                 } else {
                     let outstanding = s.subscriptions.values().any(|other| other.unacked.contains(&id));
@@ -287,9 +288,10 @@ impl Deliveries {
             s.held = waiting;
             ready.sort_by_key(|(id, _)| *id);
             ready.dedup_by_key(|(id, _)| *id);
+            // What does not fit in this slice waits for the next call.
+            s.held.extend(ready.split_off(ready.len().min(FORWARD_AT_ONCE)));
             let mut out = Vec::new();
-            while let Some((id, publish)) = (out.len() < FORWARD_AT_ONCE).then(|| ready.first().cloned()).flatten() {
-                ready.remove(0);
+            for (id, publish) in ready {
                 let mut wanted = false;
                 for (filter, sub) in subscriptions.iter_mut() {
                     if mqtt_topic::matches(filter, &publish.topic) && !sub.has(id) {
@@ -301,8 +303,6 @@ impl Deliveries {
                     out.push(publish);
                 }
             }
-            // What did not fit in this slice waits for the next call.
-            s.held.extend(ready);
             s.queued += out.len();
             out
         })
@@ -377,7 +377,8 @@ impl Deliveries {
     /// subscription whose position may move now, the highest such message, grouped by message.
     pub fn acked(&self, connection: &Connection, id: i64, message: Message) -> Vec<PassedAck> {
         self.with(connection, |s| {
-            let mut passed: Vec<PassedAck> = Vec::new();
+            let message = Arc::new(message);
+            let mut passed: Vec<(Arc<Message>, Vec<String>)> = Vec::new();
             for (filter, sub) in s.subscriptions.iter_mut() {
                 if sub.unacked.remove(&id) {
                     sub.acked.insert(id, message.clone());
@@ -390,7 +391,7 @@ impl Deliveries {
                 }
             }
             if s.subscriptions.values().any(|sub| sub.fetching) {
-                s.acked.insert(id, message);
+                s.acked.insert(id);
                 while s.acked.len() > ACKED_REMEMBERED {
                     s.acked.pop_first();
                 }
@@ -398,7 +399,7 @@ impl Deliveries {
                 s.acked.clear();
             }
             s.progress.notify_waiters();
-            passed
+            passed.into_iter().map(|(message, filters)| (Arc::unwrap_or_clone(message), filters)).collect()
         })
         .unwrap_or_default()
     }

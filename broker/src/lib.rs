@@ -17,7 +17,6 @@ pub mod group_commit;
 pub mod hooks;
 pub mod message;
 
-use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,7 +87,7 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
         .nodelay(true)
         // A restart right after a stop or a crash binds although connections are in TIME_WAIT.
         .reuseaddr(Some(true))
-        .max_inflight(NonZeroU16::new(mqtt.max_inflight).expect("checked when loading"))
+        .max_inflight(mqtt.max_inflight)
         .max_packet_size(mqtt.max_packet_size)
         .max_mqueue_len(mqtt.max_queue)
         // No expiry for a message published without one (rmqtt would give it 5 minutes).

@@ -1,8 +1,5 @@
 //! Small helpers over the host's `sql` interface.
 
-use std::cell::RefCell;
-use std::rc::Rc;
-
 use crate::bindings::broker::extension::sql::{self, RowSet, Transaction, Value};
 
 /// Runs `work` in one transaction on `pool`: all of it is committed, or none of it.
@@ -20,7 +17,7 @@ pub fn in_transaction<T>(
 /// statements) its own transaction; or inside a transaction that other rules share.
 pub enum Conn<'a> {
     Pool(&'a str),
-    Shared(Rc<Transaction>),
+    Shared(&'a Transaction),
 }
 
 impl Conn<'_> {
@@ -57,39 +54,40 @@ impl Conn<'_> {
     }
 }
 
-/// The rules of one event that must take effect together: with `shared`, every rule's
-/// statements run in one transaction per pool (begun at its first statement), committed together
-/// at the end; without, each rule runs on its pool as it would alone (one rule needs no more).
-/// Across pools the commits go one after another: a failing statement undoes every pool's work,
-/// a failing commit only its own pool's.
+/// The rules of one event that must take effect together. `Work::shared` begins one
+/// transaction per pool (its BEGIN goes out with its first statement), every rule's statements
+/// run in it, and `commit` commits them one after another: a failing statement undoes every
+/// pool's work, a failing commit only its own pool's. `Work::alone` is for a single rule, which
+/// needs no more than its own statements give it.
 pub struct Work {
-    shared: bool,
-    open: RefCell<Vec<(String, Rc<Transaction>)>>,
+    open: Vec<(String, Transaction)>,
 }
 
 impl Work {
-    pub fn new(shared: bool) -> Work {
-        Work { shared, open: RefCell::new(Vec::new()) }
+    pub fn alone() -> Work {
+        Work { open: Vec::new() }
     }
 
-    pub fn conn<'a>(&self, pool: &'a str) -> Result<Conn<'a>, sql::Error> {
-        if !self.shared {
-            return Ok(Conn::Pool(pool));
+    pub fn shared<'a>(pools: impl IntoIterator<Item = &'a str>) -> Result<Work, sql::Error> {
+        let mut open: Vec<(String, Transaction)> = Vec::new();
+        for pool in pools {
+            if !open.iter().any(|(name, _)| name == pool) {
+                open.push((pool.to_owned(), Transaction::begin(pool)?));
+            }
         }
-        let mut open = self.open.borrow_mut();
-        if let Some((_, tx)) = open.iter().find(|(name, _)| name == pool) {
-            return Ok(Conn::Shared(tx.clone()));
-        }
-        let tx = Rc::new(Transaction::begin(pool)?);
-        open.push((pool.to_owned(), tx.clone()));
-        Ok(Conn::Shared(tx))
+        Ok(Work { open })
     }
 
-    /// Commits what is open; dropping a `Work` instead rolls it back. The caller must have
-    /// dropped every `Conn` it took.
+    pub fn conn<'a>(&'a self, pool: &'a str) -> Conn<'a> {
+        match self.open.iter().find(|(name, _)| name == pool) {
+            Some((_, tx)) => Conn::Shared(tx),
+            None => Conn::Pool(pool),
+        }
+    }
+
+    /// Commits what is open; dropping a `Work` instead rolls it back.
     pub fn commit(self) -> Result<(), sql::Error> {
-        for (pool, tx) in self.open.into_inner() {
-            let tx = Rc::try_unwrap(tx).map_err(|_| sql::Error::Connection(format!("{pool}: transaction still in use")))?;
+        for (_, tx) in self.open {
             Transaction::commit(tx)?;
         }
         Ok(())

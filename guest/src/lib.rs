@@ -97,6 +97,13 @@ fn run_sql_rules(hookpoint: Hookpoint, topic: Option<&str>, event: &Event<'_>) -
     Ok(())
 }
 
+/// A page a fetch rule made, reported to metrics, as the contract hands it over.
+fn served(rule: &Rule, started: Instant, page: Result<fetch::Page, sql::Error>) -> Result<FetchPage, HookError> {
+    observe(rule, started, &page.as_ref().map(|p| p.messages.len() as u64));
+    let page = page.map_err(|e| sql_error(rule, e))?;
+    Ok(FetchPage { messages: page.messages, next: page.next.map(|c| c.encode()) })
+}
+
 fn now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -129,12 +136,15 @@ fn publish_together(config: &Config, messages: &mut [Message], selected: &[usize
         .filter(|(_, indices): &(&Rule, Vec<usize>)| !indices.is_empty())
         .collect();
     working.sort_by_key(|(rule, _)| !matches!(rule.action, Action::Function(Function::MessagePublish(_))));
-    let work = Work::new(working.len() > 1);
+    let work = match working.as_slice() {
+        [_, _, ..] => Work::shared(working.iter().map(|(rule, _)| rule.pool.as_str()))
+            .map_err(|e| HookError::Sql(("backend.pgsql.hook.message.publish (begin)".into(), e)))?,
+        _ => Work::alone(),
+    };
     let mut stored = Vec::new();
     for (rule, indices) in &working {
         let started = Instant::now();
-        let result =
-            work.conn(&rule.pool).and_then(|conn| run_publish_rule(rule, &conn, messages, indices, &mut stored));
+        let result = run_publish_rule(rule, &work.conn(&rule.pool), messages, indices, &mut stored);
         settle(rule, started, result)?;
     }
     work.commit().map_err(|e| HookError::Sql(("backend.pgsql.hook.message.publish (commit)".into(), e)))?;
@@ -244,7 +254,7 @@ impl Guest for Extension {
         let event = Event::Subscription { client: &client, filter, qos: Some(subscription.qos) };
         // Retained messages first, then the offline backlog's first page (one fetch rule serves a
         // subscription: the first that fires; only QoS 1/2 subscriptions fetch).
-        let fetch_rule = config.rules.fetch_rule(filter).map(|(rule, _)| rule.index);
+        let fetch_rule = config.rules.fetch_rule(filter);
         let mut retained = Vec::new();
         let mut backlog = None;
         for rule in firing(&config, Hookpoint::SessionSubscribed, Some(filter)) {
@@ -256,7 +266,7 @@ impl Guest for Extension {
                     rows
                 }),
                 Action::Function(Function::MessageFetch(opts))
-                    if Some(rule.index) == fetch_rule && subscription.qos > 0 =>
+                    if fetch_rule.is_some_and(|(serving, _)| serving.index == rule.index) && subscription.qos > 0 =>
                 {
                     fetch::first_page(&rule.pool, opts, &client.clientid, filter).map(|(start, first)| {
                         let rows = first.messages.len() as u64;
@@ -274,8 +284,8 @@ impl Guest for Extension {
         // One delivery per message: a retained message that the backlog holds (stored after the
         // position the backlog starts from) comes with the backlog, in order, not twice.
         if let Some((start, _)) = &backlog {
-            let opts = config.rules.fetch_rule(filter).map(|(_, opts)| opts);
-            let fetched_since = opts.and_then(|o| o.time_range_secs).map(|secs| now_millis() - secs as i64 * 1000);
+            let time_range = fetch_rule.and_then(|(_, opts)| opts.time_range_secs);
+            let fetched_since = time_range.map(|secs| now_millis() - secs as i64 * 1000);
             retained.retain(|(stored_id, message)| {
                 let in_backlog = stored_id.is_some_and(|id| id > *start)
                     && fetched_since.is_none_or(|since| message.timestamp >= since);
@@ -297,10 +307,7 @@ impl Guest for Extension {
             return Ok(FetchPage { messages: Vec::new(), next: None });
         };
         let started = Instant::now();
-        let page = fetch::resume(&rule.pool, opts, &client.clientid, &subscription.filter);
-        observe(rule, started, &page.as_ref().map(|p| p.messages.len() as u64));
-        let page = page.map_err(|e| sql_error(rule, e))?;
-        Ok(FetchPage { messages: page.messages, next: page.next.map(|c| c.encode()) })
+        served(rule, started, fetch::resume(&rule.pool, opts, &client.clientid, &subscription.filter))
     }
 
     fn session_fetch_next(_client: Client, subscription: Subscription, cursor: String) -> Result<FetchPage, HookError> {
@@ -315,10 +322,7 @@ impl Guest for Extension {
             return Ok(FetchPage { messages: Vec::new(), next: None });
         };
         let started = Instant::now();
-        let page = fetch::page(&rule.pool, opts, &subscription.filter, cursor);
-        observe(rule, started, &page.as_ref().map(|p| p.messages.len() as u64));
-        let page = page.map_err(|e| sql_error(rule, e))?;
-        Ok(FetchPage { messages: page.messages, next: page.next.map(|c| c.encode()) })
+        served(rule, started, fetch::page(&rule.pool, opts, &subscription.filter, cursor))
     }
 
     fn session_unsubscribed(client: Client, filter: String) -> Result<(), HookError> {
