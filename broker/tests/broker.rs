@@ -51,9 +51,7 @@ async fn the_seed_flow_with_two_subscribers_gets_every_message_once() {
 async fn a_wildcard_subscriber_gets_what_its_filter_matches_and_nothing_else() {
     let (_db, rules) = database("broker_wildcard", "").await;
     let broker = broker().start("wildcard", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("sensors/+/temp", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "sensors/+/temp").await;
 
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     for (topic, payload) in [
@@ -98,9 +96,7 @@ async fn qos_0_is_stored_only_by_on_message_store() {
     let archive = "backend.pgsql.hook.message.publish.2 = {\"topic\": \"log/#\", \"action\": {\"function\": \"on_message_store\"}, \"pool\": \"pool1\"}";
     let (db, rules) = database("broker_qos0", archive).await;
     let broker = broker().start("qos0", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "#").await;
 
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     publisher.publish("news/a", QoS::AtMostOnce, "qos 0, not stored").await;
@@ -144,9 +140,7 @@ async fn two_brokers_share_one_database_publish_on_one_and_come_back_on_the_othe
     let (_db, rules) = database("broker_two_nodes", "").await;
     let first = broker().start("node-a", &rules).await;
     let second = broker().start("node-b", &rules).await;
-    let mut subscriber = Mqtt::connect(first.port, "roamer", false).await;
-    subscriber.subscribe("fleet/#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(first.port, "roamer", "fleet/#").await;
 
     let mut publisher = Mqtt::connect(first.port, "p", false).await;
     for i in 1..=4 {
@@ -168,9 +162,7 @@ async fn a_backlog_of_several_pages_comes_before_live_messages_once_each_in_orde
     let db = TestDb::create("broker_backlog_then_live").await;
     let rules = db.rules(&offline_rules(r#"{"max_returned_count": 50}"#));
     let broker = broker().start("backlog-then-live", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("feed", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "feed").await;
 
     // 1000 stored while away (20 pages of 50), then more published while the backlog goes out.
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
@@ -207,9 +199,7 @@ async fn concurrent_publishers_share_batches_and_every_message_is_stored_once() 
     let (db, rules) = database("broker_group_commit", "").await;
     let broker =
         broker().start_with("group-commit", &rules, "[publish_batch]\nmax_messages = 64\nlinger_us = 2000\n").await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("load/#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "load/#").await;
 
     let mut publishers = Vec::new();
     for p in 0..20 {
@@ -247,9 +237,7 @@ async fn rules_reload_on_sighup_while_clients_stay_connected_and_a_bad_file_chan
     let without_store: String =
         rules.lines().filter(|l| !l.contains("message.publish")).map(|l| format!("{l}\n")).collect();
     let broker = broker().start("reload", &without_store).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("t", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "t").await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     publisher.publish("t", QoS::AtLeastOnce, "before: not stored").await;
 
@@ -327,9 +315,7 @@ async fn a_database_outage_refuses_publishes_until_it_is_back_and_loses_no_ackno
         offline_rules("")
     );
     let broker = broker().start("outage", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("t", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "t").await;
 
     let (publisher, mut events) = v5::connect(broker.port, "p").await;
     let mut publish = async |payload: &str| {
@@ -366,9 +352,7 @@ async fn stored_subscriptions_are_applied_on_connect_and_bring_their_backlog() {
                   backend.pgsql.hook.session.subscribed.2 = {\"topic\": \"#\", \"action\": {\"sql\": [\"insert into mqtt_sub (clientid, topic, qos) values (${clientid}, ${topic}, ${qos}) on conflict (clientid, topic) do nothing\"]}, \"pool\": \"pool1\"}";
     let (_db, rules) = database("broker_stored_subscriptions", lookup).await;
     let broker = broker().start("stored-subscriptions", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("news/#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "news/#").await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     publisher.publish("news/a", QoS::AtLeastOnce, "while away").await;
 

@@ -21,9 +21,7 @@ fn set(items: impl IntoIterator<Item = String>) -> BTreeSet<String> {
 async fn an_ack_never_moves_the_position_of_a_filter_the_client_is_not_subscribed_to() {
     let (_db, rules) = database("guarantee_other_filter", "").await;
     let broker = broker().start("other-filter", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("a/#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "a/#").await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     for i in 0..100 {
         publisher.publish("a/y", QoS::AtLeastOnce, &i.to_string()).await;
@@ -129,7 +127,11 @@ impl Client for Mqtt {
             got.extend(payloads(&more));
         }
     }
-    async fn leave(self: Box<Self>) {
+    async fn leave(mut self: Box<Self>) {
+        // A round trip first: the broker handles a connection's packets in order, so the acks sent
+        // before it have arrived when its SUBACK comes (rumqttc may not flush them before a
+        // DISCONNECT).
+        self.subscribe("round/trip", QoS::AtLeastOnce).await;
         self.disconnect().await
     }
 }
@@ -163,6 +165,9 @@ impl Client for V5 {
         got
     }
     async fn leave(mut self: Box<Self>) {
+        // As for 3.1.1: the acks sent before the SUBACK have arrived.
+        self.client.subscribe("round/trip", v5::QoS::AtLeastOnce).await.unwrap();
+        v5::until(&mut self.events, |p| matches!(p, v5::Packet::SubAck(_))).await;
         let _ = self.client.disconnect().await;
         while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), self.events.recv()).await {}
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -184,9 +189,7 @@ async fn unsubscribing_one_of_two_overlapping_filters_keeps_what_the_other_still
     let db = TestDb::create("guarantee_unsubscribe").await;
     let rules = db.rules(&offline_rules(r#"{"max_returned_count": 20}"#));
     let broker = broker().start("unsubscribe", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("a/+/c", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "a/+/c").await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     for i in 0..1000 {
         publisher.publish("a/b/c", QoS::AtLeastOnce, &format!("backlog {i}")).await;
@@ -250,9 +253,11 @@ async fn slow_consumer(name: &str, receive_maximum: u16) {
         }
     }
     publishing.await.unwrap();
-    drop(subscriber);
-    drop(events);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its acks have arrived when the SUBACK of a round trip comes; then it leaves.
+    subscriber.subscribe("round/trip", v5::QoS::AtLeastOnce).await.unwrap();
+    v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
+    subscriber.disconnect().await.unwrap();
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {}
     let stored: i64 = db.client().await.query_one("SELECT count(*) FROM mqtt_msg", &[]).await.unwrap().get(0);
     assert_eq!(stored, 600);
 
@@ -331,9 +336,7 @@ async fn one_clients_bad_messages_refuse_only_themselves_and_are_delivered_to_no
     let (db, rules) = database("guarantee_bad_message", audit).await;
     let broker = broker().start_with("bad-message", &rules, "[publish_batch]\nlinger_us = 3000\n").await;
     db.client().await.batch_execute("CREATE TABLE audit (payload text)").await.unwrap();
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "#").await;
 
     // Ten good publishers (MQTT 3.1.1: a refusal would close them), and a bad one (MQTT 5), at once.
     let mut good = Vec::new();
@@ -417,9 +420,7 @@ async fn mqtt_5_properties_binary_ones_included_come_back_as_they_were_published
 async fn large_messages_do_not_block_a_backlog_pages_are_bounded_in_bytes() {
     let (_db, rules) = database("guarantee_large", "").await;
     let broker = broker().start_with("large", &rules, "[mqtt]\nmax_packet_size = 4194304\n").await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "#").await;
     let mut publisher = Mqtt::connect_with(broker.port, "p", false, |o| {
         o.set_max_packet_size(8 << 20, 8 << 20);
     })
@@ -451,9 +452,7 @@ async fn a_retained_message_published_while_away_comes_once_and_a_backlog_delive
                   backend.pgsql.hook.session.subscribed.2 = {\"topic\": \"#\", \"action\": {\"function\": \"on_retain_lookup\"}, \"pool\": \"pool1\"}";
     let (_db, rules) = database("guarantee_retained", retain).await;
     let broker = broker().start("retained", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("home/#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "home/#").await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     publisher.try_publish("home/hall", QoS::AtLeastOnce, true, "21").await.unwrap();
     publisher.try_publish("home/door", QoS::AtLeastOnce, true, "open").await.unwrap();

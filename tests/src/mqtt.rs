@@ -188,6 +188,14 @@ impl Mqtt {
         mqtt
     }
 
+    /// A client that subscribes to `filter` (QoS 1) once and leaves: its read position starts
+    /// now, and what is published from here on is offline for it.
+    pub async fn subscribe_and_leave(port: u16, clientid: &str, filter: &str) {
+        let mut client = Mqtt::connect(port, clientid, false).await;
+        client.subscribe(filter, QoS::AtLeastOnce).await;
+        client.disconnect().await;
+    }
+
     /// Waits for an incoming packet that `wanted` accepts, keeping messages that arrive
     /// meanwhile. An error when the connection ends or nothing comes in time.
     pub async fn until(&mut self, wanted: impl Fn(&Incoming) -> bool) -> Result<Incoming, String> {
