@@ -104,6 +104,9 @@ fn served(rule: &Rule, started: Instant, page: Result<fetch::Page, sql::Error>) 
     Ok(FetchPage { messages: page.messages, next: page.next.map(|c| c.encode()) })
 }
 
+/// See the retained messages of `session_subscribed`.
+const TIME_RANGE_MARGIN_MS: i64 = 60_000;
+
 fn now_millis() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -284,8 +287,10 @@ impl Guest for Extension {
         // One delivery per message: a retained message that the backlog holds (stored after the
         // position the backlog starts from) comes with the backlog, in order, not twice.
         if let Some((start, _)) = &backlog {
+            // `time_range` is judged by the database's clock, page by page: a message this close to
+            // leaving it (or a clock this far off) comes as retained too, rather than not at all.
             let time_range = fetch_rule.and_then(|(_, opts)| opts.time_range_secs);
-            let fetched_since = time_range.map(|secs| now_millis() - secs as i64 * 1000);
+            let fetched_since = time_range.map(|secs| now_millis() - secs as i64 * 1000 + TIME_RANGE_MARGIN_MS);
             retained.retain(|(stored_id, message)| {
                 let in_backlog = stored_id.is_some_and(|id| id > *start)
                     && fetched_since.is_none_or(|since| message.timestamp >= since);
