@@ -234,3 +234,34 @@ fn default_memory_mib() -> usize {
 fn default_max_instances() -> usize {
     host_harness::host::DEFAULT_MAX_INSTANCES
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads `text` as a configuration file; the error, if refused.
+    fn load(name: &str, text: &str) -> Result<BrokerConfig, String> {
+        let dir = std::env::temp_dir().join(format!("broker-config-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, format!("extension = []\n{text}")).unwrap();
+        BrokerConfig::load(&path).map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn a_guest_memory_that_cannot_hold_the_largest_packet_is_refused_naming_both_settings() {
+        let error = load("memory", "[sandbox]\nmemory_mib = 4\n").unwrap_err();
+        assert!(error.contains("sandbox.memory_mib = 4") && error.contains("mqtt.max_packet_size = 1048576"), "{error}");
+        assert!(error.contains("at least 8 MiB"), "{error}");
+        assert!(load("memory-ok", "[sandbox]\nmemory_mib = 8\n").is_ok());
+    }
+
+    #[test]
+    fn a_session_queue_smaller_than_two_backlog_slices_or_no_inflight_window_is_refused() {
+        let error = load("queue", "[mqtt]\nmax_queue = 50\n").unwrap_err();
+        assert!(error.contains("mqtt.max_queue must be at least 200"), "{error}");
+        assert!(load("inflight", "[mqtt]\nmax_inflight = 0\n").is_err());
+        let config = load("defaults", "").unwrap();
+        assert_eq!((config.mqtt.max_inflight.get(), config.mqtt.max_queue), (128, 1000));
+    }
+}
