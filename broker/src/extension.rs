@@ -10,6 +10,7 @@ use host_harness::{Host, Runtime};
 use crate::ack_writer::AckWriter;
 use crate::config::{BatchConfig, ExtensionConfig, SandboxConfig};
 use crate::delivery::Deliveries;
+use crate::exactly_once::{self, Sent, StoredQos2};
 use crate::group_commit::GroupCommit;
 
 pub struct Extension {
@@ -20,6 +21,8 @@ pub struct Extension {
     pub publish: GroupCommit,
     pub acks: Arc<AckWriter>,
     pub deliveries: Deliveries,
+    /// The QoS 2 messages it stored, for resends after a reconnection.
+    pub stored_qos2: StoredQos2,
 }
 
 impl Extension {
@@ -41,6 +44,7 @@ impl Extension {
             host,
             sources,
             deliveries: Deliveries::default(),
+            stored_qos2: StoredQos2::default(),
         })
     }
 
@@ -80,9 +84,19 @@ impl Extension {
         self.call("message-delivered", async |i| i.message_delivered(client, message).await).await;
     }
 
-    /// Stores `message` with the next batch.
-    pub async fn message_publish(&self, message: Message) -> PublishOutcome {
-        self.publish.store(message).await
+    /// Stores `message` with the next batch. A QoS 2 message is `sent` under a packet id: a
+    /// resend (`dup`) of one already stored gets its id again instead of a second row.
+    pub async fn message_publish(&self, message: Message, sent: Option<Sent>, dup: bool) -> PublishOutcome {
+        let Some(sent) = sent else { return self.publish.store(message).await };
+        let digest = exactly_once::digest(&message);
+        if dup && let Some(id) = self.stored_qos2.stored(&sent, digest) {
+            return PublishOutcome::Stored(id);
+        }
+        let outcome = self.publish.store(message).await;
+        if let PublishOutcome::Stored(id) = outcome {
+            self.stored_qos2.remember(sent, digest, id);
+        }
+        outcome
     }
 
     /// Housekeeping until a call deletes nothing (at most `rounds` calls).

@@ -14,6 +14,7 @@ use rmqtt::types::{
 };
 
 use crate::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd};
+use crate::exactly_once::Sent;
 use crate::extension::Extension;
 use crate::message::{self, STORE_FAILED};
 
@@ -223,13 +224,17 @@ impl Hooks {
         message::strip_own_properties(&mut publish);
         let sender = from.id.client_id.to_string();
         let message = message::to_message(&publish, &sender, None);
+        let sent = (publish.qos == QoS::ExactlyOnce)
+            .then_some(publish.packet_id)
+            .flatten()
+            .map(|packet_id| Sent { clientid: sender.clone(), packet_id: packet_id.get() });
         if let Some((last, others)) = self.extensions.split_last() {
             for extension in others {
-                let outcome = extension.message_publish(message.clone()).await;
+                let outcome = extension.message_publish(message.clone(), sent.clone(), publish.dup).await;
                 record_outcome(&mut publish, extension, outcome);
             }
             // The last extension takes the message itself, the others a copy.
-            let outcome = last.message_publish(message).await;
+            let outcome = last.message_publish(message, sent, publish.dup).await;
             record_outcome(&mut publish, last, outcome);
         }
         publish

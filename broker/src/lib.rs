@@ -6,12 +6,14 @@
 //! - [`extension`]: one loaded extension: its host, publish queue and delivery state.
 //! - [`group_commit`]: publishes from all clients stored in batches.
 //! - [`ack_writer`]: acks written in the background, coalesced.
-//! - [`delivery`]: backlogs before live messages, and the ack gate.
+//! - [`delivery`]: backlogs before live messages, and the ack gates.
+//! - [`exactly_once`]: a QoS 2 message resent after a reconnection is stored once.
 //! - [`message`]: rmqtt's types to the contract's and back.
 
 pub mod ack_writer;
 pub mod config;
 pub mod delivery;
+pub mod exactly_once;
 pub mod extension;
 pub mod group_commit;
 pub mod hooks;

@@ -309,6 +309,74 @@ async fn a_window_of_20_qos_2_publishes_completes_and_each_is_stored_once() {
     assert_eq!(stored, 20);
 }
 
+/// An MQTT 3.1.1 connection driven packet by packet (rumqttc's codec): for what a client library
+/// does only on its own schedule, like resending a QoS 2 PUBLISH after a reconnection.
+struct Packets {
+    stream: tokio::net::TcpStream,
+    buffer: bytes::BytesMut,
+}
+
+impl Packets {
+    async fn connect(port: u16, clientid: &str) -> Packets {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut packets = Packets { stream, buffer: bytes::BytesMut::new() };
+        let mut connect = rumqttc::Connect::new(clientid);
+        connect.clean_session = false;
+        packets.send(|b| connect.write(b)).await;
+        assert!(matches!(packets.next().await, rumqttc::Packet::ConnAck(_)));
+        packets
+    }
+
+    async fn send(&mut self, write: impl FnOnce(&mut bytes::BytesMut) -> Result<usize, rumqttc::Error>) {
+        use tokio::io::AsyncWriteExt;
+        let mut out = bytes::BytesMut::new();
+        write(&mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    async fn next(&mut self) -> rumqttc::Packet {
+        use tokio::io::AsyncReadExt;
+        loop {
+            match rumqttc::Packet::read(&mut self.buffer, 1 << 20) {
+                Ok(packet) => return packet,
+                Err(rumqttc::Error::InsufficientBytes(_)) => {
+                    let read = tokio::time::timeout(integration_tests::mqtt::PATIENCE, self.stream.read_buf(&mut self.buffer));
+                    assert!(read.await.expect("in time").unwrap() > 0, "connection closed");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_2_publish_resent_after_a_reconnection_is_stored_once() {
+    let (db, rules) = database("guarantee_qos2_resend", "").await;
+    let broker = broker().start("qos2-resend", &rules).await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "t").await;
+    // PUBLISH, PUBREC, and the connection breaks before the PUBREL.
+    let mut publisher = Packets::connect(broker.port, "p").await;
+    let mut publish = rumqttc::Publish::new("t", QoS::ExactlyOnce, "once");
+    publish.pkid = 7;
+    publisher.send(|b| publish.write(b)).await;
+    assert!(matches!(publisher.next().await, rumqttc::Packet::PubRec(_)));
+    drop(publisher);
+    // Back: the same PUBLISH with DUP set, then the exchange completes.
+    let mut publisher = Packets::connect(broker.port, "p").await;
+    publish.dup = true;
+    publisher.send(|b| publish.write(b)).await;
+    assert!(matches!(publisher.next().await, rumqttc::Packet::PubRec(_)));
+    publisher.send(|b| rumqttc::PubRel::new(7).write(b)).await;
+    assert!(matches!(publisher.next().await, rumqttc::Packet::PubComp(_)));
+
+    let stored: i64 = db.client().await.query_one("SELECT count(*) FROM mqtt_msg", &[]).await.unwrap().get(0);
+    assert_eq!(stored, 1, "stored once");
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("t", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&subscriber.receive(1).await), ["once"]);
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_restarts_on_its_port_after_a_kill_and_stops_cleanly_on_sigterm() {
     let (_db, rules) = database("guarantee_restart", "").await;
