@@ -487,6 +487,107 @@ async fn mqtt_5_properties_binary_ones_included_come_back_as_they_were_published
     assert_eq!(&message.payload[..], &[0u8, 1, 2]);
 }
 
+/// A small deterministic generator (xorshift64*): generated cases that are the same in every run.
+struct Cases(u64);
+
+impl Cases {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Text of `len` characters: ASCII, accented, CJK, emoji, the separators MQTT topics use.
+    fn text(&mut self, len: usize) -> String {
+        const CHARS: [char; 12] = ['a', 'Z', '0', ' ', '/', '+', '#', 'é', 'ß', '中', '☃', '🦀'];
+        (0..len).map(|_| CHARS[self.below(CHARS.len() as u64) as usize]).collect()
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| if self.below(4) == 0 { 0 } else { self.next() as u8 }).collect()
+    }
+    /// A length, now and then the largest an MQTT string or binary field holds.
+    fn len(&mut self) -> usize {
+        match self.below(10) {
+            0 => 0,
+            1 => 65_535,
+            _ => self.below(40) as usize,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_mqtt_5_properties_come_back_from_the_database_as_they_were_published() {
+    let (_db, rules) = database("guarantee_generated_properties", "").await;
+    let broker = broker().start("generated-properties", &rules).await;
+    Mqtt::subscribe_and_leave(broker.port, "s", "t/#").await;
+
+    let mut cases = Cases(0x9E37_79B9_7F4A_7C15);
+    let mut sent = Vec::new();
+    let (publisher, mut acks) = v5::connect(broker.port, "p").await;
+    for case in 0..60 {
+        let text = |cases: &mut Cases| {
+            let len = cases.len().min(16_000);
+            cases.text(len)
+        };
+        let properties = v5::PublishProperties {
+            payload_format_indicator: (cases.below(2) == 0).then_some(1),
+            message_expiry_interval: (cases.below(3) == 0).then(|| 3600 + cases.below(100_000) as u32),
+            topic_alias: None,
+            response_topic: (cases.below(2) == 0).then(|| format!("reply/{}", text(&mut cases).replace(['+', '#'], "x"))),
+            correlation_data: (cases.below(2) == 0).then(|| {
+                let len = cases.len();
+                cases.bytes(len).into()
+            }),
+            user_properties: (0..cases.below(5)).map(|_| (text(&mut cases), text(&mut cases))).collect(),
+            subscription_identifiers: vec![],
+            content_type: (cases.below(2) == 0).then(|| text(&mut cases)),
+        };
+        let mut properties = properties;
+        if case == 0 {
+            // The largest string and binary fields MQTT allows.
+            properties.user_properties.push(("max".into(), "m".repeat(65_535)));
+            properties.correlation_data = Some(cases.bytes(65_535).into());
+        }
+        let payload_len = cases.below(64) as usize;
+        let payload = cases.bytes(payload_len);
+        publisher.publish_with_properties(format!("t/{case}"), v5::QoS::AtLeastOnce, false, payload.clone(), properties.clone()).await.unwrap();
+        let v5::Packet::PubAck(ack) = v5::until(&mut acks, |p| matches!(p, v5::Packet::PubAck(_))).await else {
+            unreachable!()
+        };
+        assert_eq!(ack.reason, v5::PubAckReason::Success, "case {case}: a legal message is stored");
+        sent.push((payload, properties));
+    }
+
+    let (subscriber, mut events) = v5::connect_with(broker.port, "s", |o| {
+        o.set_max_packet_size(Some(4 << 20));
+    })
+    .await;
+    subscriber.subscribe("t/#", v5::QoS::AtLeastOnce).await.unwrap();
+    for (case, (payload, properties)) in sent.into_iter().enumerate() {
+        let v5::Packet::Publish(message) = v5::until(&mut events, |p| matches!(p, v5::Packet::Publish(_))).await else {
+            unreachable!()
+        };
+        assert_eq!(message.topic, format!("t/{case}").as_bytes());
+        assert_eq!(message.payload.to_vec(), payload, "case {case}");
+        let got = message.properties.expect("properties");
+        assert_eq!(got.payload_format_indicator, properties.payload_format_indicator, "case {case}");
+        assert_eq!(got.response_topic, properties.response_topic, "case {case}");
+        assert_eq!(got.correlation_data, properties.correlation_data, "case {case}");
+        assert_eq!(got.content_type, properties.content_type, "case {case}");
+        let own: Vec<(String, String)> = got.user_properties.into_iter().filter(|(k, _)| k != "x-offline-id").collect();
+        assert_eq!(own, properties.user_properties, "case {case}");
+        // What is left of the interval, counted down while it was stored.
+        match (properties.message_expiry_interval, got.message_expiry_interval) {
+            (None, None) => {}
+            (Some(sent), Some(left)) => assert!(left <= sent && left + 30 >= sent, "case {case}: {sent} s sent, {left} s left"),
+            other => panic!("case {case}: expiry (sent, left) {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_do_not_block_a_backlog_pages_are_bounded_in_bytes() {
     let (_db, rules) = database("guarantee_large", "").await;
