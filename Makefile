@@ -3,6 +3,8 @@ CARGO   ?= cargo
 GUEST   := target/wasm32-wasip2/guest/guest.wasm
 HARNESS := target/release/harness
 RULES   ?= examples/rules.conf
+# The throwaway server; the example rules take their pool's server from these (libpq's variables).
+export PGHOST ?= 127.0.0.1
 export PGPORT ?= 15432
 
 HOSTILE := target/wasm32-wasip2/guest/hostile_guest.wasm

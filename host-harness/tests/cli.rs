@@ -106,3 +106,36 @@ fn run_reloads_on_a_file_change_and_on_sighup_and_keeps_good_rules_over_bad_ones
     assert!(child.wait().unwrap().success(), "the end of the input ends the harness cleanly");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `make run` and `make broker` point the example rules at their server through `PGPORT`: a
+/// pool that sets no server takes libpq's `PGHOST` and `PGPORT`.
+#[test]
+fn a_pool_without_a_server_reaches_the_one_pghost_and_pgport_name() {
+    let dir = scratch("pgport");
+    let rules = dir.join("rules.conf");
+    std::fs::write(
+        &rules,
+        "backend.pgsql.pool1.pool_size = 1\n\
+         backend.pgsql.hook.message.acked.1 = {\"action\": {\"function\": \"on_message_acked\"}, \"pool\": \"pool1\"}\n",
+    )
+    .unwrap();
+    let migrate = |port: &str| {
+        Command::new(env!("CARGO_BIN_EXE_harness"))
+            .args(["migrate", "--module"])
+            .arg(guest_wasm())
+            .arg("--rules")
+            .arg(&rules)
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", port)
+            .env("PGUSER", "postgres")
+            .env("PGDATABASE", "mqtt")
+            .output()
+            .unwrap()
+    };
+    let port = std::env::var("PGPORT").unwrap_or_else(|_| "15432".into());
+    let output = migrate(&port);
+    assert!(output.status.success(), "the test server on {port}: {output:?}");
+    let output = migrate("1");
+    assert!(!output.status.success(), "nothing listens on port 1");
+    std::fs::remove_dir_all(dir).unwrap();
+}
