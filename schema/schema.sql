@@ -2,6 +2,17 @@
 -- Table and column names follow EMQX 4's emqx_backend_pgsql so that operators' own sql actions
 -- keep working; README lists the differences.
 
+-- EMQX 4's tables are not ours to alter in place: applying this schema over them would leave
+-- them half converted. schema/from-emqx4.sql converts them (it moves them away first).
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = 'mqtt_msg'
+                 AND column_name = 'payload' AND data_type = 'text') THEN
+        RAISE EXCEPTION 'this database holds EMQX 4''s tables (mqtt_msg.payload is text); nothing was changed: convert them with `harness migrate --from-emqx` (schema/from-emqx4.sql)';
+    END IF;
+END $$;
+
 -- Stored messages. Ids are 64-bit and, thanks to the commit-order lock below, become visible in
 -- id order. Payloads are bytes: MQTT payloads need not be text.
 CREATE TABLE IF NOT EXISTS mqtt_msg (

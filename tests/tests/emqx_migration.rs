@@ -67,3 +67,26 @@ async fn an_emqx4_database_converts_without_losing_rows_or_positions() {
     let again = host.migrate_from_emqx4("pool1").await.unwrap_err();
     assert!(format!("{again:#}").contains("no EMQX 4 tables here"), "{again:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plain_migration_refuses_an_emqx4_database_and_changes_nothing() {
+    let db = TestDb::create("emqx4_refused").await;
+    db.client().await.batch_execute(EMQX4).await.unwrap();
+    let rules = db.rules(&offline_rules(""));
+    let host = host_harness::Host::with_rules(guest_module(), &rules, "test.conf", "node1@test").await.unwrap();
+    let error = format!("{:#}", host.migrate().await.unwrap_err());
+    assert!(error.contains("EMQX 4") && error.contains("migrate --from-emqx"), "{error}");
+    let client = db.client().await;
+    let converted = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'mqtt_acked' AND column_name = 'topic_re'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(converted, 0, "the EMQX 4 tables are as they were");
+    // Converted, the same database migrates as usual.
+    host.migrate_from_emqx4("pool1").await.unwrap();
+    host.migrate().await.unwrap();
+}
