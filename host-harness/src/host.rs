@@ -17,7 +17,7 @@ use anyhow::{Context, anyhow};
 use rules_file::RulesError;
 use tokio::sync::Semaphore;
 
-use crate::bindings::Rules;
+use crate::bindings::{Describe, Rules};
 use crate::config::RulesFile;
 use crate::engine::{ExtensionModule, Instance, Runtime};
 use crate::metrics::Metrics;
@@ -186,8 +186,8 @@ impl Host {
     pub async fn migrate(&self) -> anyhow::Result<()> {
         let backend = self.backend();
         for name in backend.pool_names() {
-            let pool = backend.pool(&name).map_err(|e| anyhow!("{e:?}"))?;
-            schema::migrate(pool).await.with_context(|| format!("migrating pool {name}"))?;
+            let client = backend.connection(&name).await.map_err(|e| anyhow!("{}", e.describe()))?;
+            schema::migrate(client).await.with_context(|| format!("migrating pool {name}"))?;
         }
         Ok(())
     }
@@ -195,8 +195,8 @@ impl Host {
     /// Converts the EMQX 4 tables of `pool`'s database (see schema/from-emqx4.sql).
     pub async fn migrate_from_emqx4(&self, pool: &str) -> anyhow::Result<()> {
         let backend = self.backend();
-        let pool_ref = backend.pool(pool).map_err(|e| anyhow!("{e:?}"))?;
-        schema::migrate_from_emqx4(pool_ref).await.with_context(|| format!("converting pool {pool} from EMQX 4"))
+        let client = backend.connection(pool).await.map_err(|e| anyhow!("{}", e.describe()))?;
+        schema::migrate_from_emqx4(client).await.with_context(|| format!("converting pool {pool} from EMQX 4"))
     }
 
     pub fn pool_names(&self) -> Vec<String> {

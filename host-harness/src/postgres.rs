@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
 use futures::future::try_join_all;
 use futures::{StreamExt, TryStreamExt};
 use postgres_types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
@@ -57,8 +57,19 @@ impl PgBackend {
         self.pools.keys().cloned().collect()
     }
 
-    async fn connection(&self, pool: &str) -> Result<Object, SqlError> {
-        self.pool(pool)?.get().await.map_err(|e| SqlError::Connection(format!("pool {pool}: {}", with_causes(&e))))
+    /// A connection of pool `name`. Why there is none names the pool, its address and what
+    /// failed, once: `pool pool1 (postgres@127.0.0.1:5432/mqtt): Connection refused (os error 111)`.
+    pub async fn connection(&self, name: &str) -> Result<Object, SqlError> {
+        let (settings, pool) = self.pools.get(name).ok_or_else(|| SqlError::NoSuchPool(name.to_owned()))?;
+        pool.get().await.map_err(|e| {
+            let PoolSettings { username, host, port, database, .. } = settings;
+            let why = match &e {
+                PoolError::Timeout(_) => format!("no connection within {} s", CHECKOUT_TIMEOUT.as_secs()),
+                // The innermost cause says what failed; the layers above it repeat one another.
+                _ => innermost_cause(&e),
+            };
+            SqlError::Connection(format!("pool {name} ({username}@{host}:{port}/{database}): {why}"))
+        })
     }
 }
 
@@ -266,6 +277,14 @@ fn sql_error(e: tokio_postgres::Error) -> SqlError {
 }
 
 /// An error and its causes on one line: "error performing TLS handshake: invalid peer certificate: UnknownIssuer".
+fn innermost_cause(e: &dyn StdError) -> String {
+    let mut innermost = e;
+    while let Some(cause) = innermost.source() {
+        innermost = cause;
+    }
+    innermost.to_string()
+}
+
 fn with_causes(e: &dyn StdError) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();

@@ -137,5 +137,9 @@ fn a_pool_without_a_server_reaches_the_one_pghost_and_pgport_name() {
     assert!(output.status.success(), "the test server on {port}: {output:?}");
     let output = migrate("1");
     assert!(!output.status.success(), "nothing listens on port 1");
+    // Which pool, which address, what failed: once.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("pool pool1 (postgres@127.0.0.1:1/mqtt): Connection refused"), "{stderr}");
+    assert!(!stderr.contains("error connecting to server"), "said once, without the layers that repeat it: {stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
