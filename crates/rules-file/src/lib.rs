@@ -39,7 +39,7 @@ pub enum Key {
 /// One `key = value` of the file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
-    /// 1-based line of a conf file; `None` in a JSON document.
+    /// 1-based line of the key, in conf lines and JSON documents alike.
     pub line: Option<u32>,
     /// The key as written.
     pub key: String,
@@ -125,16 +125,65 @@ fn parse_hook_value(value: &str) -> Result<Value, String> {
     }
 }
 
+/// A JSON document's top-level members in document order, repeated keys included (a map would
+/// keep only the last of them).
+struct Members(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Members, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, Value>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// The 1-based line of each member's key, found in document order: each key is searched for as a
+/// JSON string followed by `:`, after the previous one.
+fn member_lines(text: &str, members: &[(String, Value)]) -> Vec<Option<u32>> {
+    let mut from = 0;
+    members
+        .iter()
+        .map(|(key, _)| {
+            let quoted = serde_json::to_string(key).ok()?;
+            let mut at = from;
+            let found = loop {
+                let start = at + text.get(at..)?.find(&quoted)?;
+                let after = start + quoted.len();
+                if text[after..].trim_start().starts_with(':') {
+                    break start;
+                }
+                at = after;
+            };
+            from = found + quoted.len();
+            u32::try_from(text[..found].matches('\n').count() + 1).ok()
+        })
+        .collect()
+}
+
 fn parse_json(text: &str) -> Result<Vec<Entry>, RulesError> {
-    let document: Value = serde_json::from_str(text).map_err(|e| {
-        RulesError::new(Some(e.line() as u32), None, format!("invalid JSON at column {}: {e}", e.column()))
+    let Members(members) = serde_json::from_str(text).map_err(|e| {
+        let what = match e.is_data() {
+            true => "a JSON rules document must be an object".to_owned(),
+            false => format!("invalid JSON at column {}: {e}", e.column()),
+        };
+        RulesError::new(Some(e.line() as u32), None, what)
     })?;
-    let Value::Object(map) = document else {
-        return Err(RulesError::new(None, None, "a JSON rules document must be an object"));
-    };
-    let mut entries = Vec::with_capacity(map.len());
-    for (key, value) in map {
-        let kind = classify(&key).map_err(|message| RulesError::new(None, Some(&key), message))?;
+    let lines = member_lines(text, &members);
+    let mut entries = Vec::with_capacity(members.len());
+    for ((key, value), line) in members.into_iter().zip(lines) {
+        let kind = classify(&key).map_err(|message| RulesError::new(line, Some(&key), message))?;
         let well_formed = match kind {
             Key::Hook { .. } => value.is_object(),
             Key::Pool { .. } => value.is_string() || value.is_number() || value.is_boolean(),
@@ -142,9 +191,9 @@ fn parse_json(text: &str) -> Result<Vec<Entry>, RulesError> {
         if !well_formed {
             let expected =
                 if matches!(kind, Key::Hook { .. }) { "a JSON object" } else { "a string, number or boolean" };
-            return Err(RulesError::new(None, Some(&key), format!("the value must be {expected}")));
+            return Err(RulesError::new(line, Some(&key), format!("the value must be {expected}")));
         }
-        entries.push(Entry { line: None, key, kind, value });
+        entries.push(Entry { line, key, kind, value });
     }
     Ok(entries)
 }
@@ -179,12 +228,23 @@ fn is_name(s: &str) -> bool {
 /// deleted so that line numbers in the guest's errors still point into the operator's file.
 pub fn redact_pools(text: &str) -> Result<String, RulesError> {
     if is_json(text) {
-        let hooks: serde_json::Map<String, Value> = parse_json(text)?
-            .into_iter()
-            .filter(|e| matches!(e.kind, Key::Hook { .. }))
-            .map(|e| (e.key, e.value))
-            .collect();
-        return Ok(Value::Object(hooks).to_string());
+        // The hooks, each on the line it had, so that the guest's errors name the operator's lines.
+        let mut out = String::from("{");
+        let mut line = 1;
+        for (n, entry) in parse_json(text)?.into_iter().filter(|e| matches!(e.kind, Key::Hook { .. })).enumerate() {
+            if n > 0 {
+                out.push(',');
+            }
+            while line < entry.line.unwrap_or(line) {
+                out.push('\n');
+                line += 1;
+            }
+            out.push_str(&serde_json::to_string(&entry.key).unwrap_or_default());
+            out.push(':');
+            out.push_str(&entry.value.to_string());
+        }
+        out.push('}');
+        return Ok(out);
     }
     let mut out = String::with_capacity(text.len());
     for raw in text.lines() {
@@ -270,12 +330,43 @@ mod tests {
     }
 
     #[test]
+    fn a_json_document_names_lines_and_refuses_a_key_given_twice() {
+        let doc = "{\"backend.pgsql.pool1.pool_size\": 8,\n\
+                   \"backend.pgsql.hook.message.acked.1\": {\"action\": {\"function\": \"on_message_acked\"}, \"pool\": \"pool1\"},\n\
+                   \n\
+                   \"backend.pgsql.pool1.pool_size\": 4}";
+        let err = parse(doc).unwrap_err();
+        assert_eq!((err.line, err.key.as_deref()), (Some(4), Some("backend.pgsql.pool1.pool_size")), "{err}");
+        assert!(err.message.contains("duplicate key (first set on line 1)"), "{err}");
+        let err = parse("{\"backend.pgsql.pool1.pool_size\": 8,\n \"backend.pgsql.pool1.srever\": {}}").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+    }
+
+    #[test]
+    fn a_redacted_json_document_keeps_each_hook_on_its_line() {
+        let doc = "{\"backend.pgsql.pool1.password\": \"hunter2\",\n\
+                   \"backend.pgsql.hook.message.acked.1\": {\"pool\": \"pool1\", \"action\": {\"function\": \"on_message_acked\"}},\n\
+                   \"backend.pgsql.pool1.server\": \"h\",\n\
+                   \"backend.pgsql.hook.message.publish.1\": {\"pool\": \"pool1\", \"action\": {\"function\": \"on_message_publish\"}}}";
+        let redacted = redact_pools(doc).unwrap();
+        assert!(!redacted.contains("hunter2"), "{redacted}");
+        let lines: Vec<(String, Option<u32>)> = parse(&redacted).unwrap().into_iter().map(|e| (e.key, e.line)).collect();
+        assert_eq!(
+            lines,
+            [
+                ("backend.pgsql.hook.message.acked.1".to_owned(), Some(2)),
+                ("backend.pgsql.hook.message.publish.1".to_owned(), Some(4))
+            ]
+        );
+    }
+
+    #[test]
     fn json_document_has_the_same_keys() {
         let doc = r#"{"backend.pgsql.pool1.pool_size": 8,
                       "backend.pgsql.hook.message.acked.1": {"action": {"function": "on_message_acked"}, "pool": "pool1"}}"#;
         let entries = parse(doc).unwrap();
         assert_eq!(entries.len(), 2);
-        assert!(entries.iter().all(|e| e.line.is_none()));
+        assert_eq!(entries.iter().map(|e| e.line).collect::<Vec<_>>(), [Some(1), Some(2)]);
         let err = parse(r#"{"backend.pgsql.hook.message.acked.1": "on_message_acked"}"#).unwrap_err();
         assert!(err.message.contains("JSON object"), "{err}");
     }
