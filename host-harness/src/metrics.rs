@@ -18,6 +18,8 @@ const BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Histogram {
     /// `counts[i]`: observations at most `BUCKETS[i]` (not cumulative); the last, above all.
+    /// Shown as `{"le_0.0001": n, ..., "le_inf": n}`: each count with its bucket's bound.
+    #[serde(rename = "buckets_seconds", serialize_with = "with_bounds")]
     counts: [u64; BUCKETS.len() + 1],
     pub sum_seconds: f64,
     pub count: u64,
@@ -34,6 +36,18 @@ impl Histogram {
 }
 
 /// One function's runs (`on_message_publish`, ..., `sql`).
+fn with_bounds<S: serde::Serializer>(counts: &[u64; BUCKETS.len() + 1], serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = serializer.serialize_map(Some(counts.len()))?;
+    for (i, count) in counts.iter().enumerate() {
+        match BUCKETS.get(i) {
+            Some(bound) => map.serialize_entry(&format!("le_{bound}"), count)?,
+            None => map.serialize_entry("le_inf", count)?,
+        }
+    }
+    map.end()
+}
+
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct FunctionStats {
     pub calls: u64,

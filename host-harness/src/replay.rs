@@ -65,6 +65,16 @@ fn yes() -> bool {
     true
 }
 
+/// serde's message without its " at line 1 column N": a replay line is one line, and its number
+/// is reported beside the message.
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(at) => text[..at].to_owned(),
+        None => text,
+    }
+}
+
 /// A property of a `message.publish` line: a string, a number (seconds, for
 /// `message-expiry-interval`), or `{"base64": "..."}` for bytes (`correlation-data`).
 fn property_value(key: &str, value: serde_json::Value) -> Result<PropertyValue, Stop> {
@@ -187,13 +197,19 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             if line.trim().is_empty() || line.trim_start().starts_with('#') {
                 continue;
             }
-            if let Ok(Control { control: ControlCommand::Reload }) = serde_json::from_str::<Control>(&line) {
-                self.reload(Some(number), "control line").await?;
-                continue;
-            }
-            let result = match serde_json::from_str::<Event>(&line) {
-                Ok(event) => self.handle(event).await,
-                Err(e) => failed(format!("malformed event: {e}")),
+            let result = if line.contains("\"control\"") {
+                match serde_json::from_str::<Control>(&line) {
+                    Ok(Control { control: ControlCommand::Reload }) => {
+                        self.reload(Some(number), "control line").await?;
+                        continue;
+                    }
+                    Err(e) => failed(format!("malformed control line: {}", without_position(&e))),
+                }
+            } else {
+                match serde_json::from_str::<Event>(&line) {
+                    Ok(event) => self.handle(event).await,
+                    Err(e) => failed(format!("malformed event: {}", without_position(&e))),
+                }
             };
             match result {
                 Ok(()) => {}
@@ -208,11 +224,15 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         Ok(())
     }
 
-    /// Reloads module and rules from their files; a refused reload leaves the running ones.
+    /// Reloads module and rules from their files; a refused reload leaves the running ones. Its
+    /// error line names the control line that asked for it (none for a signal or a file watch).
     async fn reload(&mut self, line: Option<u64>, why: &str) -> anyhow::Result<()> {
+        let error = |message: &str| match line {
+            Some(line) => json!({"error": {"line": line, "message": message}}),
+            None => json!({"error": {"message": message}}),
+        };
         let Some((runtime, sources)) = &self.reload_from else {
-            let message = "reload: this host was not loaded from files";
-            return self.emit(json!({"error": {"line": line, "message": message}})).await;
+            return self.emit(error("reload: this host was not loaded from files")).await;
         };
         match self.host.reload(runtime, sources).await {
             Ok(()) => {
@@ -223,7 +243,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             Err(e) => {
                 tracing::error!("reload refused ({why}), the running configuration stays: {e:#}");
                 let message = format!("reload refused, the running configuration stays: {e:#}");
-                self.emit(json!({"error": {"line": line, "message": message}})).await
+                self.emit(error(&message)).await
             }
         }
     }

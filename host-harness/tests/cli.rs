@@ -143,3 +143,36 @@ fn a_pool_without_a_server_reaches_the_one_pghost_and_pgport_name() {
     assert!(!stderr.contains("error connecting to server"), "said once, without the layers that repeat it: {stderr}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn shared_options_go_anywhere_and_bad_input_is_named() {
+    let dir = scratch("options");
+    let rules = dir.join("rules.conf");
+    std::fs::write(&rules, GOOD).unwrap();
+    let harness = |args: &[&str], input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_harness"))
+            .args(args)
+            .arg("--module")
+            .arg(guest_wasm())
+            .arg("--rules")
+            .arg(&rules)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let output = child.wait_with_output().unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, stdout, _) = harness(&["--node", "n1@here", "check"], "");
+    assert!(ok && stdout.contains("the databases were not contacted"), "{stdout}");
+    let (ok, _, stderr) = harness(&["run", "--scenario", "/nonexistent/scenario.jsonl"], "");
+    assert!(!ok && stderr.contains("/nonexistent/scenario.jsonl"), "{stderr}");
+    let (_, stdout, _) = harness(&["run"], "# a comment\n{\"control\":\"bogus\"}\n");
+    assert_eq!(
+        stdout.trim(),
+        r#"{"error":{"line":2,"message":"malformed control line: unknown variant `bogus`, expected `reload`"}}"#
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -255,3 +255,32 @@ async fn a_large_batch_goes_out_in_full_statements_and_a_padded_rest_and_ids_kee
     }
     assert_eq!(rows.len(), 1000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_properties_take_numbers_and_bytes_and_a_bad_one_is_named() {
+    let db = TestDb::create("property_values").await;
+    let host = db.host(&db.rules(&integration_tests::offline_rules(""))).await;
+    let publish = |properties: serde_json::Value| {
+        serde_json::json!({"event": "message.publish", "clientid": "p", "topic": "t", "qos": 1, "payload": "x",
+                           "properties": properties})
+        .to_string()
+    };
+    let events = [
+        publish(serde_json::json!({"message-expiry-interval": 3600, "correlation-data": {"base64": "AAE="}})),
+        publish(serde_json::json!({"k": [1]})),
+    ];
+    let output = integration_tests::replay(&host, &events.join("\n")).await;
+    let errors = integration_tests::errors(&output);
+    assert_eq!(errors.len(), 1, "{output:?}");
+    assert_eq!(errors[0]["line"], 2);
+    assert!(errors[0]["message"].as_str().unwrap().contains("properties.k"), "{output:?}");
+    let row = db
+        .client()
+        .await
+        .query_one("SELECT extract(epoch FROM expires_at - arrived)::int, properties::text FROM mqtt_msg", &[])
+        .await
+        .unwrap();
+    let (seconds, properties): (i32, String) = (row.get(0), row.get(1));
+    assert_eq!(seconds, 3600, "a number of seconds");
+    assert!(properties.contains(r#"["correlation-data", {"hex": "0001"}]"#), "bytes: {properties}");
+}

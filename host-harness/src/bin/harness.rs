@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use host_harness::host::Sources;
 use host_harness::reload::{forward_sighup, watch_files};
@@ -16,10 +17,17 @@ use tokio::io::BufReader;
 use tokio::sync::mpsc;
 
 #[derive(Parser)]
-#[command(version, about = "Load a broker:extension guest and drive it like a broker")]
+#[command(
+    name = "harness",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (contract broker:extension@0.2.0)"),
+    about = "Load a broker:extension guest and drive it like a broker"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// This broker node's name, for `mqtt_client.node` and `${node}`.
+    #[arg(long, global = true, default_value = host_harness::host::DEFAULT_NODE)]
+    node: String,
     /// Time one hook call may take (SQL waits included) before it is stopped, in milliseconds.
     #[arg(long, global = true, default_value_t = 10_000)]
     call_timeout_ms: u64,
@@ -39,9 +47,6 @@ struct Load {
     /// The rules file: EMQX conf lines or a JSON document.
     #[arg(long)]
     rules: PathBuf,
-    /// This broker node's name, for `mqtt_client.node` and `${node}`.
-    #[arg(long, default_value = host_harness::host::DEFAULT_NODE)]
-    node: String,
 }
 
 impl Load {
@@ -52,7 +57,8 @@ impl Load {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load and configure the guest; exit non-zero with the error if the rules are refused.
+    /// Load and configure the guest; exit non-zero with the error if the rules are refused. The
+    /// databases are not contacted.
     Check(Load),
     /// Apply the schema (schema/schema.sql) to every pool's database. Idempotent.
     Migrate {
@@ -88,13 +94,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let limits =
         Limits { call_timeout: Duration::from_millis(cli.call_timeout_ms), memory_bytes: cli.memory_mib << 20 };
     let runtime = Runtime::with_limits(limits, cli.cache_dir)?;
+    let node = cli.node;
     match cli.command {
         Command::Check(load) => {
-            Host::load(&runtime, &load.sources(), &load.node).await?;
-            println!("{}: ok", load.rules.display());
+            Host::load(&runtime, &load.sources(), &node).await?;
+            println!("{}: ok (the databases were not contacted)", load.rules.display());
         }
         Command::Migrate { load, from_emqx } => {
-            let host = Host::load(&runtime, &load.sources(), &load.node).await?;
+            let host = Host::load(&runtime, &load.sources(), &node).await?;
             if from_emqx {
                 for pool in host.pool_names() {
                     host.migrate_from_emqx4(&pool).await?;
@@ -102,11 +109,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             } else {
                 host.migrate().await?;
+                for pool in host.pool_names() {
+                    println!("pool {pool}: schema applied (schema/schema.sql)");
+                }
             }
         }
         Command::Run { load, scenario, watch, stats } => {
             let sources = load.sources();
-            let host = Host::load(&runtime, &sources, &load.node).await?;
+            let host = Host::load(&runtime, &sources, &node).await?;
             let (reload, reloads) = mpsc::unbounded_channel();
             forward_sighup(reload.clone())?;
             if watch {
@@ -114,7 +124,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let mut broker = Broker::new(&host, tokio::io::stdout()).reloading_from(&runtime, sources);
             match scenario {
-                Some(path) => broker.replay(BufReader::new(tokio::fs::File::open(&path).await?), Some(reloads)).await?,
+                Some(path) => {
+                    let file = tokio::fs::File::open(&path)
+                        .await
+                        .with_context(|| format!("reading the scenario {}", path.display()))?;
+                    broker.replay(BufReader::new(file), Some(reloads)).await?
+                }
                 None => broker.replay(BufReader::new(tokio::io::stdin()), Some(reloads)).await?,
             }
             if stats {
