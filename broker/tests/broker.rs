@@ -201,15 +201,7 @@ async fn concurrent_publishers_share_batches_and_every_message_is_stored_once() 
         broker().start_with("group-commit", &rules, "[publish_batch]\nmax_messages = 64\nlinger_us = 2000\n").await;
     Mqtt::subscribe_and_leave(broker.port, "s", "load/#").await;
 
-    let mut publishers = Vec::new();
-    for p in 0..20 {
-        let mut publisher = Mqtt::connect(broker.port, &format!("p{p}"), false).await;
-        publishers.push(tokio::spawn(async move {
-            for i in 0..20 {
-                publisher.publish(&format!("load/{p}"), QoS::AtLeastOnce, &format!("{p}:{i}")).await;
-            }
-        }));
-    }
+    let publishers = Mqtt::publishers(broker.port, "load", 20, 20).await;
     for publisher in publishers {
         publisher.await.unwrap();
     }

@@ -410,15 +410,7 @@ async fn one_clients_bad_messages_refuse_only_themselves_and_are_delivered_to_no
     Mqtt::subscribe_and_leave(broker.port, "s", "#").await;
 
     // Ten good publishers (MQTT 3.1.1: a refusal would close them), and a bad one (MQTT 5), at once.
-    let mut good = Vec::new();
-    for p in 0..10 {
-        let mut publisher = Mqtt::connect(broker.port, &format!("good{p}"), false).await;
-        good.push(tokio::spawn(async move {
-            for i in 0..10 {
-                publisher.publish(&format!("good/{p}"), QoS::AtLeastOnce, &format!("{p}:{i}")).await;
-            }
-        }));
-    }
+    let good = Mqtt::publishers(broker.port, "good", 10, 10).await;
     let (bad, mut events) = v5::connect(broker.port, "bad").await;
     let mut refused = 0;
     for i in 0..10u8 {

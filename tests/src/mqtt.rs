@@ -196,6 +196,23 @@ impl Mqtt {
         client.disconnect().await;
     }
 
+    /// `count` publishers publishing at once, each `messages` QoS 1 messages: client `{name}{p}`
+    /// to topic `{name}/{p}`, payloads `{p}:0`, `{p}:1`, ... Each task ends when its messages
+    /// are all acknowledged.
+    pub async fn publishers(port: u16, name: &str, count: usize, messages: usize) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for p in 0..count {
+            let mut publisher = Mqtt::connect(port, &format!("{name}{p}"), false).await;
+            let topic = format!("{name}/{p}");
+            tasks.push(tokio::spawn(async move {
+                for i in 0..messages {
+                    publisher.publish(&topic, QoS::AtLeastOnce, &format!("{p}:{i}")).await;
+                }
+            }));
+        }
+        tasks
+    }
+
     /// Waits for an incoming packet that `wanted` accepts, keeping messages that arrive
     /// meanwhile. An error when the connection ends or nothing comes in time.
     pub async fn until(&mut self, wanted: impl Fn(&Incoming) -> bool) -> Result<Incoming, String> {
