@@ -30,30 +30,56 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(suites()).await?
 }
 
+/// The suites, in the order they run.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    /// Storing through the guest against native multi-row INSERTs.
+    Store,
+    /// Fetching a backlog through the guest against the same query natively.
+    Fetch,
+    /// What crossing into the guest costs: a hook with no rule, and one host `sql` call to a stub.
+    Hook,
+    /// The broker with and without the extension, over real MQTT connections.
+    Broker,
+    /// The process's peak RSS, and what one more guest instance costs.
+    Memory,
+}
+
+#[derive(clap::Parser)]
+#[command(name = "bench", about = "Figures for BENCHMARKS.md, measured side by side in one run (needs `make pg-up` and `make guest`)")]
+struct Cli {
+    /// The suites to run; all when none is named.
+    #[arg(value_enum)]
+    suites: Vec<Suite>,
+    /// Runs per figure; the median is printed.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
 async fn suites() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs =
-        args.iter().position(|a| a == "--runs").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok()).unwrap_or(3);
-    let suites: Vec<&str> =
-        args.iter().filter(|a| !a.starts_with("--") && a.parse::<u32>().is_err()).map(String::as_str).collect();
-    let wanted = |suite: &str| suites.is_empty() || suites.contains(&suite);
+    use clap::{Parser, ValueEnum};
+    let cli = Cli::parse();
+    let runs = cli.runs;
+    let wanted = |suite: Suite| cli.suites.is_empty() || cli.suites.contains(&suite);
+    let names: Vec<String> =
+        cli.suites.iter().filter_map(|s| s.to_possible_value()).map(|v| v.get_name().to_owned()).collect();
     println!("# bench: medians of {runs} runs; PostgreSQL on 127.0.0.1:{}", integration_tests::port());
-    if wanted("store") {
+    if wanted(Suite::Store) {
         store::run(runs).await?;
     }
-    if wanted("fetch") {
+    if wanted(Suite::Fetch) {
         fetch::run(runs).await?;
     }
-    if wanted("hook") {
+    if wanted(Suite::Hook) {
         hook::run(runs).await?;
     }
-    if wanted("broker") {
+    if wanted(Suite::Broker) {
         broker::run(runs).await?;
     }
-    if wanted("memory") {
+    if wanted(Suite::Memory) {
         memory::run().await?;
     }
     // Run one suite per process to read this as the peak under that suite's load.
-    println!("\npeak RSS of this run ({}): {} KiB", suites.join(" "), memory::status_kib("VmHWM"));
+    println!("\npeak RSS of this run ({}): {} KiB", names.join(" "), memory::status_kib("VmHWM"));
     Ok(())
 }
