@@ -9,12 +9,16 @@ export PGPORT ?= 15432
 
 HOSTILE := target/wasm32-wasip2/guest/hostile_guest.wasm
 
-.PHONY: build guest test-guests host broker pg-up pg-down run test bench clean
+.PHONY: prerequisites build guest test-guests host broker pg-up pg-down run test bench clean
 
 build: guest host
 
+## What the other targets need (the Rust target, PostgreSQL, openssl), installed where missing.
+prerequisites:
+	scripts/prerequisites.sh
+
 ## The extension: a WebAssembly component.
-guest:
+guest: prerequisites
 	$(CARGO) build -p guest --target wasm32-wasip2 --profile guest
 
 ## Misbehaving extensions for the sandbox tests.
@@ -32,7 +36,7 @@ broker: guest pg-up
 	target/release/broker --config examples/broker.toml --migrate
 
 ## A throwaway PostgreSQL under target/pg, on 127.0.0.1:$(PGPORT).
-pg-up:
+pg-up: prerequisites
 	scripts/pg.sh up
 
 pg-down:
