@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::pin_mut;
-use host_harness::bindings::{Message, Rules};
+use host_harness::bindings::{Message, PublishOutcome, Rules};
 use host_harness::config::RulesFile;
 use host_harness::metrics::Metrics;
 use host_harness::postgres::PgBackend;
@@ -108,6 +108,42 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     for row in split_rows {
         println!("{row}");
     }
+    one_bad_message(runs).await
+}
+
+/// What one failing message costs its batch-mates: batches of 100 that all store, against
+/// batches of 100 of which one fails a rule (an audit of each payload into a text column, given a
+/// payload that is not UTF-8), which the guest then retries message by message so that the 99
+/// others are stored as if they had come alone. Both take turns on one host, durably.
+async fn one_bad_message(runs: usize) -> anyhow::Result<()> {
+    const BATCH: usize = 100;
+    const BATCHES: usize = 50;
+    let audit = "backend.pgsql.hook.message.publish.2 = {\"topic\": \"#\", \"action\": \
+                 {\"sql\": [\"insert into audit (payload) values (${payload})\"]}, \"pool\": \"pool1\"}";
+    let db = TestDb::create("bench_store_one_bad").await;
+    let admin = db.client().await;
+    admin.batch_execute("CREATE TABLE audit (payload text)").await?;
+    let host = db.host(&format!("{}\n{audit}\n", db.rules(&offline_rules("")))).await;
+    let good = messages(BATCH);
+    let mut one_bad = messages(BATCH);
+    one_bad[BATCH / 2].payload = vec![0xff, 0xfe];
+    let (mut all_good, mut with_bad) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        for (batch, rates) in [(&good, &mut all_good), (&one_bad, &mut with_bad)] {
+            let started = Instant::now();
+            for _ in 0..BATCHES {
+                let outcomes = host.call("message-publish", async |i| i.message_publish(batch).await).await?;
+                let failed = outcomes.iter().filter(|o| matches!(o, PublishOutcome::Failed(_))).count();
+                anyhow::ensure!(failed == usize::from(batch[BATCH / 2].payload.len() == 2), "{failed} failed");
+            }
+            rates.push(crate::per_second(BATCH * BATCHES, started.elapsed()));
+        }
+    }
+    let (all_good, with_bad) = (median(all_good), median(with_bad));
+    println!("\n## one failing message in a batch of {BATCH} (two rules, synchronous_commit on): messages/s");
+    println!("| all store | one fails, 99 store | one fails / all store |");
+    println!("|---|---|---|");
+    println!("| {all_good:.0} | {with_bad:.0} | {:.0} % |", 100.0 * with_bad / all_good);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use host_harness::bindings::{Client, Describe, HookError, Message, PublishOutcome, Subscription};
+use host_harness::bindings::{Client, Describe, FetchPage, HookError, Message, PublishOutcome, Subscription};
 use host_harness::host::Sources;
 use host_harness::{Host, Runtime};
 
@@ -55,7 +55,11 @@ impl Extension {
         hook: &str,
         call: impl AsyncFnOnce(&mut host_harness::Instance) -> anyhow::Result<Result<T, HookError>>,
     ) -> Option<T> {
-        match self.host.call(hook, call).await {
+        self.answer(hook, self.host.call(hook, call).await)
+    }
+
+    fn answer<T>(&self, hook: &str, answer: anyhow::Result<Result<T, HookError>>) -> Option<T> {
+        match answer {
             Ok(Ok(value)) => Some(value),
             Ok(Err(e)) => {
                 tracing::warn!(extension = self.name, hook, "{}", e.describe());
@@ -66,6 +70,19 @@ impl Extension {
                 None
             }
         }
+    }
+
+    /// Calls a backlog fetch (see `Host::fetch`: a trapping message is skipped); an error is
+    /// logged and becomes `None`.
+    pub async fn fetch(
+        &self,
+        hook: &str,
+        client: &Client,
+        subscription: &Subscription,
+        from: Option<&str>,
+        call: impl AsyncFnOnce(&mut host_harness::Instance) -> anyhow::Result<Result<FetchPage, HookError>>,
+    ) -> Option<FetchPage> {
+        self.answer(hook, self.host.fetch(hook, client, subscription, from, call).await)
     }
 
     pub async fn client_connected(&self, client: &Client) -> Vec<Subscription> {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use host_harness::Instance;
 use host_harness::bindings::{Describe, FetchPage, PublishOutcome, Subscription};
 use rmqtt::codec::v5::PublishAckReason;
 use rmqtt::context::ServerContext;
@@ -201,9 +202,8 @@ impl Hooks {
             extension.deliveries.subscribed(&connection(session), &subscription.filter, subscription.qos);
             // Its acks so far first: the fetch starts from the position they leave.
             extension.acks.flush(&client.clientid).await;
-            let first = extension
-                .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
-                .await;
+            let call = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
+            let first = extension.fetch("session-subscribed", &client, &subscription, None, call).await;
             let (extension, session, subscription) = (extension.clone(), session.clone(), subscription.clone());
             let scx = self.scx.clone();
             tokio::spawn(async move {
@@ -295,8 +295,8 @@ async fn send_backlog(
                 }
                 extension.acks.flush(&client.clientid).await;
                 deliveries.refetching(&connection, filter);
-                let resumed =
-                    extension.call("session-resume", async |i| i.session_resume(&client, subscription).await).await;
+                let call = async |i: &mut Instance| i.session_resume(&client, subscription).await;
+                let resumed = extension.fetch("session-resume", &client, subscription, None, call).await;
                 match resumed {
                     Some(page) => page,
                     None => return fetch_failed(scx, extension, session, filter).await,
@@ -324,8 +324,8 @@ async fn send_backlog(
                 }
             }
             let Some(cursor) = page.next.take() else { break };
-            let next = async |i: &mut host_harness::Instance| i.session_fetch_next(&client, subscription, &cursor).await;
-            match extension.call("session-fetch-next", next).await {
+            let next = async |i: &mut Instance| i.session_fetch_next(&client, subscription, &cursor).await;
+            match extension.fetch("session-fetch-next", &client, subscription, Some(&cursor), next).await {
                 Some(next) => page = next,
                 None => return fetch_failed(scx, extension, session, filter).await,
             }

@@ -23,12 +23,12 @@ use bindings::broker::extension::metrics;
 use bindings::broker::extension::sql;
 use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
-    ConfigError, FetchPage, Guest, HookError, PublishOutcome, Rules as RulesText,
+    ConfigError, FetchPage, Guest, HookError, PublishOutcome, Rules as RulesText, Skipped,
 };
 use db::{Conn, Work};
 use functions::{acked, client, fetch, housekeeping, publish, retain};
 use placeholder::Event;
-use rules::{Action, Function, Hookpoint, OnError, Rule, Rules};
+use rules::{Action, Function, Hookpoint, OfflineOpts, OnError, Rule, Rules};
 
 /// What `configure` installed.
 #[derive(Default)]
@@ -102,6 +102,20 @@ fn served(rule: &Rule, started: Instant, page: Result<fetch::Page, sql::Error>) 
     observe(rule, started, &page.as_ref().map(|p| p.messages.len() as u64));
     let page = page.map_err(|e| sql_error(rule, e))?;
     Ok(FetchPage { messages: page.messages, next: page.next.map(|c| c.encode()) })
+}
+
+/// Where a backlog goes on after a fetch trapped: `cursor`, or the subscriber's stored position.
+/// None when it has none: nothing to fetch.
+fn restart_point(
+    rule: &Rule,
+    client: &Client,
+    subscription: &Subscription,
+    cursor: Option<String>,
+) -> Result<Option<fetch::Cursor>, HookError> {
+    match cursor {
+        Some(cursor) => fetch::Cursor::decode(&cursor).map(Some).map_err(HookError::Invalid),
+        None => fetch::stored_position(&rule.pool, &client.clientid, &subscription.filter).map_err(|e| sql_error(rule, e)),
+    }
 }
 
 /// See the retained messages of `session_subscribed`.
@@ -328,6 +342,27 @@ impl Guest for Extension {
         };
         let started = Instant::now();
         served(rule, started, fetch::page(&rule.pool, opts, &subscription.filter, cursor))
+    }
+
+    fn session_fetch_one(client: Client, subscription: Subscription, cursor: Option<String>) -> Result<FetchPage, HookError> {
+        let config = config();
+        let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else {
+            return Ok(FetchPage { messages: Vec::new(), next: None });
+        };
+        let started = Instant::now();
+        let Some(cursor) = restart_point(rule, &client, &subscription, cursor)? else {
+            return Ok(FetchPage { messages: Vec::new(), next: None });
+        };
+        let one = OfflineOpts { max_returned_count: 1, ..opts.clone() };
+        served(rule, started, fetch::page(&rule.pool, &one, &subscription.filter, cursor))
+    }
+
+    fn session_skip(client: Client, subscription: Subscription, cursor: Option<String>) -> Result<Option<Skipped>, HookError> {
+        let config = config();
+        let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else { return Ok(None) };
+        let Some(cursor) = restart_point(rule, &client, &subscription, cursor)? else { return Ok(None) };
+        let id = fetch::next_id(&rule.pool, opts, &subscription.filter, &cursor).map_err(|e| sql_error(rule, e))?;
+        Ok(id.map(|id| Skipped { id, next: fetch::Cursor { after_id: id }.encode() }))
     }
 
     fn session_unsubscribed(client: Client, filter: String) -> Result<(), HookError> {

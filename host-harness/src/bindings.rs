@@ -15,7 +15,7 @@ wasmtime::component::bindgen!({
 
 pub use broker::extension::sql::{DatabaseError, Error as SqlError, RowSet, Value};
 pub use broker::extension::types::{Client, Message, Property, PropertyValue, Subscription};
-pub use exports::broker::extension::hooks::{ConfigError, FetchPage, HookError, PublishOutcome, Rules};
+pub use exports::broker::extension::hooks::{ConfigError, FetchPage, HookError, PublishOutcome, Rules, Skipped};
 
 /// Operator-facing text of an error (the generated `Display` is the `Debug` form).
 pub trait Describe {

@@ -11,7 +11,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
 use crate::bindings::{
-    Client, ConfigError, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome, Rules, Subscription,
+    Client, ConfigError, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome, Rules, Skipped, Subscription,
 };
 use crate::metrics::Metrics;
 use crate::sandbox::{self, Limits};
@@ -185,6 +185,32 @@ impl Instance {
             .hooks
             .broker_extension_hooks()
             .call_session_resume(armed(&mut self.store, self.deadline), client, subscription)
+            .await?)
+    }
+
+    pub async fn session_fetch_one(
+        &mut self,
+        client: &Client,
+        subscription: &Subscription,
+        cursor: Option<&str>,
+    ) -> Call<Result<FetchPage, HookError>> {
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_session_fetch_one(armed(&mut self.store, self.deadline), client, subscription, cursor)
+            .await?)
+    }
+
+    pub async fn session_skip(
+        &mut self,
+        client: &Client,
+        subscription: &Subscription,
+        cursor: Option<&str>,
+    ) -> Call<Result<Option<Skipped>, HookError>> {
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_session_skip(armed(&mut self.store, self.deadline), client, subscription, cursor)
             .await?)
     }
 

@@ -17,7 +17,7 @@ use anyhow::{Context, anyhow};
 use rules_file::RulesError;
 use tokio::sync::Semaphore;
 
-use crate::bindings::{Describe, Rules};
+use crate::bindings::{Client, Describe, FetchPage, HookError, Rules, Subscription};
 use crate::config::RulesFile;
 use crate::engine::{ExtensionModule, Instance, Runtime};
 use crate::metrics::Metrics;
@@ -111,6 +111,51 @@ impl Host {
             ),
         }
         result
+    }
+
+    /// Calls a backlog fetch of `subscription` (`session-subscribed`, `session-fetch-next`,
+    /// `session-resume`). A fetch that traps other than on its deadline (a stored message too
+    /// large for the guest's memory, say) is not retried into the same trap at every reconnect:
+    /// the backlog goes on from `from` (the cursor the fetch started after; none for the stored
+    /// position) one message at a time, and a message that traps the guest even alone is skipped,
+    /// logged and counted, so that the subscriber gets the rest.
+    pub async fn fetch(
+        &self,
+        hook: &str,
+        client: &Client,
+        subscription: &Subscription,
+        from: Option<&str>,
+        call: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<Result<FetchPage, HookError>>,
+    ) -> anyhow::Result<Result<FetchPage, HookError>> {
+        match self.call(hook, call).await {
+            Err(trap) if poisoned(&trap) => {}
+            answer => return answer,
+        }
+        let mut from = from.map(str::to_owned);
+        loop {
+            let one = async |i: &mut Instance| i.session_fetch_one(client, subscription, from.as_deref()).await;
+            match self.call("session-fetch-one", one).await {
+                Err(trap) if poisoned(&trap) => {}
+                answer => return answer,
+            }
+            let skip = async |i: &mut Instance| i.session_skip(client, subscription, from.as_deref()).await;
+            match self.call("session-skip", skip).await? {
+                Ok(Some(skipped)) => {
+                    tracing::error!(
+                        extension = self.running().module.name(),
+                        clientid = client.clientid,
+                        filter = subscription.filter,
+                        id = skipped.id,
+                        "stored message {} traps the extension even alone: skipped for this subscription",
+                        skipped.id
+                    );
+                    self.metrics.skipped();
+                    from = Some(skipped.next);
+                }
+                Ok(None) => return Ok(Ok(FetchPage { messages: Vec::new(), next: None })),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
     }
 
     /// An idle instance of the running configuration, or a new one. Idle instances of an older
@@ -231,6 +276,13 @@ fn prepare(
 }
 
 /// A fresh instance of `running`'s module, configured with its rules.
+/// Whether a failed call trapped on what it was given (memory, a bug), rather than on its
+/// deadline (a slow database ends a call that way too, and then no message is to blame) or
+/// before it ran.
+fn poisoned(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<wasmtime::Trap>().is_some_and(|trap| *trap != wasmtime::Trap::Interrupt)
+}
+
 async fn configured(running: &Running, metrics: &Arc<Metrics>) -> anyhow::Result<Instance> {
     let Running { module, backend, rules } = running;
     let mut instance = module.instantiate(backend.clone(), metrics.clone()).await?;

@@ -71,6 +71,8 @@ pub struct Snapshot {
     pub functions: BTreeMap<String, FunctionStats>,
     pub hooks: BTreeMap<String, HookStats>,
     pub messages_delivered: u64,
+    /// Stored messages a backlog passed over because they trap the guest even alone.
+    pub messages_skipped: u64,
 }
 
 /// Shared by every instance of one host (reloads included).
@@ -103,6 +105,10 @@ impl Metrics {
 
     pub fn delivered(&self, messages: u64) {
         self.update(|s| s.messages_delivered += messages);
+    }
+
+    pub fn skipped(&self) {
+        self.update(|s| s.messages_skipped += 1);
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -138,9 +144,17 @@ impl Metrics {
         }
         let hooks = s.hooks.iter().map(|(k, v)| (k.as_str(), &v.latency));
         histograms(&mut out, "mqtt_offline_hook_duration_seconds", "Hook call time.", "hook", hooks);
-        let _ = writeln!(out, "# HELP mqtt_offline_messages_delivered_total Messages delivered to subscribers.");
-        let _ = writeln!(out, "# TYPE mqtt_offline_messages_delivered_total counter");
-        let _ = writeln!(out, "mqtt_offline_messages_delivered_total {}", s.messages_delivered);
+        let message_counters = [
+            ("mqtt_offline_messages_delivered_total", "Messages delivered to subscribers.", s.messages_delivered),
+            (
+                "mqtt_offline_messages_skipped_total",
+                "Stored messages a backlog skipped because they trap the extension even alone.",
+                s.messages_skipped,
+            ),
+        ];
+        for (name, help, value) in message_counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
         out
     }
 }

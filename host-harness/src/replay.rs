@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::bindings::{Client, Describe, HookError, Message, Property, PropertyValue, PublishOutcome, Subscription};
-use crate::engine::Runtime;
+use crate::engine::{Instance, Runtime};
 use crate::host::{Host, Sources};
 
 /// One input line.
@@ -360,10 +360,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         let session = self.session(clientid)?;
         session.subscriptions.insert(subscription.filter.clone(), (subscription.qos, auto_ack));
         let client = session.client.clone();
-        let mut page = self
-            .host
-            .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
-            .await??;
+        let first = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
+        let mut page = self.host.fetch("session-subscribed", &client, &subscription, None, first).await??;
         // The whole backlog, in order, one page in memory at a time.
         loop {
             for message in page.messages {
@@ -371,10 +369,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 self.deliver(clientid, message, qos, auto_ack, std::slice::from_ref(&subscription.filter)).await?;
             }
             let Some(cursor) = page.next else { return Ok(()) };
-            page = self
-                .host
-                .call("session-fetch-next", async |i| i.session_fetch_next(&client, &subscription, &cursor).await)
-                .await??;
+            let next = async |i: &mut Instance| i.session_fetch_next(&client, &subscription, &cursor).await;
+            page = self.host.fetch("session-fetch-next", &client, &subscription, Some(&cursor), next).await??;
         }
     }
 

@@ -62,11 +62,18 @@ pub fn first_page(pool: &str, opts: &OfflineOpts, clientid: &str, filter: &str) 
 /// it has none (an unsubscribe's sql action deleted it, say).
 const STORED_POSITION: &str = "SELECT mid FROM mqtt_acked WHERE clientid = $1 AND topic = $2";
 
-/// The backlog again from the stored position.
-pub fn resume(pool: &str, opts: &OfflineOpts, clientid: &str, filter: &str) -> Result<Page, sql::Error> {
+pub fn stored_position(pool: &str, clientid: &str, filter: &str) -> Result<Option<Cursor>, sql::Error> {
     let position = sql::query(pool, STORED_POSITION, &[db::text(clientid), db::text(filter)])?;
     match position.rows.first() {
-        Some(row) => page(pool, opts, filter, Cursor { after_id: db::int64(row, 0)? }),
+        Some(row) => Ok(Some(Cursor { after_id: db::int64(row, 0)? })),
+        None => Ok(None),
+    }
+}
+
+/// The backlog again from the stored position.
+pub fn resume(pool: &str, opts: &OfflineOpts, clientid: &str, filter: &str) -> Result<Page, sql::Error> {
+    match stored_position(pool, clientid, filter)? {
+        Some(cursor) => page(pool, opts, filter, cursor),
         None => Ok(Page { messages: Vec::new(), next: None }),
     }
 }
@@ -78,14 +85,8 @@ pub fn page(pool: &str, opts: &OfflineOpts, filter: &str, cursor: Cursor) -> Res
     // Backlog messages go with RETAIN clear (MQTT: a message for an established subscription).
     // The candidates: the next `max_returned_count` by id (a top-N sort, whatever the backlog's
     // size). Around them, the running byte count that cuts the page, and how many there were.
-    let candidates = format!("SELECT * FROM mqtt_msg WHERE id > $1{}", rows::NOT_EXPIRED);
-    let mut query = Query::new(&candidates, vec![Value::Int64(cursor.after_id)]);
-    topic::push_match(&mut query, filter);
-    if let Some(secs) = opts.time_range_secs {
-        query.bind(" AND arrived >= now() - ?::float8 * interval '1 second'", Value::Float64(secs as f64));
-    }
     let limit = opts.max_returned_count;
-    query.bind(" ORDER BY id LIMIT ?", Value::Int64(i64::from(limit)));
+    let query = candidates(opts, filter, &cursor, limit);
     let counted = format!(
         "SELECT id, false, {}, candidates FROM (SELECT c.*, \
            sum(octet_length(c.payload)) OVER (ORDER BY c.id) - octet_length(c.payload) AS bytes_before, \
@@ -109,6 +110,30 @@ pub fn page(pool: &str, opts: &OfflineOpts, filter: &str, cursor: Cursor) -> Res
         _ => None,
     };
     Ok(Page { messages, next })
+}
+
+/// The unread messages of `filter` after `cursor` (unexpired, within time_range), the first
+/// `limit` by id.
+fn candidates(opts: &OfflineOpts, filter: &str, cursor: &Cursor, limit: u32) -> Query {
+    let candidates = format!("SELECT * FROM mqtt_msg WHERE id > $1{}", rows::NOT_EXPIRED);
+    let mut query = Query::new(&candidates, vec![Value::Int64(cursor.after_id)]);
+    topic::push_match(&mut query, filter);
+    if let Some(secs) = opts.time_range_secs {
+        query.bind(" AND arrived >= now() - ?::float8 * interval '1 second'", Value::Float64(secs as f64));
+    }
+    query.bind(" ORDER BY id LIMIT ?", Value::Int64(i64::from(limit)));
+    query
+}
+
+/// The next message after `cursor`, its id only (the payload stays in the database): the one
+/// `session-skip` passes over.
+pub fn next_id(pool: &str, opts: &OfflineOpts, filter: &str, cursor: &Cursor) -> Result<Option<i64>, sql::Error> {
+    let query = candidates(opts, filter, cursor, 1);
+    let query = Query { sql: format!("SELECT id FROM ({}) c", query.sql), params: query.params };
+    match query.run(pool)?.rows.first() {
+        Some(row) => Ok(Some(db::int64(row, 0)?)),
+        None => Ok(None),
+    }
 }
 
 #[cfg(test)]

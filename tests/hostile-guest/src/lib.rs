@@ -7,7 +7,9 @@ mod bindings {
 }
 
 use bindings::broker::extension::types::{Client, Message, Subscription};
-use bindings::exports::broker::extension::hooks::{ConfigError, FetchPage, Guest, HookError, PublishOutcome, Rules};
+use bindings::exports::broker::extension::hooks::{
+    ConfigError, FetchPage, Guest, HookError, PublishOutcome, Rules, Skipped,
+};
 
 struct Hostile;
 
@@ -55,6 +57,14 @@ impl Guest for Hostile {
 
     fn session_resume(_: Client, _: Subscription) -> Result<FetchPage, HookError> {
         Ok(FetchPage { messages: Vec::new(), next: None })
+    }
+
+    fn session_fetch_one(_: Client, _: Subscription, _: Option<String>) -> Result<FetchPage, HookError> {
+        Ok(FetchPage { messages: Vec::new(), next: None })
+    }
+
+    fn session_skip(_: Client, _: Subscription, _: Option<String>) -> Result<Option<Skipped>, HookError> {
+        Ok(None)
     }
 
     fn session_unsubscribed(_: Client, _: String) -> Result<(), HookError> {
