@@ -46,14 +46,8 @@ case "${1:-}" in
     fi
     # TLS for the tests of `ssl = true` pools: a throwaway CA and a server certificate for 127.0.0.1.
     if [ ! -f "$tls/server.key" ]; then
-      mkdir -p "$tls"
-      openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj /CN=mqtt-offline-test-ca \
-        -keyout "$tls/ca.key" -out "$tls/ca.crt" 2>/dev/null
-      openssl req -newkey rsa:2048 -nodes -subj /CN=localhost \
-        -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
-      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/san.ext"
-      openssl x509 -req -days 3650 -in "$tls/server.csr" -CA "$tls/ca.crt" -CAkey "$tls/ca.key" \
-        -CAcreateserial -extfile "$tls/san.ext" -out "$tls/server.crt" 2>/dev/null
+      "$root/scripts/certs.sh" ca "$tls" ca
+      "$root/scripts/certs.sh" cert "$tls" ca server
       chmod 600 "$tls/server.key"
       [ "$(id -u)" = 0 ] && chown postgres:postgres "$tls/server.key" "$tls/server.crt"
     fi
