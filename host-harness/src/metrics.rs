@@ -114,76 +114,86 @@ impl Metrics {
     pub fn snapshot(&self) -> Snapshot {
         self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
-
-    /// The Prometheus text exposition format.
-    pub fn prometheus(&self) -> String {
-        let s = self.snapshot();
-        let mut out = String::new();
-        let function_counters: [(&str, &str, fn(&FunctionStats) -> u64); 3] = [
-            ("mqtt_offline_function_calls_total", "Rule runs, by function.", |f| f.calls),
-            ("mqtt_offline_function_errors_total", "Rule runs that failed, by function.", |f| f.errors),
-            ("mqtt_offline_function_rows_total", "Rows handled by rule runs, by function.", |f| f.rows),
-        ];
-        for (name, help, value) in function_counters {
-            counter(&mut out, name, help, "function", s.functions.iter().map(|(k, v)| (k.as_str(), value(v))));
-        }
-        let functions = s.functions.iter().map(|(k, v)| (k.as_str(), &v.latency));
-        histograms(
-            &mut out,
-            "mqtt_offline_function_duration_seconds",
-            "Rule run time, by function.",
-            "function",
-            functions,
-        );
-        let hook_counters: [(&str, &str, fn(&HookStats) -> u64); 2] = [
-            ("mqtt_offline_hook_calls_total", "Hook calls.", |h| h.calls),
-            ("mqtt_offline_hook_traps_total", "Hook calls that trapped.", |h| h.traps),
-        ];
-        for (name, help, value) in hook_counters {
-            counter(&mut out, name, help, "hook", s.hooks.iter().map(|(k, v)| (k.as_str(), value(v))));
-        }
-        let hooks = s.hooks.iter().map(|(k, v)| (k.as_str(), &v.latency));
-        histograms(&mut out, "mqtt_offline_hook_duration_seconds", "Hook call time.", "hook", hooks);
-        let message_counters = [
-            ("mqtt_offline_messages_delivered_total", "Messages delivered to subscribers.", s.messages_delivered),
-            (
-                "mqtt_offline_messages_skipped_total",
-                "Stored messages a backlog skipped because they trap the extension even alone.",
-                s.messages_skipped,
-            ),
-        ];
-        for (name, help, value) in message_counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        }
-        out
-    }
 }
 
-fn counter<'a>(out: &mut String, name: &str, help: &str, label: &str, series: impl Iterator<Item = (&'a str, u64)>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (key, value) in series {
-        let _ = writeln!(out, "{name}{{{label}=\"{key}\"}} {value}");
+/// The Prometheus text exposition format of several extensions' metrics (a broker may load more
+/// than one): each family once, each series labelled with its extension's name.
+pub fn prometheus(extensions: &[(&str, &Metrics)]) -> String {
+    let snapshots: Vec<(&str, Snapshot)> = extensions.iter().map(|(name, m)| (*name, m.snapshot())).collect();
+    let mut out = String::new();
+    let function_counters: [Family<FunctionStats>; 3] = [
+        ("mqtt_offline_function_calls_total", "Rule runs, by function.", |f| f.calls),
+        ("mqtt_offline_function_errors_total", "Rule runs that failed, by function.", |f| f.errors),
+        ("mqtt_offline_function_rows_total", "Rows handled by rule runs, by function.", |f| f.rows),
+    ];
+    for (name, help, value) in function_counters {
+        family(&mut out, name, help, "counter");
+        for (extension, s) in &snapshots {
+            for (function, stats) in &s.functions {
+                let _ = writeln!(out, "{name}{{extension=\"{extension}\",function=\"{function}\"}} {}", value(stats));
+            }
+        }
     }
+    family(&mut out, "mqtt_offline_function_duration_seconds", "Rule run time, by function.", "histogram");
+    for (extension, s) in &snapshots {
+        for (function, stats) in &s.functions {
+            let labels = format!("extension=\"{extension}\",function=\"{function}\"");
+            histogram(&mut out, "mqtt_offline_function_duration_seconds", &labels, &stats.latency);
+        }
+    }
+    let hook_counters: [Family<HookStats>; 2] = [
+        ("mqtt_offline_hook_calls_total", "Hook calls.", |h| h.calls),
+        ("mqtt_offline_hook_traps_total", "Hook calls that trapped.", |h| h.traps),
+    ];
+    for (name, help, value) in hook_counters {
+        family(&mut out, name, help, "counter");
+        for (extension, s) in &snapshots {
+            for (hook, stats) in &s.hooks {
+                let _ = writeln!(out, "{name}{{extension=\"{extension}\",hook=\"{hook}\"}} {}", value(stats));
+            }
+        }
+    }
+    family(&mut out, "mqtt_offline_hook_duration_seconds", "Hook call time.", "histogram");
+    for (extension, s) in &snapshots {
+        for (hook, stats) in &s.hooks {
+            let labels = format!("extension=\"{extension}\",hook=\"{hook}\"");
+            histogram(&mut out, "mqtt_offline_hook_duration_seconds", &labels, &stats.latency);
+        }
+    }
+    let message_counters: [Family<Snapshot>; 2] = [
+        ("mqtt_offline_messages_delivered_total", "Messages delivered to subscribers.", |s| s.messages_delivered),
+        (
+            "mqtt_offline_messages_skipped_total",
+            "Stored messages a backlog skipped because they trap the extension even alone.",
+            |s| s.messages_skipped,
+        ),
+    ];
+    for (name, help, value) in message_counters {
+        family(&mut out, name, help, "counter");
+        for (extension, s) in &snapshots {
+            let _ = writeln!(out, "{name}{{extension=\"{extension}\"}} {}", value(s));
+        }
+    }
+    out
 }
 
-fn histograms<'a>(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    label: &str,
-    series: impl Iterator<Item = (&'a str, &'a Histogram)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (key, histogram) in series {
-        let mut cumulative = 0;
-        for (bound, count) in BUCKETS.iter().zip(&histogram.counts) {
-            cumulative += count;
-            let _ = writeln!(out, "{name}_bucket{{{label}=\"{key}\",le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{{label}=\"{key}\",le=\"+Inf\"}} {}", histogram.count);
-        let _ = writeln!(out, "{name}_sum{{{label}=\"{key}\"}} {}", histogram.sum_seconds);
-        let _ = writeln!(out, "{name}_count{{{label}=\"{key}\"}} {}", histogram.count);
+/// A metric family read off `T`: its name, its help text, its value.
+type Family<T> = (&'static str, &'static str, fn(&T) -> u64);
+
+/// The `# HELP` and `# TYPE` lines of a metric family.
+pub fn family(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, labels: &str, histogram: &Histogram) {
+    let mut cumulative = 0;
+    for (bound, count) in BUCKETS.iter().zip(&histogram.counts) {
+        cumulative += count;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
     }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", histogram.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", histogram.sum_seconds);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", histogram.count);
 }
 
 /// The contract's `metrics` interface: the guest's reports land in its host's [`Metrics`].

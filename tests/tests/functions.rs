@@ -355,7 +355,7 @@ async fn tls_pools_check_the_server_certificate() {
     )
     .await
     .unwrap();
-    let output = replay(&mut untrusting, &connect("c")).await;
+    let output = replay(&untrusting, &connect("c")).await;
     let error = errors(&output).first().map(|e| e["message"].to_string()).unwrap_or_default();
     assert!(error.contains("certificate"), "{output:?}");
 }

@@ -21,14 +21,14 @@ async fn the_seed_flow_is_counted_per_function_and_per_hook() {
     assert_eq!((publish_hook.calls, publish_hook.traps, publish_hook.latency.count), (5, 0, 5));
     assert!(publish_hook.latency.sum_seconds > 0.0);
 
-    let text = host.metrics().prometheus();
+    let text = host_harness::metrics::prometheus(&[("guest", host.metrics())]);
     for line in [
         "# TYPE mqtt_offline_function_calls_total counter",
-        "mqtt_offline_function_calls_total{function=\"on_message_publish\"} 5",
-        "mqtt_offline_function_rows_total{function=\"on_message_fetch\"} 7",
-        "mqtt_offline_hook_duration_seconds_count{hook=\"message-publish\"} 5",
-        "mqtt_offline_hook_duration_seconds_bucket{hook=\"message-publish\",le=\"+Inf\"} 5",
-        "mqtt_offline_messages_delivered_total 9",
+        "mqtt_offline_function_calls_total{extension=\"guest\",function=\"on_message_publish\"} 5",
+        "mqtt_offline_function_rows_total{extension=\"guest\",function=\"on_message_fetch\"} 7",
+        "mqtt_offline_hook_duration_seconds_count{extension=\"guest\",hook=\"message-publish\"} 5",
+        "mqtt_offline_hook_duration_seconds_bucket{extension=\"guest\",hook=\"message-publish\",le=\"+Inf\"} 5",
+        "mqtt_offline_messages_delivered_total{extension=\"guest\"} 9",
     ] {
         assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
     }
