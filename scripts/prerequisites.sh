@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What `make run` and `make test` need, installed where missing; CI runs the same through them.
 #   - the Rust target of the extension, wasm32-wasip2 (rustup);
-#   - the PostgreSQL server binaries (the throwaway server) and the openssl command (its test
-#     certificates), from Debian's packages when run as root; otherwise a line says what to install.
+#   - the PostgreSQL server binaries (the throwaway server), the openssl command (test
+#     certificates), mosquitto_passwd (test password files) and mosquitto_sub/mosquitto_pub (a
+#     second MQTT client in the tests), from Debian's packages when run as root; otherwise a line
+#     says what to install.
 set -euo pipefail
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
@@ -16,6 +18,8 @@ fi
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v mosquitto_passwd >/dev/null || missing+=(mosquitto)
+command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "prerequisites: installing ${missing[*]}"

@@ -64,6 +64,11 @@ impl AckWriter {
         self.wake.notify_one();
     }
 
+    /// Acks waiting to be written (a gauge for `/metrics`).
+    pub fn pending(&self) -> usize {
+        self.pending.lock().unwrap().len()
+    }
+
     /// Writes `clientid`'s pending acks now (after the round being written, if any).
     pub async fn flush(&self, clientid: &str) {
         self.write_pending(|c| c == clientid).await;

@@ -4,10 +4,15 @@
 //! node = "broker1@127.0.0.1"
 //! listen = "127.0.0.1:1883"
 //!
+//! [auth]
+//! allow_anonymous = true
+//!
 //! [[extension]]
 //! module = "../target/wasm32-wasip2/guest/guest.wasm"
 //! rules = "rules.conf"
 //! ```
+//!
+//! README's "Running in production" has a complete one, with TLS, passwords and metrics.
 
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
@@ -25,9 +30,16 @@ pub struct BrokerConfig {
     /// This node's name: `mqtt_client.node` and `${node}` in the rules.
     #[serde(default = "default_node")]
     pub node: String,
-    /// Where MQTT clients connect (plain TCP).
-    #[serde(default = "default_listen")]
-    pub listen: SocketAddr,
+    /// Where MQTT clients connect over plain TCP; `"off"` for no plain listener (TLS only).
+    #[serde(default = "default_listen", deserialize_with = "address_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// A TLS listener, beside the plain one or instead of it.
+    pub tls: Option<TlsConfig>,
+    /// Who may connect: nobody unless it says so.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// `/metrics` and `/health` over HTTP; off when absent.
+    pub http: Option<HttpConfig>,
     /// The extensions, each a module with its rules. Every hook goes to each, in this order.
     /// `extension = []` makes a plain broker (for comparisons).
     #[serde(rename = "extension")]
@@ -54,6 +66,38 @@ pub struct ExtensionConfig {
     pub name: Option<String>,
     pub module: PathBuf,
     pub rules: PathBuf,
+}
+
+/// MQTT over TLS (rustls).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// The server's certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// With it, a client must present a certificate this CA (PEM) signed; without, clients
+    /// present none.
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Clients that send no username may connect.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// `username:hash` lines as Mosquitto's `mosquitto_passwd` writes them. A client that sends
+    /// a username must send its password. Read again on SIGHUP.
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where `/metrics` (Prometheus text) and `/health` are served.
+    pub listen: SocketAddr,
 }
 
 /// The MQTT side of the listener: flow control and sizes.
@@ -137,11 +181,27 @@ impl BrokerConfig {
                 (GUEST_MEMORY_PER_PACKET * largest).div_ceil(1 << 20)
             );
         }
+        if config.listen.is_none() && config.tls.is_none() {
+            anyhow::bail!("{}: `listen = \"off\"` and no [tls]: no client could connect", path.display());
+        }
+        if !config.auth.allow_anonymous && config.auth.password_file.is_none() {
+            anyhow::bail!(
+                "{}: no client could connect: give [auth] a password_file (written by mosquitto_passwd), \
+                 or set allow_anonymous = true",
+                path.display()
+            );
+        }
         let folder = path.parent().unwrap_or(Path::new("."));
         for extension in &mut config.extensions {
             extension.module = folder.join(&extension.module);
             extension.rules = folder.join(&extension.rules);
         }
+        if let Some(tls) = &mut config.tls {
+            tls.cert = folder.join(&tls.cert);
+            tls.key = folder.join(&tls.key);
+            tls.client_ca = tls.client_ca.as_ref().map(|ca| folder.join(ca));
+        }
+        config.auth.password_file = config.auth.password_file.as_ref().map(|file| folder.join(file));
         Ok(config)
     }
 }
@@ -204,8 +264,17 @@ impl Default for SandboxConfig {
 fn default_node() -> String {
     "broker@127.0.0.1".into()
 }
-fn default_listen() -> SocketAddr {
-    ([127, 0, 0, 1], 1883).into()
+fn default_listen() -> Option<SocketAddr> {
+    Some(([127, 0, 0, 1], 1883).into())
+}
+
+/// An address, or `"off"`.
+fn address_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| serde::de::Error::custom(format!("`{text}` is neither an address (host:port) nor \"off\"")))
 }
 fn default_tick_seconds() -> u64 {
     5
@@ -244,7 +313,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("broker-config-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("broker.toml");
-        std::fs::write(&path, format!("extension = []\n{text}")).unwrap();
+        std::fs::write(&path, format!("extension = []\n{text}\n[auth]\nallow_anonymous = true\n")).unwrap();
         BrokerConfig::load(&path).map_err(|e| format!("{e:#}"))
     }
 
@@ -254,6 +323,22 @@ mod tests {
         assert!(error.contains("sandbox.memory_mib = 4") && error.contains("mqtt.max_packet_size = 1048576"), "{error}");
         assert!(error.contains("at least 8 MiB"), "{error}");
         assert!(load("memory-ok", "[sandbox]\nmemory_mib = 8\n").is_ok());
+    }
+
+    #[test]
+    fn a_broker_no_client_could_reach_is_refused() {
+        let error = load("off", "listen = \"off\"").unwrap_err();
+        assert!(error.contains("no [tls]: no client could connect"), "{error}");
+        let error = load("bad-listen", "listen = \"nowhere\"").unwrap_err();
+        assert!(error.contains("`nowhere` is neither an address"), "{error}");
+        let dir = std::env::temp_dir().join(format!("broker-config-{}-auth", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("broker.toml");
+        for text in ["extension = []\n", "extension = []\n[auth]\nallow_anonymous = false\n"] {
+            std::fs::write(&path, text).unwrap();
+            let error = format!("{:#}", BrokerConfig::load(&path).unwrap_err());
+            assert!(error.contains("give [auth] a password_file"), "{error}");
+        }
     }
 
     #[test]

@@ -128,6 +128,11 @@ pub enum FetchEnd {
 pub type PassedAck = (Message, Vec<String>);
 
 impl Deliveries {
+    /// Live stored messages held back now, over all clients (a gauge for `/metrics`).
+    pub fn held(&self) -> usize {
+        self.clients.lock().unwrap().values().map(|c| c.held.len()).sum()
+    }
+
     pub fn connected(&self, connection: &Connection) {
         let state = ClientState {
             since: connection.since,

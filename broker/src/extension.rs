@@ -2,6 +2,7 @@
 //! publish queue and its per-client delivery state.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use host_harness::bindings::{Client, Describe, FetchPage, HookError, Message, PublishOutcome, Subscription};
 use host_harness::host::Sources;
@@ -23,6 +24,8 @@ pub struct Extension {
     pub deliveries: Deliveries,
     /// The QoS 2 messages it stored, for resends after a reconnection.
     pub stored_qos2: StoredQos2,
+    /// Backlog pages it sent (`/metrics`).
+    pub backlog_pages: AtomicU64,
 }
 
 impl Extension {
@@ -45,6 +48,7 @@ impl Extension {
             sources,
             deliveries: Deliveries::default(),
             stored_qos2: StoredQos2::default(),
+            backlog_pages: AtomicU64::new(0),
         })
     }
 

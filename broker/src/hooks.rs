@@ -18,6 +18,7 @@ use crate::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd};
 use crate::exactly_once::Sent;
 use crate::extension::Extension;
 use crate::message::{self, STORE_FAILED};
+use crate::stats::BrokerStats;
 
 /// The hook types [`Hooks`] handles.
 pub const TYPES: [Type; 10] = [
@@ -37,6 +38,7 @@ pub const TYPES: [Type; 10] = [
 pub struct Hooks {
     pub extensions: Arc<Vec<Arc<Extension>>>,
     pub scx: ServerContext,
+    pub stats: Arc<BrokerStats>,
 }
 
 /// Registers the hooks with rmqtt and enables them.
@@ -103,11 +105,13 @@ impl Handler for Hooks {
                     Some(HookResult::Publish(p)) => p,
                     _ => (*publish).clone(),
                 };
+                BrokerStats::add(&self.stats.received);
                 return (true, Some(HookResult::Publish(self.message_publish(from, publish).await)));
             }
             Parameter::MessagePublishCheckAcl(session, publish) if message::has_flag(publish, STORE_FAILED) => {
                 // Fail-closed. MQTT 3.1.1 has no negative PUBACK: the connection closes instead, and the
                 // client sends the message again when it reconnects.
+                BrokerStats::add(&self.stats.refused);
                 let v5 = session.protocol().await.is_ok_and(|p| p >= 5);
                 let refused = PublishResult::reason_code(
                     PublishAckReason::ImplementationSpecificError,
@@ -127,7 +131,10 @@ impl Handler for Hooks {
                     }
                 }
             }
-            Parameter::MessageDelivered(session, from, publish) => self.message_delivered(session, from, publish).await,
+            Parameter::MessageDelivered(session, from, publish) => {
+                BrokerStats::add(&self.stats.delivered);
+                self.message_delivered(session, from, publish).await
+            }
             Parameter::MessageAcked(session, from, publish) => self.message_acked(session, from, publish).await,
             Parameter::MessageDropped(Some(to), from, publish, reason) => {
                 let connection = Connection { clientid: to.client_id.to_string(), since: to.create_time };
@@ -305,6 +312,7 @@ async fn send_backlog(
         };
         loop {
             tracing::debug!(clientid = client.clientid, filter, messages = page.messages.len(), "backlog page");
+            BrokerStats::add(&extension.backlog_pages);
             // In slices: a page may be bigger than the session's queue (`max_returned_count`).
             for slice in page.messages.chunks(FORWARD_AT_ONCE) {
                 let Some(decisions) = deliveries.forward_page(&connection, filter, slice) else { return };

@@ -3,6 +3,8 @@
 //! hooks or SQL is written here twice: the guest does the work, `host-harness` runs it.
 //!
 //! - [`config`]: the broker's TOML file.
+//! - [`auth`]: who may connect (a `mosquitto_passwd` file, anonymous access).
+//! - [`http`]: `/metrics` and `/health`; [`stats`]: the broker's own counters.
 //! - [`extension`]: one loaded extension: its host, publish queue and delivery state.
 //! - [`group_commit`]: publishes from all clients stored in batches.
 //! - [`ack_writer`]: acks written in the background, coalesced.
@@ -11,13 +13,16 @@
 //! - [`message`]: rmqtt's types to the contract's and back.
 
 pub mod ack_writer;
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod exactly_once;
 pub mod extension;
 pub mod group_commit;
 pub mod hooks;
+pub mod http;
 pub mod message;
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,9 +35,11 @@ use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
 use tokio::sync::mpsc;
 
-use crate::config::BrokerConfig;
+use crate::auth::Authenticator;
+use crate::config::{BrokerConfig, MqttConfig};
 use crate::extension::Extension;
 use crate::hooks::Hooks;
+use crate::stats::BrokerStats;
 
 /// Housekeeping calls in a row at most, per extension and tick.
 const TICK_ROUNDS: usize = 100;
@@ -53,8 +60,17 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     let extensions = Arc::new(extensions);
 
     let scx = ServerContext::new().build().await;
+    let stats = Arc::new(BrokerStats::default());
     if !extensions.is_empty() {
-        hooks::register(Hooks { extensions: extensions.clone(), scx: scx.clone() }).await;
+        hooks::register(Hooks { extensions: extensions.clone(), scx: scx.clone(), stats: stats.clone() }).await;
+    }
+    let authenticator = Authenticator::load(&config.auth)?;
+    let register = scx.extends.hook_mgr().register();
+    register.add(auth::TYPE, Box::new(authenticator.clone())).await;
+    register.start().await;
+    if let Some(http) = &config.http {
+        let observed = http::Observed { scx: scx.clone(), extensions: extensions.clone(), stats };
+        http::start(http.listen, observed).await?;
     }
 
     let (reload, mut reloads) = mpsc::unbounded_channel();
@@ -69,6 +85,7 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
             for extension in reloading.iter() {
                 extension.reload(&runtime, &why).await;
             }
+            authenticator.reload(&why);
         }
     });
     let period = Duration::from_secs(config.tick_seconds.max(1));
@@ -81,10 +98,42 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
         }
     });
 
-    let mqtt = config.mqtt;
-    let listener = Builder::new()
-        .name("tcp")
-        .laddr(config.listen)
+    let mut server = MqttServer::new(scx.clone());
+    if let Some(listen) = config.listen {
+        let listener = listener("tcp", listen, &config.mqtt, config.auth.allow_anonymous)
+            .bind()
+            .and_then(|b| b.tcp())
+            .with_context(|| format!("listening on {listen}"))?;
+        println!("broker: node {} listening on {listen}", config.node);
+        server = server.listener(listener);
+    }
+    if let Some(tls) = &config.tls {
+        let path = |p: &std::path::Path| p.display().to_string();
+        let listener = listener("tls", tls.listen, &config.mqtt, config.auth.allow_anonymous)
+            .tls_cert(Some(path(&tls.cert)))
+            .tls_key(Some(path(&tls.key)))
+            // With a CA, clients must present a certificate it signed.
+            .tls_cross_certificate(tls.client_ca.is_some())
+            .tls_client_ca_certs(tls.client_ca.as_deref().map(path))
+            .bind()
+            .and_then(|b| b.tls())
+            .with_context(|| format!("[tls] listening on {} with {}", tls.listen, tls.cert.display()))?;
+        println!("broker: node {} listening on {} (TLS)", config.node, tls.listen);
+        server = server.listener(listener);
+    }
+    let server = server.build();
+    tokio::select! {
+        served = server.run() => served?,
+        signal = shutdown_signal() => shutdown(&scx, &extensions, signal?).await,
+    }
+    Ok(())
+}
+
+/// A listener's settings, TLS or not.
+fn listener(name: &str, listen: std::net::SocketAddr, mqtt: &MqttConfig, allow_anonymous: bool) -> Builder {
+    Builder::new()
+        .name(name)
+        .laddr(listen)
         // An ack is one small packet that must not wait for more.
         .nodelay(true)
         // A restart right after a stop or a crash binds although connections are in TIME_WAIT.
@@ -94,16 +143,8 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
         .max_mqueue_len(mqtt.max_queue)
         // No expiry for a message published without one (rmqtt would give it 5 minutes).
         .message_expiry_interval(Duration::ZERO)
-        .bind()
-        .and_then(|b| b.tcp())
-        .with_context(|| format!("listening on {}", config.listen))?;
-    println!("broker: node {} listening on {}", config.node, config.listen);
-    let server = MqttServer::new(scx.clone()).listener(listener).build();
-    tokio::select! {
-        served = server.run() => served?,
-        signal = shutdown_signal() => shutdown(&scx, &extensions, signal?).await,
-    }
-    Ok(())
+        // Refused, a client without a username goes to the authenticator, which refuses it.
+        .allow_anonymous(allow_anonymous)
 }
 
 /// Waits for SIGTERM or SIGINT and names it.

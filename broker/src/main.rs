@@ -15,7 +15,7 @@ struct Cli {
     /// The configuration file (TOML): listener, node name, extensions (module and rules).
     #[arg(long, default_value = "examples/broker.toml")]
     config: PathBuf,
-    /// Listen here instead of the file's `listen`.
+    /// Listen here (plain TCP) instead of the file's `listen`.
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// This node's name instead of the file's `node`.
@@ -37,7 +37,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = BrokerConfig::load(&cli.config)?;
     if let Some(listen) = cli.listen {
-        config.listen = listen;
+        config.listen = Some(listen);
     }
     if let Some(node) = cli.node {
         config.node = node;

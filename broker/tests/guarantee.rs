@@ -69,7 +69,7 @@ async fn overlapping_backlogs(name: &str, v5_client: bool) {
     };
     subscribe(broker.port).await.leave().await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
-    let topic = |i: usize| if i % 10 == 0 { "a/x/c" } else { "a/y" };
+    let topic = |i: usize| if i.is_multiple_of(10) { "a/x/c" } else { "a/y" };
     for i in 0..600 {
         publisher.publish(topic(i), QoS::AtLeastOnce, &i.to_string()).await;
     }

@@ -248,6 +248,22 @@ impl Host {
         self.backend().pool_names()
     }
 
+    /// Whether every pool reaches its database now (`SELECT 1` on a connection of each, within
+    /// `patience`): a health check. The error names the pool and what failed.
+    pub async fn check_pools(&self, patience: std::time::Duration) -> Result<(), String> {
+        let backend = self.backend();
+        for name in backend.pool_names() {
+            let check = async {
+                let client = backend.connection(&name).await.map_err(|e| e.describe())?;
+                client.simple_query("SELECT 1").await.map(drop).map_err(|e| format!("pool {name}: {e}"))
+            };
+            tokio::time::timeout(patience, check)
+                .await
+                .map_err(|_| format!("pool {name}: no answer within {} s", patience.as_secs_f32()))??;
+        }
+        Ok(())
+    }
+
     /// The running pools, for a host that wants to look at them (tests check that unchanged
     /// pools survive a reload).
     pub fn backend(&self) -> Arc<PgBackend> {

@@ -29,11 +29,11 @@ pub struct BrokerProcess {
     pub rules: PathBuf,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn scratch(name: &str) -> PathBuf {
+pub fn scratch(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tmp/broker-tests").join(name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -49,7 +49,8 @@ impl Launcher {
         self.start_with(node, rules, "").await
     }
 
-    /// Like [`Launcher::start`], with more TOML lines (`[publish_batch]`, ...).
+    /// Like [`Launcher::start`], with more TOML lines (`[publish_batch]`, ...). Anonymous clients
+    /// may connect unless they have an `[auth]` of their own.
     pub async fn start_with(&self, node: &str, rules: &str, extra: &str) -> BrokerProcess {
         self.spawn(node, Some(rules), extra, true).await
     }
@@ -86,6 +87,10 @@ impl Launcher {
                 );
             }
             None => config += "extension = []\n",
+        }
+        // Anonymous clients, unless the test says who may connect.
+        if !extra.contains("[auth]") {
+            config += "[auth]\nallow_anonymous = true\n";
         }
         config += extra;
         let config_path = dir.join("broker.toml");

@@ -1,0 +1,212 @@
+//! Who may connect: username and password checked against a password file in the format of
+//! Mosquitto's `mosquitto_passwd` (so operators keep their tool and their files), and anonymous
+//! clients only when the configuration says so. Reloaded with the rest on SIGHUP.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use anyhow::{Context, bail};
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, KeyInit, Mac};
+use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
+use rmqtt::types::AuthResult;
+use sha2::{Digest, Sha512};
+
+use crate::config::AuthConfig;
+
+/// A password as `mosquitto_passwd` stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hashed {
+    /// `$6$salt$hash`: SHA-512 of the password followed by the salt (Mosquitto 1.x, `-H sha512`).
+    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
+    /// `$7$iterations$salt$hash`: PBKDF2 with HMAC-SHA-512 (Mosquitto 2.0's default).
+    Pbkdf2Sha512 { iterations: u32, salt: Vec<u8>, hash: Vec<u8> },
+}
+
+impl Hashed {
+    fn parse(text: &str) -> anyhow::Result<Hashed> {
+        let decode = |field: &str, what: &str| BASE64.decode(field).with_context(|| format!("{what} is not base64"));
+        match text.split('$').collect::<Vec<_>>().as_slice() {
+            ["", "6", salt, hash] => Ok(Hashed::Sha512 { salt: decode(salt, "salt")?, hash: decode(hash, "hash")? }),
+            ["", "7", iterations, salt, hash] => Ok(Hashed::Pbkdf2Sha512 {
+                iterations: iterations
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .with_context(|| format!("iteration count `{iterations}` is not a positive number"))?,
+                salt: decode(salt, "salt")?,
+                hash: decode(hash, "hash")?,
+            }),
+            _ => bail!("not a mosquitto_passwd hash (`$6$...` or `$7$...`); plain-text passwords are not accepted"),
+        }
+    }
+
+    fn matches(&self, password: &[u8]) -> bool {
+        match self {
+            Hashed::Sha512 { salt, hash } => {
+                let computed = Sha512::new().chain_update(password).chain_update(salt).finalize();
+                same(&computed, hash)
+            }
+            Hashed::Pbkdf2Sha512 { iterations, salt, hash } => same(&pbkdf2_sha512(password, salt, *iterations), hash),
+        }
+    }
+}
+
+/// PBKDF2-HMAC-SHA-512 (RFC 8018), one block: the 64 bytes `mosquitto_passwd` keeps.
+fn pbkdf2_sha512(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 64] {
+    let mac = Hmac::<Sha512>::new_from_slice(password).expect("HMAC takes a key of any length");
+    let mut u: [u8; 64] = mac.clone().chain_update(salt).chain_update(1u32.to_be_bytes()).finalize().into_bytes().into();
+    let mut block = u;
+    for _ in 1..iterations {
+        u = mac.clone().chain_update(u).finalize().into_bytes().into();
+        block.iter_mut().zip(&u).for_each(|(b, x)| *b ^= x);
+    }
+    block
+}
+
+/// Compares without stopping at the first difference, so that the time taken does not tell
+/// how much of a guess was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A password file: `username:hash` per line; empty lines and `#` comments are skipped.
+#[derive(Debug, Default)]
+pub struct PasswordFile {
+    users: HashMap<String, Hashed>,
+}
+
+impl PasswordFile {
+    pub fn load(path: &Path) -> anyhow::Result<PasswordFile> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        PasswordFile::parse(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    fn parse(text: &str) -> anyhow::Result<PasswordFile> {
+        let mut users = HashMap::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let place = || format!("line {}", number + 1);
+            let (user, hash) = line.split_once(':').with_context(|| format!("{}: no `:` after the username", place()))?;
+            let hashed = Hashed::parse(hash).with_context(|| format!("{}: user `{user}`", place()))?;
+            if users.insert(user.to_owned(), hashed).is_some() {
+                bail!("{}: user `{user}` again", place());
+            }
+        }
+        Ok(PasswordFile { users })
+    }
+
+    fn check(&self, username: &str, password: &[u8]) -> bool {
+        self.users.get(username).is_some_and(|hashed| hashed.matches(password))
+    }
+}
+
+/// rmqtt's `ClientAuthenticate` hook. rmqtt lets a client without a username in by itself only
+/// when the listener allows anonymous clients; every other CONNECT comes here. Clones share the
+/// password file (rmqtt owns the registered one, the reload task another).
+#[derive(Clone)]
+pub struct Authenticator {
+    allow_anonymous: bool,
+    password_file: Option<PathBuf>,
+    passwords: Arc<RwLock<PasswordFile>>,
+}
+
+impl Authenticator {
+    pub fn load(config: &AuthConfig) -> anyhow::Result<Authenticator> {
+        let passwords = match &config.password_file {
+            Some(path) => PasswordFile::load(path)?,
+            None => PasswordFile::default(),
+        };
+        Ok(Authenticator {
+            allow_anonymous: config.allow_anonymous,
+            password_file: config.password_file.clone(),
+            passwords: Arc::new(RwLock::new(passwords)),
+        })
+    }
+
+    /// Reads the password file again; a file that does not parse leaves the running one.
+    pub fn reload(&self, why: &str) {
+        let Some(path) = &self.password_file else { return };
+        match PasswordFile::load(path) {
+            Ok(passwords) => {
+                *self.passwords.write().unwrap_or_else(|p| p.into_inner()) = passwords;
+                tracing::info!("password file reloaded ({why})");
+            }
+            Err(e) => tracing::error!("password file reload ({why}) refused, the running one stays: {e:#}"),
+        }
+    }
+
+    fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> AuthResult {
+        let Some(username) = username else {
+            // Only reached when anonymous clients are refused (see above).
+            return AuthResult::NotAuthorized;
+        };
+        if self.password_file.is_none() {
+            // Anonymous access allowed and no password file: a username is a name, not a claim.
+            return if self.allow_anonymous { AuthResult::Allow(false, None) } else { AuthResult::NotAuthorized };
+        }
+        let passwords = self.passwords.read().unwrap_or_else(|p| p.into_inner());
+        if passwords.check(username, password.unwrap_or_default()) {
+            AuthResult::Allow(false, None)
+        } else {
+            AuthResult::BadUsernameOrPassword
+        }
+    }
+}
+
+#[async_trait]
+impl Handler for Authenticator {
+    async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
+        let Parameter::ClientAuthenticate(connect) = param else { return (true, acc) };
+        let password = connect.password().map(|p| &p[..]);
+        let result = self.authenticate(connect.username().map(|u| &**u), password);
+        if !matches!(result, AuthResult::Allow(..)) {
+            tracing::info!(clientid = %connect.id().client_id, username = ?connect.username(), "connection refused: {result:?}");
+        }
+        (false, Some(HookResult::AuthResult(result)))
+    }
+}
+
+/// The hook type [`Authenticator`] handles.
+pub const TYPE: Type = Type::ClientAuthenticate;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Written by Debian's `mosquitto_passwd` 2.0.11: alice (`$7$`, the default) with `secret`,
+    /// bob (`-H sha512`) with `hunter2`.
+    const FILE: &str = "alice:$7$101$nbTwv7IsnRTMuLbf$/DAVeVQJwEOK6kldTfPxxbv2yKuJuX/XpVD+Km344CuTSLLSUqC7nBf5Z9M1v2moYheFDSDpbps4dKlsAidSHg==\n\
+                        bob:$6$d2rxsq31HJqfPCdL$nG/NiYQDOZDW+BcToXd9VaK5SgfpUM8S2whaSpJCZH2QAtXmz9eiemIshjTIopJOpZfBxtKWLjwrBdSBZSMJhw==\n";
+
+    #[test]
+    fn passwords_written_by_mosquitto_passwd_check_and_wrong_ones_do_not() {
+        let file = PasswordFile::parse(FILE).unwrap();
+        assert!(file.check("alice", b"secret"));
+        assert!(file.check("bob", b"hunter2"));
+        assert!(!file.check("alice", b"hunter2"));
+        assert!(!file.check("bob", b"secret"));
+        assert!(!file.check("carol", b"secret"));
+        assert!(!file.check("alice", b""));
+    }
+
+    #[test]
+    fn a_bad_line_is_refused_naming_its_line_and_user() {
+        for (text, wanted) in [
+            ("# users\n\nalice:plain\n", "line 3: user `alice`"),
+            ("alice\n", "line 1: no `:`"),
+            ("a:$7$x$c2FsdA==$aGFzaA==\n", "iteration count `x`"),
+            ("a:$6$!!$aGFzaA==\n", "salt is not base64"),
+            ("a:$6$c2FsdA==$aGFzaA==\na:$6$c2FsdA==$aGFzaA==\n", "line 2: user `a` again"),
+        ] {
+            let error = format!("{:#}", PasswordFile::parse(text).unwrap_err());
+            assert!(error.contains(wanted), "{text:?}: {error}");
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The broker on a network: TLS with a test CA, passwords from a file written by Debian's
+//! `mosquitto_passwd`, and the HTTP endpoint (`/metrics`, `/health`); real clients
+//! (`mosquitto_pub`/`mosquitto_sub`, rumqttc 3.1.1 and 5) against the real broker.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use integration_tests::mqtt::{Launcher, Mqtt, PATIENCE, database, free_port, scratch};
+use integration_tests::{OwnCluster, offline_rules};
+use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn broker() -> Launcher {
+    Launcher::new(env!("CARGO_BIN_EXE_broker"))
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e} (scripts/prerequisites.sh installs it)"))
+}
+
+fn script(args: &[&str]) {
+    let certs = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/certs.sh");
+    let output = run(certs, args);
+    assert!(output.status.success(), "certs.sh {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A test CA with a server and a client certificate, and a second CA (`rogue`) that nobody
+/// trusts, with a client certificate of its own.
+fn certificates(name: &str) -> PathBuf {
+    let dir = scratch(&format!("certs-{name}"));
+    let d = dir.to_str().unwrap();
+    script(&["ca", d, "ca"]);
+    script(&["cert", d, "ca", "server"]);
+    script(&["cert", d, "ca", "client"]);
+    script(&["ca", d, "rogue"]);
+    script(&["cert", d, "rogue", "rogue-client"]);
+    dir
+}
+
+fn file(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+/// `mosquitto_pub` one QoS 1 message over TLS; whether the broker took it.
+fn tls_publish(port: u16, ca: &str, client: Option<(&str, &str)>, message: &str) -> Result<(), String> {
+    let port = port.to_string();
+    let mut args = vec!["-h", "127.0.0.1", "-p", &port, "--cafile", ca, "-q", "1", "-t", "tls/t", "-m", message];
+    if let Some((cert, key)) = client {
+        args.extend(["--cert", cert, "--key", key]);
+    }
+    let output = run("mosquitto_pub", &args);
+    match output.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&output.stderr).into_owned()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_that_trust_the_ca_connect_and_untrusted_certificates_are_refused() {
+    let certs = certificates("tls");
+    let (_db, rules) = database("network_tls", "").await;
+    let (tls_port, mutual_port) = (free_port(), free_port());
+    let tls = format!(
+        "[tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        file(&certs, "server.crt"),
+        file(&certs, "server.key")
+    );
+    let plain = broker().start_with("tls", &rules, &tls).await;
+    let (ca, rogue) = (file(&certs, "ca.crt"), file(&certs, "rogue.crt"));
+
+    // A subscriber over TLS leaves; what is published over TLS while it is away comes back to it.
+    let port = tls_port.to_string();
+    let sub = ["-h", "127.0.0.1", "-p", &port, "--cafile", &ca, "-i", "tls-sub", "-c", "-q", "1", "-t", "tls/#"];
+    let first = run("mosquitto_sub", &[&sub[..], &["-W", "1"]].concat());
+    assert!(String::from_utf8_lossy(&first.stderr).contains("Timed out"), "{first:?}");
+    tls_publish(tls_port, &ca, None, "over tls").expect("a client that trusts the CA connects");
+    let back = run("mosquitto_sub", &[&sub[..], &["-C", "1", "-W", "5"]].concat());
+    assert_eq!(String::from_utf8_lossy(&back.stdout), "over tls\n");
+    // A client that does not trust the server's certificate does not connect.
+    let refused = tls_publish(tls_port, &rogue, None, "never").unwrap_err();
+    assert!(refused.to_lowercase().contains("certificate") || refused.contains("TLS"), "{refused}");
+    // The plain listener stays beside it.
+    Mqtt::connect(plain.port, "plain", false).await.disconnect().await;
+
+    // With client_ca, a client must present a certificate that CA signed.
+    let mutual = format!(
+        "[tls]\nlisten = \"127.0.0.1:{mutual_port}\"\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{ca}\"\n",
+        file(&certs, "server.crt"),
+        file(&certs, "server.key")
+    );
+    let _mutual = broker().start_with("tls-mutual", &rules, &mutual).await;
+    let (cert, key) = (file(&certs, "client.crt"), file(&certs, "client.key"));
+    tls_publish(mutual_port, &ca, Some((&cert, &key)), "signed").expect("a client certificate the CA signed");
+    let (rogue_cert, rogue_key) = (file(&certs, "rogue-client.crt"), file(&certs, "rogue-client.key"));
+    assert!(tls_publish(mutual_port, &ca, Some((&rogue_cert, &rogue_key)), "rogue").is_err(), "an untrusted client");
+    assert!(tls_publish(mutual_port, &ca, None, "none").is_err(), "no client certificate");
+}
+
+/// How a 3.1.1 CONNECT with these credentials ends.
+async fn connect_v3(port: u16, credentials: Option<(&str, &str)>) -> Result<(), ConnectReturnCode> {
+    let mut options = MqttOptions::new("auth-v3", "127.0.0.1", port);
+    if let Some((user, password)) = credentials {
+        options.set_credentials(user, password);
+    }
+    let (_client, mut event_loop) = rumqttc::AsyncClient::new(options, 10);
+    match tokio::time::timeout(PATIENCE, event_loop.poll()).await.expect("an answer in time") {
+        Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => Ok(()),
+        Err(ConnectionError::ConnectionRefused(code)) => Err(code),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// How an MQTT 5 CONNECT with these credentials ends.
+async fn connect_v5(port: u16, credentials: Option<(&str, &str)>) -> Result<(), rumqttc::v5::mqttbytes::v5::ConnectReturnCode> {
+    let mut options = rumqttc::v5::MqttOptions::new("auth-v5", "127.0.0.1", port);
+    if let Some((user, password)) = credentials {
+        options.set_credentials(user, password);
+    }
+    let (_client, mut event_loop) = rumqttc::v5::AsyncClient::new(options, 10);
+    match tokio::time::timeout(PATIENCE, event_loop.poll()).await.expect("an answer in time") {
+        Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::ConnAck(_))) => Ok(()),
+        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => Err(code),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn mosquitto_passwd(args: &[&str]) {
+    let output = run("mosquitto_passwd", args);
+    assert!(output.status.success(), "mosquitto_passwd {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_from_mosquitto_passwd_are_checked_anonymous_clients_refused_and_a_sighup_rereads_the_file() {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as V5;
+    let passwords = scratch("auth").join("passwd");
+    let path = passwords.to_str().unwrap();
+    mosquitto_passwd(&["-c", "-b", path, "alice", "secret"]);
+    let (_db, rules) = database("network_auth", "").await;
+    let broker = broker().start_with("auth", &rules, &format!("[auth]\npassword_file = \"{path}\"\n")).await;
+
+    assert_eq!(connect_v3(broker.port, Some(("alice", "secret"))).await, Ok(()));
+    assert_eq!(connect_v3(broker.port, Some(("alice", "wrong"))).await, Err(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(connect_v3(broker.port, Some(("mallory", "secret"))).await, Err(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(connect_v3(broker.port, None).await, Err(ConnectReturnCode::NotAuthorized), "anonymous");
+    assert_eq!(connect_v5(broker.port, Some(("alice", "secret"))).await, Ok(()));
+    assert_eq!(connect_v5(broker.port, Some(("alice", "wrong"))).await, Err(V5::BadUserNamePassword));
+    assert_eq!(connect_v5(broker.port, None).await, Err(V5::NotAuthorized), "anonymous");
+
+    // An operator adds a user with mosquitto_passwd and sends SIGHUP.
+    assert_eq!(connect_v3(broker.port, Some(("bob", "hunter2"))).await, Err(ConnectReturnCode::BadUserNamePassword));
+    mosquitto_passwd(&["-b", path, "bob", "hunter2"]);
+    broker.hangup();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while connect_v3(broker.port, Some(("bob", "hunter2"))).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "bob never got in after SIGHUP");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A file that does not parse is refused and the running one stays.
+    std::fs::write(&passwords, "alice:plaintext\n").unwrap();
+    broker.hangup();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(connect_v3(broker.port, Some(("alice", "secret"))).await, Ok(()));
+}
+
+/// One GET on the broker's HTTP endpoint: (status code, body).
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `series` (name and labels, as written) in Prometheus text, if any.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_flows_and_health_follows_the_database() {
+    // A cluster of this test alone: stopping the shared one would disturb the other tests.
+    let cluster = OwnCluster::new(15497, "pg-broker-health");
+    cluster.pg("up");
+    cluster.pg("fresh");
+    let rules = format!(
+        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = postgres\n\
+         backend.pgsql.pool1.database = mqtt\n{}",
+        cluster.port,
+        offline_rules("")
+    );
+    let http = free_port();
+    let broker = broker().start_with("metrics", &rules, &format!("[http]\nlisten = \"127.0.0.1:{http}\"\n")).await;
+    assert_eq!(get(http, "/health").await, (200, "ok\n".to_owned()));
+
+    let (status, before) = get(http, "/metrics").await;
+    assert_eq!(status, 200);
+    Mqtt::subscribe_and_leave(broker.port, "s", "m/#").await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    for i in 0..5 {
+        publisher.publish(&format!("m/{i}"), QoS::AtLeastOnce, "x").await;
+    }
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("m/#", QoS::AtLeastOnce).await;
+    assert_eq!(subscriber.receive(5).await.len(), 5);
+    let (_, after) = get(http, "/metrics").await;
+    let moved = |series: &str| {
+        let now = sample(&after, series).unwrap_or_else(|| panic!("no sample `{series}` in:\n{after}"));
+        now - sample(&before, series).unwrap_or(0.0)
+    };
+    assert_eq!(moved("mqtt_broker_messages_received_total"), 5.0);
+    assert!(moved("mqtt_broker_messages_delivered_total") >= 5.0);
+    assert!(moved("mqtt_broker_backlog_pages_total{extension=\"offline\"}") >= 1.0);
+    assert_eq!(moved("mqtt_offline_function_rows_total{extension=\"offline\",function=\"on_message_publish\"}"), 5.0);
+    assert_eq!(sample(&after, "mqtt_broker_connections"), Some(2.0), "the publisher and the subscriber");
+    assert_eq!(sample(&after, "mqtt_broker_publishes_refused_total"), Some(0.0));
+    for family in ["mqtt_broker_held_messages", "mqtt_broker_pending_acks", "mqtt_offline_hook_calls_total"] {
+        assert_eq!(after.matches(&format!("# TYPE {family} ")).count(), 1, "{family} declared once");
+    }
+    assert_eq!(get(http, "/nothing").await.0, 404);
+
+    cluster.pg("down");
+    let (status, why) = get(http, "/health").await;
+    assert_eq!(status, 503);
+    assert!(why.contains("extension offline") && why.contains("pool pool1"), "{why}");
+    cluster.pg("up");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while get(http, "/health").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "/health never came back to 200");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
