@@ -25,14 +25,17 @@ guest: prerequisites
 test-guests:
 	$(CARGO) build -p hostile-guest --target wasm32-wasip2 --profile guest
 
-## The host library and the `harness` command. `make run` and `make test` share this release build.
+## Everything native (harness, broker, bench, and the tests), in one build that `make run`,
+## `make broker`, `make bench` and `make test` share: cargo resolves dependencies' features per
+## set of packages built, so building fewer packages here would build wasmtime, tokio and
+## rustls a second time for the tests.
+NATIVE := --release --workspace --exclude guest --exclude hostile-guest
 host:
-	$(CARGO) build --release -p host-harness
+	$(CARGO) build $(NATIVE) --all-targets
 
 ## The MQTT broker with the example extension and rules (examples/broker.toml) on the local
 ## PostgreSQL, listening on 127.0.0.1:1883 until Ctrl-C.
-broker: guest pg-up
-	$(CARGO) build --release -p broker
+broker: guest host pg-up
 	target/release/broker --config examples/broker.toml --migrate
 
 ## A throwaway PostgreSQL under target/pg, on 127.0.0.1:$(PGPORT).
@@ -49,15 +52,13 @@ run: build pg-up
 	$(HARNESS) run --module $(GUEST) --rules $(RULES) --scenario examples/seed.jsonl
 
 ## Unit tests of every crate, the guest's natively; integration tests against the real server.
-test: guest test-guests pg-up
+test: guest test-guests host pg-up
 	$(CARGO) test --release -p guest --lib
-	GUEST_WASM=$(abspath $(GUEST)) HOSTILE_WASM=$(abspath $(HOSTILE)) \
-	  $(CARGO) test --release --workspace --exclude guest --exclude hostile-guest
+	GUEST_WASM=$(abspath $(GUEST)) HOSTILE_WASM=$(abspath $(HOSTILE)) $(CARGO) test $(NATIVE)
 
 ## Figures for BENCHMARKS.md. Run on a quiet machine, never during a build (dirty pages being
 ## flushed make synchronous commits 5-20x slower): `sync` first.
-bench: guest pg-up
-	$(CARGO) build --release -p bench -p broker
+bench: guest host pg-up
 	sync
 	target/release/bench $(BENCH_ARGS)
 
