@@ -5,7 +5,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use integration_tests::mqtt::{Launcher, Mqtt, database, payloads, v5};
+use integration_tests::http::{get, sample};
+use integration_tests::mqtt::{Launcher, Mqtt, database, free_port, payloads, v5};
 use integration_tests::{TestDb, offline_rules};
 use rumqttc::QoS;
 
@@ -649,7 +650,9 @@ async fn a_stored_message_that_traps_the_guest_is_skipped_and_the_rest_of_the_ba
     // 8 MiB of guest memory holds the largest packet this broker accepts (1 MiB) eight times;
     // a row stored by other means (another broker with a larger limit) can hold more.
     let (db, rules) = database("guarantee_poison", "").await;
-    let broker = broker().start_with("poison", &rules, "[sandbox]\nmemory_mib = 8\n").await;
+    let http = free_port();
+    let config = format!("[sandbox]\nmemory_mib = 8\n[http]\nlisten = \"127.0.0.1:{http}\"\n");
+    let broker = broker().start_with("poison", &rules, &config).await;
     Mqtt::subscribe_and_leave(broker.port, "s", "#").await;
     let mut publisher = Mqtt::connect(broker.port, "p", false).await;
     publisher.publish("a/1", QoS::AtLeastOnce, "before 1").await;
@@ -675,4 +678,6 @@ async fn a_stored_message_that_traps_the_guest_is_skipped_and_the_rest_of_the_ba
     let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
     subscriber.subscribe("#", QoS::AtLeastOnce).await;
     assert!(subscriber.quiet().await.is_empty());
+    let (_, metrics) = get(http, "/metrics").await;
+    assert_eq!(sample(&metrics, "mqtt_offline_messages_skipped_total{extension=\"offline\"}"), Some(1.0), "counted");
 }

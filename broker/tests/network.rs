@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use integration_tests::http::{get, sample};
 use integration_tests::mqtt::{Launcher, Mqtt, PATIENCE, database, free_port, scratch};
 use integration_tests::{OwnCluster, offline_rules};
 use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn broker() -> Launcher {
     Launcher::new(env!("CARGO_BIN_EXE_broker"))
@@ -161,22 +161,6 @@ async fn passwords_from_mosquitto_passwd_are_checked_anonymous_clients_refused_a
     broker.hangup();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(connect_v3(broker.port, Some(("alice", "secret"))).await, Ok(()));
-}
-
-/// One GET on the broker's HTTP endpoint: (status code, body).
-async fn get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
-    (status, body)
-}
-
-/// The value of the sample `series` (name and labels, as written) in Prometheus text, if any.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

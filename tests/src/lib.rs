@@ -2,6 +2,7 @@
 //! PostgreSQL (`make pg-up`; port from `PGPORT`), the real guest (`GUEST_WASM`, built by
 //! `make guest`), and the real host.
 
+pub mod http;
 pub mod mqtt;
 
 use std::path::PathBuf;

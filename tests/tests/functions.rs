@@ -347,7 +347,7 @@ async fn tls_pools_check_the_server_certificate() {
     assert!(ssl, "the pool's connection is encrypted");
 
     // Without the CA file only public roots are trusted: the test CA's certificate is refused.
-    let mut untrusting = host_harness::Host::with_rules(
+    let untrusting = host_harness::Host::with_rules(
         integration_tests::guest_module(),
         &format!("{tls_pool}{record_ssl}"),
         "t.conf",
