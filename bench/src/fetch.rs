@@ -39,7 +39,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             let subscription = Subscription { filter: HOT.into(), qos: 1 };
             let started = Instant::now();
             let page = host
-                .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
+                .call(async |i| i.session_subscribed(&client, &subscription).await)
                 .await?
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
             times.push(started.elapsed().as_secs_f64() * 1000.0);
@@ -72,19 +72,19 @@ async fn drain(host: &Host, clientid: &str) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut delivered = 0;
     let mut page = host
-        .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
+        .call(async |i| i.session_subscribed(&client, &subscription).await)
         .await?
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     loop {
         delivered += page.messages.len();
         if let Some(last) = page.messages.last() {
-            host.call("message-acked", async |i| i.message_acked(&client, last, std::slice::from_ref(&subscription.filter)).await)
+            host.call(async |i| i.message_acked(&client, last, std::slice::from_ref(&subscription.filter)).await)
                 .await?
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
         let Some(cursor) = page.next.take() else { break };
         page = host
-            .call("session-fetch-next", async |i| i.session_fetch_next(&client, &subscription, &cursor).await)
+            .call(async |i| i.session_fetch_next(&client, &subscription, &cursor).await)
             .await?
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }

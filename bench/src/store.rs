@@ -132,7 +132,7 @@ async fn one_bad_message(runs: usize) -> anyhow::Result<()> {
         for (batch, rates) in [(&good, &mut all_good), (&one_bad, &mut with_bad)] {
             let started = Instant::now();
             for _ in 0..BATCHES {
-                let outcomes = host.call("message-publish", async |i| i.message_publish(batch).await).await?;
+                let outcomes = host.call(async |i| i.message_publish(batch).await).await?;
                 let failed = outcomes.iter().filter(|o| matches!(o, PublishOutcome::Failed(_))).count();
                 anyhow::ensure!(failed == usize::from(batch[BATCH / 2].payload.len() == 2), "{failed} failed");
             }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use host_harness::Host;
-use host_harness::bindings::{Client, Describe, Message};
+use host_harness::bindings::{Client, Message};
 use tokio::sync::Notify;
 
 /// `message-acked` calls made at once in a round.
@@ -23,7 +23,6 @@ type Ack = (Client, Message, Vec<String>);
 
 pub struct AckWriter {
     host: Arc<Host>,
-    extension: String,
     /// The newest ack per (client id, subscription filter).
     pending: Mutex<HashMap<(String, String), (Client, Message)>>,
     wake: Notify,
@@ -32,10 +31,9 @@ pub struct AckWriter {
 }
 
 impl AckWriter {
-    pub fn start(host: Arc<Host>, extension: String) -> Arc<AckWriter> {
+    pub fn start(host: Arc<Host>) -> Arc<AckWriter> {
         let writer = Arc::new(AckWriter {
             host,
-            extension,
             pending: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             writing: tokio::sync::Mutex::new(()),
@@ -98,11 +96,7 @@ impl AckWriter {
         for slice in round.chunks(AT_ONCE) {
             let calls = slice.iter().map(|(client, message, filters)| async move {
                 let call = async |i: &mut host_harness::Instance| i.message_acked(client, message, filters).await;
-                match self.host.call("message-acked", call).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(extension = self.extension, "message-acked: {}", e.describe()),
-                    Err(e) => tracing::error!(extension = self.extension, "message-acked: {e:#}"),
-                }
+                self.host.call_or_log(call).await;
             });
             futures::future::join_all(calls).await;
         }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use host_harness::bindings::{Client, Describe, FetchPage, HookError, Message, PublishOutcome, Subscription};
+use host_harness::bindings::{Client, FetchPage, HookError, Message, PublishOutcome, Subscription};
 use host_harness::host::Sources;
 use host_harness::{Host, Runtime};
 
@@ -42,7 +42,7 @@ impl Extension {
         let name = config.name.clone().unwrap_or_else(|| host.name());
         Ok(Extension {
             publish: GroupCommit::start(host.clone(), batch, sandbox.batch_bytes()),
-            acks: AckWriter::start(host.clone(), name.clone()),
+            acks: AckWriter::start(host.clone()),
             name,
             host,
             sources,
@@ -52,57 +52,32 @@ impl Extension {
         })
     }
 
-    /// Calls a hook that answers `Result<T, HookError>`; a trap or an error is logged and
-    /// becomes `None`: the broker carries on, as the rules' `on_error` decided in the guest.
-    pub async fn call<T>(
-        &self,
-        hook: &str,
-        call: impl AsyncFnOnce(&mut host_harness::Instance) -> anyhow::Result<Result<T, HookError>>,
-    ) -> Option<T> {
-        self.answer(hook, self.host.call(hook, call).await)
-    }
-
-    fn answer<T>(&self, hook: &str, answer: anyhow::Result<Result<T, HookError>>) -> Option<T> {
-        match answer {
-            Ok(Ok(value)) => Some(value),
-            Ok(Err(e)) => {
-                tracing::warn!(extension = self.name, hook, "{}", e.describe());
-                None
-            }
-            Err(e) => {
-                tracing::error!(extension = self.name, hook, "{e:#}");
-                None
-            }
-        }
-    }
-
-    /// Calls a backlog fetch (see `Host::fetch`: a trapping message is skipped); an error is
-    /// logged and becomes `None`.
+    /// Calls a backlog fetch (see `Host::fetch`: a trapping message is skipped); a trap or an
+    /// error is logged and becomes `None`.
     pub async fn fetch(
         &self,
-        hook: &str,
         client: &Client,
         subscription: &Subscription,
         from: Option<&str>,
         call: impl AsyncFnOnce(&mut host_harness::Instance) -> anyhow::Result<Result<FetchPage, HookError>>,
     ) -> Option<FetchPage> {
-        self.answer(hook, self.host.fetch(hook, client, subscription, from, call).await)
+        self.host.answered(self.host.fetch(client, subscription, from, call).await)
     }
 
     pub async fn client_connected(&self, client: &Client) -> Vec<Subscription> {
-        self.call("client-connected", async |i| i.client_connected(client).await).await.unwrap_or_default()
+        self.host.call_or_log(async |i| i.client_connected(client).await).await.unwrap_or_default()
     }
 
     pub async fn client_disconnected(&self, client: &Client, reason: &str) {
-        self.call("client-disconnected", async |i| i.client_disconnected(client, reason).await).await;
+        self.host.call_or_log(async |i| i.client_disconnected(client, reason).await).await;
     }
 
     pub async fn session_unsubscribed(&self, client: &Client, filter: &str) {
-        self.call("session-unsubscribed", async |i| i.session_unsubscribed(client, filter).await).await;
+        self.host.call_or_log(async |i| i.session_unsubscribed(client, filter).await).await;
     }
 
     pub async fn message_delivered(&self, client: &Client, message: &Message) {
-        self.call("message-delivered", async |i| i.message_delivered(client, message).await).await;
+        self.host.call_or_log(async |i| i.message_delivered(client, message).await).await;
     }
 
     /// Stores `message` with the next batch. A QoS 2 message is `sent` under a packet id: a
@@ -123,7 +98,7 @@ impl Extension {
     /// Housekeeping until a call deletes nothing (at most `rounds` calls).
     pub async fn tick(&self, rounds: usize) {
         for _ in 0..rounds {
-            match self.call("tick", async |i| i.tick().await).await {
+            match self.host.call_or_log(async |i| i.tick().await).await {
                 Some(deleted) if deleted > 0 => continue,
                 _ => return,
             }

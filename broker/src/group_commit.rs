@@ -137,7 +137,7 @@ async fn store(host: &Host, batch: Vec<Pending>) {
 
 /// One `message-publish` call: an outcome per message, or why there is none (a trap).
 async fn call(host: &Host, messages: &[Message]) -> Result<Vec<PublishOutcome>, String> {
-    match host.call("message-publish", async |i| i.message_publish(messages).await).await {
+    match host.call(async |i| i.message_publish(messages).await).await {
         Ok(outcomes) if outcomes.len() == messages.len() => Ok(outcomes),
         Ok(outcomes) => {
             let why = format!("message-publish returned {} outcomes for {} messages", outcomes.len(), messages.len());

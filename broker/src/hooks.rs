@@ -210,7 +210,7 @@ impl Hooks {
             // Its acks so far first: the fetch starts from the position they leave.
             extension.acks.flush(&client.clientid).await;
             let call = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
-            let first = extension.fetch("session-subscribed", &client, &subscription, None, call).await;
+            let first = extension.fetch(&client, &subscription, None, call).await;
             let (extension, session, subscription) = (extension.clone(), session.clone(), subscription.clone());
             let scx = self.scx.clone();
             tokio::spawn(async move {
@@ -303,7 +303,7 @@ async fn send_backlog(
                 extension.acks.flush(&client.clientid).await;
                 deliveries.refetching(&connection, filter);
                 let call = async |i: &mut Instance| i.session_resume(&client, subscription).await;
-                let resumed = extension.fetch("session-resume", &client, subscription, None, call).await;
+                let resumed = extension.fetch(&client, subscription, None, call).await;
                 match resumed {
                     Some(page) => page,
                     None => return fetch_failed(scx, extension, session, filter).await,
@@ -333,7 +333,7 @@ async fn send_backlog(
             }
             let Some(cursor) = page.next.take() else { break };
             let next = async |i: &mut Instance| i.session_fetch_next(&client, subscription, &cursor).await;
-            match extension.fetch("session-fetch-next", &client, subscription, Some(&cursor), next).await {
+            match extension.fetch(&client, subscription, Some(&cursor), next).await {
                 Some(next) => page = next,
                 None => return fetch_failed(scx, extension, session, filter).await,
             }

@@ -11,6 +11,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
 use crate::bindings::{
+    self,
     Client, ConfigError, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome, Rules, Skipped, Subscription,
 };
 use crate::metrics::Metrics;
@@ -55,6 +56,7 @@ impl Runtime {
 
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> anyhow::Result<ExtensionModule> {
         let component = self.compile(bytes)?;
+        bindings::check_contract(&self.engine, &component)?;
         sandbox::check_imports(&self.engine, &component)?;
         let pre = self.linker.instantiate_pre(&component).map_err(anyhow::Error::from)?;
         Ok(ExtensionModule {
@@ -109,7 +111,7 @@ impl ExtensionModule {
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.limits.deadline_ticks());
         let hooks = self.pre.instantiate_async(&mut store).await?;
-        Ok(Instance { store, hooks, deadline: self.limits.deadline_ticks() })
+        Ok(Instance { store, hooks, deadline: self.limits.deadline_ticks(), called: None })
     }
 }
 
@@ -120,26 +122,85 @@ pub struct Instance {
     hooks: Extension,
     /// Epoch ticks each call may take.
     deadline: u64,
+    /// The hook called last: what `Host::call` counts and logs a call as, so that a call is
+    /// named by what it did, never by a string that could say something else.
+    called: Option<Hook>,
 }
 
-/// The store, with the call deadline armed.
-fn armed(store: &mut Store<HostState>, deadline: u64) -> &mut Store<HostState> {
+/// The store, with the call deadline armed, for a call of `hook`.
+fn armed<'a>(
+    store: &'a mut Store<HostState>,
+    deadline: u64,
+    called: &mut Option<Hook>,
+    hook: Hook,
+) -> &'a mut Store<HostState> {
+    *called = Some(hook);
     store.set_epoch_deadline(deadline);
     store
+}
+
+/// The contract's exported functions: what a call into a guest is named by in metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Configure,
+    ClientConnected,
+    ClientDisconnected,
+    SessionSubscribed,
+    SessionFetchNext,
+    SessionResume,
+    SessionFetchOne,
+    SessionSkip,
+    SessionUnsubscribed,
+    MessagePublish,
+    MessageDelivered,
+    MessageAcked,
+    Tick,
+}
+
+impl Hook {
+    /// Its name in the contract (`message-publish`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Configure => "configure",
+            Hook::ClientConnected => "client-connected",
+            Hook::ClientDisconnected => "client-disconnected",
+            Hook::SessionSubscribed => "session-subscribed",
+            Hook::SessionFetchNext => "session-fetch-next",
+            Hook::SessionResume => "session-resume",
+            Hook::SessionFetchOne => "session-fetch-one",
+            Hook::SessionSkip => "session-skip",
+            Hook::SessionUnsubscribed => "session-unsubscribed",
+            Hook::MessagePublish => "message-publish",
+            Hook::MessageDelivered => "message-delivered",
+            Hook::MessageAcked => "message-acked",
+            Hook::Tick => "tick",
+        }
+    }
+}
+
+impl std::fmt::Display for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 type Call<T> = anyhow::Result<T>;
 
 impl Instance {
+    /// The hook the last call called, and forgets it.
+    pub fn take_called(&mut self) -> Option<Hook> {
+        self.called.take()
+    }
+
     pub async fn configure(&mut self, rules: &Rules) -> Call<Result<(), ConfigError>> {
-        Ok(self.hooks.broker_extension_hooks().call_configure(armed(&mut self.store, self.deadline), rules).await?)
+        Ok(self.hooks.broker_extension_hooks().call_configure(armed(&mut self.store, self.deadline, &mut self.called, Hook::Configure), rules).await?)
     }
 
     pub async fn client_connected(&mut self, client: &Client) -> Call<Result<Vec<Subscription>, HookError>> {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_client_connected(armed(&mut self.store, self.deadline), client)
+            .call_client_connected(armed(&mut self.store, self.deadline, &mut self.called, Hook::ClientConnected), client)
             .await?)
     }
 
@@ -147,7 +208,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_client_disconnected(armed(&mut self.store, self.deadline), client, reason)
+            .call_client_disconnected(armed(&mut self.store, self.deadline, &mut self.called, Hook::ClientDisconnected), client, reason)
             .await?)
     }
 
@@ -159,7 +220,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_subscribed(armed(&mut self.store, self.deadline), client, subscription)
+            .call_session_subscribed(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionSubscribed), client, subscription)
             .await?)
     }
 
@@ -172,7 +233,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_fetch_next(armed(&mut self.store, self.deadline), client, subscription, cursor)
+            .call_session_fetch_next(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionFetchNext), client, subscription, cursor)
             .await?)
     }
 
@@ -184,7 +245,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_resume(armed(&mut self.store, self.deadline), client, subscription)
+            .call_session_resume(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionResume), client, subscription)
             .await?)
     }
 
@@ -197,7 +258,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_fetch_one(armed(&mut self.store, self.deadline), client, subscription, cursor)
+            .call_session_fetch_one(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionFetchOne), client, subscription, cursor)
             .await?)
     }
 
@@ -210,7 +271,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_skip(armed(&mut self.store, self.deadline), client, subscription, cursor)
+            .call_session_skip(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionSkip), client, subscription, cursor)
             .await?)
     }
 
@@ -218,7 +279,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_unsubscribed(armed(&mut self.store, self.deadline), client, filter)
+            .call_session_unsubscribed(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionUnsubscribed), client, filter)
             .await?)
     }
 
@@ -226,7 +287,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_message_publish(armed(&mut self.store, self.deadline), messages)
+            .call_message_publish(armed(&mut self.store, self.deadline, &mut self.called, Hook::MessagePublish), messages)
             .await?)
     }
 
@@ -234,7 +295,7 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_message_delivered(armed(&mut self.store, self.deadline), client, message)
+            .call_message_delivered(armed(&mut self.store, self.deadline, &mut self.called, Hook::MessageDelivered), client, message)
             .await?)
     }
 
@@ -247,11 +308,11 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_message_acked(armed(&mut self.store, self.deadline), client, message, positions)
+            .call_message_acked(armed(&mut self.store, self.deadline, &mut self.called, Hook::MessageAcked), client, message, positions)
             .await?)
     }
 
     pub async fn tick(&mut self) -> Call<Result<u64, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_tick(armed(&mut self.store, self.deadline)).await?)
+        Ok(self.hooks.broker_extension_hooks().call_tick(armed(&mut self.store, self.deadline, &mut self.called, Hook::Tick)).await?)
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::bindings::{Client, Describe, FetchPage, HookError, Rules, Subscription};
 use crate::config::RulesFile;
-use crate::engine::{ExtensionModule, Instance, Runtime};
+use crate::engine::{ExtensionModule, Hook, Instance, Runtime};
 use crate::metrics::Metrics;
 use crate::postgres::PgBackend;
 use crate::schema;
@@ -89,18 +89,15 @@ impl Host {
         self
     }
 
-    /// Runs one call of the hook named `hook` on an instance, timed for the metrics. If it traps,
-    /// the instance is discarded (the next call gets a fresh one with the same configuration),
-    /// and the error is returned for this call alone.
-    pub async fn call<T>(
-        &self,
-        hook: &str,
-        call: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<T>,
-    ) -> anyhow::Result<T> {
+    /// Runs one call on an instance, timed for the metrics under the hook it called. If it
+    /// traps, the instance is discarded (the next call gets a fresh one with the same
+    /// configuration), and the error is returned for this call alone.
+    pub async fn call<T>(&self, call: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<T>) -> anyhow::Result<T> {
         let _slot = self.slots.acquire().await.expect("the semaphore is never closed");
         let (running, mut instance) = self.checkout().await?;
         let started = Instant::now();
         let result = call(&mut instance).await;
+        let hook = instance.take_called().map_or("(none)", Hook::name);
         self.metrics.hook(hook, result.is_err(), started.elapsed());
         match &result {
             Ok(_) => self.idle.lock().unwrap().push((running, instance)),
@@ -113,6 +110,29 @@ impl Host {
         result
     }
 
+    /// Like [`Host::call`], for a caller that carries on whatever happened: the guest's answer,
+    /// or `None` once a trap or a hook error has been logged. The one place where both become
+    /// "nothing" (the rules' `on_error` already decided in the guest what an error means).
+    pub async fn call_or_log<T>(
+        &self,
+        call: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<Result<T, HookError>>,
+    ) -> Option<T> {
+        self.answered(self.call(call).await)
+    }
+
+    /// The answer of a call, or `None` once a trap or a hook error has been logged.
+    pub fn answered<T>(&self, answer: anyhow::Result<Result<T, HookError>>) -> Option<T> {
+        match answer {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(e)) => {
+                tracing::warn!(extension = self.running().module.name(), "{}", e.describe());
+                None
+            }
+            // Logged by `call`.
+            Err(_) => None,
+        }
+    }
+
     /// Calls a backlog fetch of `subscription` (`session-subscribed`, `session-fetch-next`,
     /// `session-resume`). A fetch that traps other than on its deadline (a stored message too
     /// large for the guest's memory, say) is not retried into the same trap at every reconnect:
@@ -121,25 +141,24 @@ impl Host {
     /// logged and counted, so that the subscriber gets the rest.
     pub async fn fetch(
         &self,
-        hook: &str,
         client: &Client,
         subscription: &Subscription,
         from: Option<&str>,
         call: impl AsyncFnOnce(&mut Instance) -> anyhow::Result<Result<FetchPage, HookError>>,
     ) -> anyhow::Result<Result<FetchPage, HookError>> {
-        match self.call(hook, call).await {
+        match self.call(call).await {
             Err(trap) if poisoned(&trap) => {}
             answer => return answer,
         }
         let mut from = from.map(str::to_owned);
         loop {
             let one = async |i: &mut Instance| i.session_fetch_one(client, subscription, from.as_deref()).await;
-            match self.call("session-fetch-one", one).await {
+            match self.call(one).await {
                 Err(trap) if poisoned(&trap) => {}
                 answer => return answer,
             }
             let skip = async |i: &mut Instance| i.session_skip(client, subscription, from.as_deref()).await;
-            match self.call("session-skip", skip).await? {
+            match self.call(skip).await? {
                 Ok(Some(skipped)) => {
                     tracing::error!(
                         extension = self.running().module.name(),

@@ -17,5 +17,5 @@ pub mod schema;
 pub mod sql;
 mod state;
 
-pub use engine::{ExtensionModule, Instance, Runtime};
+pub use engine::{ExtensionModule, Hook, Instance, Runtime};
 pub use host::Host;

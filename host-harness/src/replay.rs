@@ -263,7 +263,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     acked: BTreeMap::new(),
                 };
                 self.sessions.insert(clientid.clone(), session);
-                let stored = self.host.call("client-connected", async |i| i.client_connected(&client).await).await??;
+                let stored = self.host.call(async |i| i.client_connected(&client).await).await??;
                 for subscription in stored {
                     self.subscribe(&clientid, subscription, true).await?;
                 }
@@ -274,7 +274,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // so they come again on the next subscription (at least once).
                 self.sessions.remove(&clientid);
                 self.host
-                    .call("client-disconnected", async |i| {
+                    .call(async |i| {
                         i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await
                     })
                     .await??;
@@ -293,7 +293,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 }
                 let client = session.client.clone();
                 self.host
-                    .call("session-unsubscribed", async |i| i.session_unsubscribed(&client, &topic).await)
+                    .call(async |i| i.session_unsubscribed(&client, &topic).await)
                     .await??;
             }
             Event::MessagePublish { clientid, topic, qos, retain, payload, payload_base64, properties } => {
@@ -340,12 +340,12 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 let client = session.client.clone();
                 for (message, positions) in passed {
                     self.host
-                        .call("message-acked", async |i| i.message_acked(&client, &message, &positions).await)
+                        .call(async |i| i.message_acked(&client, &message, &positions).await)
                         .await??;
                 }
             }
             Event::Tick {} => {
-                let deleted = self.host.call("tick", async |i| i.tick().await).await??;
+                let deleted = self.host.call(async |i| i.tick().await).await??;
                 self.emit(json!({"tick": {"deleted": deleted}})).await?;
             }
         }
@@ -361,7 +361,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         session.subscriptions.insert(subscription.filter.clone(), (subscription.qos, auto_ack));
         let client = session.client.clone();
         let first = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
-        let mut page = self.host.fetch("session-subscribed", &client, &subscription, None, first).await??;
+        let mut page = self.host.fetch(&client, &subscription, None, first).await??;
         // The whole backlog, in order, one page in memory at a time.
         loop {
             for message in page.messages {
@@ -370,7 +370,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             }
             let Some(cursor) = page.next else { return Ok(()) };
             let next = async |i: &mut Instance| i.session_fetch_next(&client, &subscription, &cursor).await;
-            page = self.host.fetch("session-fetch-next", &client, &subscription, Some(&cursor), next).await??;
+            page = self.host.fetch(&client, &subscription, Some(&cursor), next).await??;
         }
     }
 
@@ -401,7 +401,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         };
         let outcome = self
             .host
-            .call("message-publish", async |i| i.message_publish(std::slice::from_ref(&message)).await)
+            .call(async |i| i.message_publish(std::slice::from_ref(&message)).await)
             .await?
             .pop();
         match outcome {
@@ -466,7 +466,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         let message = Message { qos, ..message };
         let mut failures = Vec::new();
         if let Err(e) =
-            self.host.call("message-delivered", async |i| i.message_delivered(&client, &message).await).await?
+            self.host.call(async |i| i.message_delivered(&client, &message).await).await?
         {
             failures.push(e);
         }
@@ -478,7 +478,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 _ if auto_ack => {
                     let acked = self
                         .host
-                        .call("message-acked", async |i| i.message_acked(&client, &message, through).await)
+                        .call(async |i| i.message_acked(&client, &message, through).await)
                         .await?;
                     if let Err(e) = acked {
                         failures.push(e);

@@ -50,7 +50,7 @@ async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recover
             restart = Some(std::thread::spawn(move || pg_script(port, &base, "restart")));
         }
         let messages = [message(sequence)];
-        match host.call("message-publish", async |instance| instance.message_publish(&messages).await).await {
+        match host.call(async |instance| instance.message_publish(&messages).await).await {
             Ok(outcomes) => match &outcomes[0] {
                 PublishOutcome::Stored(id) => stored.push(*id),
                 PublishOutcome::Failed(_) => failed += 1,
@@ -68,7 +68,7 @@ async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recover
     // Recovered without a restart of the host: the stream ends with successes again.
     let messages = [message(0)];
     let outcome =
-        host.call("message-publish", async |instance| instance.message_publish(&messages).await).await.unwrap();
+        host.call(async |instance| instance.message_publish(&messages).await).await.unwrap();
     assert!(matches!(outcome[0], PublishOutcome::Stored(_)), "{outcome:?}");
 
     // Everything reported stored is there, and the offline subscriber gets all of it, once, in order.

@@ -281,7 +281,7 @@ async fn expired_messages_are_never_delivered_and_the_rest_carry_what_is_left() 
     let client = host_harness::bindings::Client { clientid: "fresh".into(), username: None, peerhost: None };
     let subscription = host_harness::bindings::Subscription { filter: "t".into(), qos: 1 };
     let page = host_direct
-        .call("session-subscribed", async |i| i.session_subscribed(&client, &subscription).await)
+        .call(async |i| i.session_subscribed(&client, &subscription).await)
         .await
         .unwrap()
         .unwrap();

@@ -213,7 +213,7 @@ async fn a_batch_of_messages_is_stored_in_order_with_one_outcome_each() {
     let db = TestDb::create("publish_batch").await;
     let host = db.host(&db.rules(&offline_rules(""))).await;
     let batch = [message("a", 1, "1"), message("b", 0, "2"), message("a", 2, "3"), message("c", 1, "4")];
-    let outcomes = host.call("message-publish", async |i| i.message_publish(&batch).await).await.unwrap();
+    let outcomes = host.call(async |i| i.message_publish(&batch).await).await.unwrap();
     let ids: Vec<Option<i64>> = outcomes
         .iter()
         .map(|o| match o {
@@ -235,7 +235,7 @@ async fn a_large_batch_goes_out_in_full_statements_and_a_padded_rest_and_ids_kee
     // 1000 = one full statement of 512 rows, then 488 in a statement of 512 padded with NULL
     // rows, which must insert nothing.
     let batch: Vec<Message> = (0..1000).map(|i| message(&format!("t/{}", i % 7), 1, &i.to_string())).collect();
-    let outcomes = host.call("message-publish", async |i| i.message_publish(&batch).await).await.unwrap();
+    let outcomes = host.call(async |i| i.message_publish(&batch).await).await.unwrap();
     let ids: Vec<i64> = outcomes
         .iter()
         .map(|o| match o {

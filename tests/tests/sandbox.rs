@@ -44,7 +44,7 @@ async fn hostile_host(limits: Limits) -> (Runtime, Host) {
 
 async fn publish_to(host: &Host, topic: &str) -> anyhow::Result<Vec<PublishOutcome>> {
     let messages = [message(topic)];
-    host.call("message-publish", async |instance| instance.message_publish(&messages).await).await
+    host.call(async |instance| instance.message_publish(&messages).await).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,6 +81,15 @@ async fn a_guest_importing_sockets_is_refused_at_load_with_the_import_named() {
     let component = wat::parse_str(r#"(component (import "wasi:sockets/tcp@0.2.0" (instance)))"#).unwrap();
     let error = runtime.load_bytes("sneaky", &component).err().expect("refused");
     assert!(format!("{error:#}").contains("`wasi:sockets/tcp@0.2.0`"), "{error:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_built_for_another_contract_version_is_refused_naming_both_versions() {
+    let runtime = Runtime::new().unwrap();
+    let component = wat::parse_str(r#"(component (import "broker:extension/log@0.2.0" (instance)))"#).unwrap();
+    let error = format!("{:#}", runtime.load_bytes("old", &component).err().expect("refused"));
+    let this = concat!("broker:extension@", host_harness::contract_version!());
+    assert!(error.contains("built for the contract broker:extension@0.2.0") && error.contains(this), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 #[derive(Parser)]
 #[command(
     name = "harness",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (contract broker:extension@0.3.0)"),
+    version = concat!(env!("CARGO_PKG_VERSION"), " (contract broker:extension@", host_harness::contract_version!(), ")"),
     about = "Load a broker:extension guest and drive it like a broker"
 )]
 struct Cli {
