@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use integration_tests::cases::Cases;
 use integration_tests::http::{get, sample};
 use integration_tests::mqtt::{Launcher, Mqtt, database, free_port, payloads, v5};
 use integration_tests::{TestDb, offline_rules};
@@ -478,37 +479,6 @@ async fn mqtt_5_properties_binary_ones_included_come_back_as_they_were_published
     let own: Vec<(String, String)> = got.user_properties.into_iter().filter(|(k, _)| k != "x-offline-id").collect();
     assert_eq!(own, properties.user_properties);
     assert_eq!(&message.payload[..], &[0u8, 1, 2]);
-}
-
-/// A small deterministic generator (xorshift64*): generated cases that are the same in every run.
-struct Cases(u64);
-
-impl Cases {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Text of `len` characters: ASCII, accented, CJK, emoji, the separators MQTT topics use.
-    fn text(&mut self, len: usize) -> String {
-        const CHARS: [char; 12] = ['a', 'Z', '0', ' ', '/', '+', '#', 'é', 'ß', '中', '☃', '🦀'];
-        (0..len).map(|_| CHARS[self.below(CHARS.len() as u64) as usize]).collect()
-    }
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| if self.below(4) == 0 { 0 } else { self.next() as u8 }).collect()
-    }
-    /// A length, now and then the largest an MQTT string or binary field holds.
-    fn len(&mut self) -> usize {
-        match self.below(10) {
-            0 => 0,
-            1 => 65_535,
-            _ => self.below(40) as usize,
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

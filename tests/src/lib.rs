@@ -2,6 +2,7 @@
 //! PostgreSQL (`make pg-up`; port from `PGPORT`), the real guest (`GUEST_WASM`, built by
 //! `make guest`), and the real host.
 
+pub mod cases;
 pub mod http;
 pub mod mqtt;
 
