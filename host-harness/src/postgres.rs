@@ -22,7 +22,7 @@ use crate::sql::{SqlBackend, SqlTransaction};
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Rows one result may have: a guest pages through anything bigger (fetch pages at 500).
-pub const MAX_ROWS: usize = 100_000;
+pub const MAX_RESULT_ROWS: usize = 100_000;
 
 /// The pools of one rules file.
 pub struct PgBackend {
@@ -234,7 +234,7 @@ async fn query(client: &Object, statement: &str, params: &[Value]) -> Result<Row
     let bound = bind(&prepared, params)?;
     // Streamed, so that a result past the cap is refused before it is all in memory.
     let stream = client.query_raw(&prepared, refs(&bound)).await.map_err(sql_error)?;
-    let rows: Vec<Row> = stream.take(MAX_ROWS + 1).try_collect().await.map_err(sql_error)?;
+    let rows: Vec<Row> = stream.take(MAX_RESULT_ROWS + 1).try_collect().await.map_err(sql_error)?;
     row_set(&prepared, rows)
 }
 
@@ -430,8 +430,8 @@ impl<'a> FromSql<'a> for Cell {
 }
 
 fn row_set(statement: &Statement, rows: Vec<Row>) -> Result<RowSet, SqlError> {
-    if rows.len() > MAX_ROWS {
-        return Err(SqlError::TooLarge(format!("the result has more than {MAX_ROWS} rows; page it (LIMIT)")));
+    if rows.len() > MAX_RESULT_ROWS {
+        return Err(SqlError::TooLarge(format!("the result has more than {MAX_RESULT_ROWS} rows; page it (LIMIT)")));
     }
     let columns: Vec<String> = statement.columns().iter().map(|c| c.name().to_owned()).collect();
     let rows = rows

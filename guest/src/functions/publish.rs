@@ -14,7 +14,7 @@ use crate::functions::rows;
 const SHAPES: [usize; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
 
 /// The largest statement; a bigger batch is several of these, and a padded rest, in a transaction.
-const MAX_ROWS: usize = SHAPES[SHAPES.len() - 1];
+const ROWS_PER_INSERT: usize = SHAPES[SHAPES.len() - 1];
 
 /// Parameters per row: retain, then `rows::values` (8), then the row's place in the statement.
 const PARAMS_PER_ROW: usize = 10;
@@ -60,19 +60,19 @@ pub fn publish_stores(message: &Message) -> bool {
     message.qos > 0
 }
 
-/// Stores `messages` atomically and returns their ids, in order. Up to [`MAX_ROWS`] messages
+/// Stores `messages` atomically and returns their ids, in order. Up to [`ROWS_PER_INSERT`] messages
 /// are one statement and one round trip; more are a transaction: the full statements of
-/// [`MAX_ROWS`] pipelined in one round trip, then the padded rest.
+/// [`ROWS_PER_INSERT`] pipelined in one round trip, then the padded rest.
 pub fn store(conn: &Conn<'_>, messages: &[&Message]) -> Result<Vec<i64>, sql::Error> {
-    let row_sets = if messages.len() <= MAX_ROWS {
+    let row_sets = if messages.len() <= ROWS_PER_INSERT {
         let (statement, params) = padded_insert(messages);
         vec![conn.query(statement, &params)?]
     } else {
         // Full statements first, then the padded rest: concatenated results keep message order.
-        let (full, rest) = messages.split_at(messages.len() - messages.len() % MAX_ROWS);
-        let lists: Vec<Vec<Value>> = full.chunks(MAX_ROWS).map(|chunk| padded_insert(chunk).1).collect();
+        let (full, rest) = messages.split_at(messages.len() - messages.len() % ROWS_PER_INSERT);
+        let lists: Vec<Vec<Value>> = full.chunks(ROWS_PER_INSERT).map(|chunk| padded_insert(chunk).1).collect();
         conn.atomically(|tx| {
-            let mut all = tx.query_batch(insert_statement(MAX_ROWS), &lists)?;
+            let mut all = tx.query_batch(insert_statement(ROWS_PER_INSERT), &lists)?;
             if !rest.is_empty() {
                 let (statement, params) = padded_insert(rest);
                 all.push(tx.query(statement, &params)?);
@@ -83,10 +83,10 @@ pub fn store(conn: &Conn<'_>, messages: &[&Message]) -> Result<Vec<i64>, sql::Er
     row_sets.iter().flat_map(|set| &set.rows).map(|row| db::int64(row, 0)).collect()
 }
 
-/// The statement of the smallest shape that holds `messages` (at most [`MAX_ROWS`]), and its
+/// The statement of the smallest shape that holds `messages` (at most [`ROWS_PER_INSERT`]), and its
 /// parameters: the messages' rows, then NULL rows up to the shape's size.
 fn padded_insert(messages: &[&Message]) -> (&'static str, Vec<Value>) {
-    assert!(messages.len() <= MAX_ROWS, "at most MAX_ROWS messages");
+    assert!(messages.len() <= ROWS_PER_INSERT, "at most ROWS_PER_INSERT messages");
     let shape = messages.len().next_power_of_two();
     let mut params = Vec::with_capacity(shape * PARAMS_PER_ROW);
     params.extend(messages.iter().enumerate().flat_map(|(ord, m)| row_values(m, ord)));
