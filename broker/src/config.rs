@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use host_harness::host::Sources;
+use host_harness::protocol::group_commit::Batching;
 use host_harness::sandbox::Limits;
 use serde::Deserialize;
 
@@ -163,7 +164,7 @@ impl BrokerConfig {
         if config.publish_batch.max_messages == 0 {
             anyhow::bail!("{}: publish_batch.max_messages must be at least 1", path.display());
         }
-        let slices = 2 * crate::delivery::FORWARD_AT_ONCE;
+        let slices = 2 * host_harness::protocol::delivery::FORWARD_AT_ONCE;
         if config.mqtt.max_queue < slices {
             anyhow::bail!("{}: mqtt.max_queue must be at least {slices} (two slices of a backlog)", path.display());
         }
@@ -234,8 +235,14 @@ impl ExtensionConfig {
 }
 
 impl BatchConfig {
-    pub fn linger(&self) -> Duration {
-        Duration::from_micros(self.linger_us)
+    /// How the host library's group commit forms batches of at most `max_bytes` of payload.
+    pub fn batching(&self, max_bytes: usize) -> Batching {
+        Batching {
+            max_messages: self.max_messages,
+            max_bytes,
+            linger: Duration::from_micros(self.linger_us),
+            in_flight: self.in_flight,
+        }
     }
 }
 

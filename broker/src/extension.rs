@@ -8,11 +8,13 @@ use host_harness::bindings::{Client, FetchPage, HookError, Message, PublishOutco
 use host_harness::host::Sources;
 use host_harness::{Host, Runtime};
 
-use crate::ack_writer::AckWriter;
+use host_harness::protocol::ack_writer::AckWriter;
 use crate::config::{BatchConfig, ExtensionConfig, SandboxConfig};
-use crate::delivery::Deliveries;
-use crate::exactly_once::{self, Sent, StoredQos2};
-use crate::group_commit::GroupCommit;
+use host_harness::protocol::delivery::Deliveries;
+use host_harness::protocol::exactly_once::{self, Sent, StoredQos2};
+use host_harness::protocol::group_commit::GroupCommit;
+
+use crate::message::Routed;
 
 pub struct Extension {
     /// Names it in logs and in the stored-id property.
@@ -21,7 +23,7 @@ pub struct Extension {
     pub sources: Sources,
     pub publish: GroupCommit,
     pub acks: Arc<AckWriter>,
-    pub deliveries: Deliveries,
+    pub deliveries: Deliveries<Routed>,
     /// The QoS 2 messages it stored, for resends after a reconnection.
     pub stored_qos2: StoredQos2,
     /// Backlog pages it sent (`/metrics`).
@@ -41,7 +43,7 @@ impl Extension {
         // Unnamed, it goes by its module's name (the file stem), as in the host's logs.
         let name = config.name.clone().unwrap_or_else(|| host.name());
         Ok(Extension {
-            publish: GroupCommit::start(host.clone(), batch, sandbox.batch_bytes()),
+            publish: GroupCommit::start(host.clone(), batch.batching(sandbox.batch_bytes())),
             acks: AckWriter::start(host.clone()),
             name,
             host,

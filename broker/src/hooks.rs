@@ -14,10 +14,10 @@ use rmqtt::types::{
     From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Reason, Subscribe,
 };
 
-use crate::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd};
-use crate::exactly_once::Sent;
+use host_harness::protocol::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd, Live};
+use host_harness::protocol::exactly_once::Sent;
 use crate::extension::Extension;
-use crate::message::{self, STORE_FAILED};
+use crate::message::{self, Routed, STORE_FAILED};
 use crate::stats::BrokerStats;
 
 /// The hook types [`Hooks`] handles.
@@ -124,8 +124,10 @@ impl Handler for Hooks {
                 // Held back behind a backlog (the broker drops it here, the backlog sends it
                 // later), or already sent by one.
                 for extension in self.extensions.iter() {
+                    let keep = || Routed((*publish).clone());
+                    let live = Live { topic: &publish.topic, resend: publish.dup, keep: &keep };
                     if let Some(id) = message::stored_id(publish, &extension.name)
-                        && extension.deliveries.hold(&connection(session), id, publish)
+                        && extension.deliveries.hold(&connection(session), id, live)
                     {
                         return (false, Some(HookResult::MessageExpiry));
                     }
@@ -364,7 +366,7 @@ async fn release_held(scx: &ServerContext, extension: &Extension, session: &Sess
             return;
         }
         tracing::debug!(clientid = %session.id.client_id, held = held.len(), "release");
-        for publish in held {
+        for Routed(publish) in held {
             if tx.unbounded_send(SessionMessage::Forward(from.clone(), publish)).is_err() {
                 return;
             }

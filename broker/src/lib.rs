@@ -6,19 +6,13 @@
 //! - [`auth`]: who may connect (a `mosquitto_passwd` file, anonymous access).
 //! - [`http`]: `/metrics` and `/health`; [`stats`]: the broker's own counters.
 //! - [`extension`]: one loaded extension: its host, publish queue and delivery state.
-//! - [`group_commit`]: publishes from all clients stored in batches.
-//! - [`ack_writer`]: acks written in the background, coalesced.
-//! - [`delivery`]: backlogs before live messages, and the ack gates.
-//! - [`exactly_once`]: a QoS 2 message resent after a reconnection is stored once.
+//! - [`hooks`]: rmqtt's hooks driving the host library's delivery protocol (`host_harness::protocol`:
+//!   backlogs before live messages, ack gates, group commit, the ack writer, QoS 2 resends).
 //! - [`message`]: rmqtt's types to the contract's and back.
 
-pub mod ack_writer;
 pub mod auth;
 pub mod config;
-pub mod delivery;
-pub mod exactly_once;
 pub mod extension;
-pub mod group_commit;
 pub mod hooks;
 pub mod http;
 pub mod message;

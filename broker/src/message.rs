@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use host_harness::bindings::{Client, Message, Property, PropertyValue, Subscription};
+use host_harness::protocol::delivery::Held;
 use rmqtt::codec::v5::PublishProperties;
 use rmqtt::session::Session;
 use rmqtt::types::{Publish, QoS, Subscribe};
@@ -21,6 +22,17 @@ pub const STORED_ID: &str = "x-offline-id";
 /// Marks, between the publish hook and the ACL check that follows it, a message that an
 /// extension failed to store. Never leaves the broker: the message is refused.
 pub const STORE_FAILED: &str = "x-offline-store-failed";
+
+/// A live message as rmqtt routes it, for the delivery protocol to hold back and release as it
+/// came.
+#[derive(Debug, Clone)]
+pub struct Routed(pub Publish);
+
+impl Held for Routed {
+    fn topic(&self) -> &str {
+        &self.0.topic
+    }
+}
 
 pub fn client(session: &Session) -> Client {
     Client {

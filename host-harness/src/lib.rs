@@ -5,6 +5,7 @@
 pub mod bindings;
 pub mod command;
 pub mod config;
+pub mod protocol;
 pub mod engine;
 pub mod host;
 mod log;

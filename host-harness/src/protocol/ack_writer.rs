@@ -11,8 +11,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use host_harness::Host;
-use host_harness::bindings::{Client, Message};
+use crate::Host;
+use crate::bindings::{Client, Message};
 use tokio::sync::Notify;
 
 /// `message-acked` calls made at once in a round.
@@ -95,7 +95,7 @@ impl AckWriter {
     async fn write(&self, round: Vec<Ack>) {
         for slice in round.chunks(AT_ONCE) {
             let calls = slice.iter().map(|(client, message, filters)| async move {
-                let call = async |i: &mut host_harness::Instance| i.message_acked(client, message, filters).await;
+                let call = async |i: &mut crate::Instance| i.message_acked(client, message, filters).await;
                 self.host.call_or_log(call).await;
             });
             futures::future::join_all(calls).await;

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
 
-use host_harness::bindings::Message;
+use crate::bindings::Message;
 
 /// QoS 2 messages remembered per extension (the oldest are forgotten first).
 pub const REMEMBERED: usize = 65_536;

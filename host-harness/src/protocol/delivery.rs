@@ -1,7 +1,8 @@
 //! What the broker keeps per connected client so that stored messages reach it once, in order,
 //! and an ack moves a read position only as far as it is true (the contract's invariant: position
 //! (client, filter) = N means every stored message of that filter up to N was delivered through
-//! that subscription and acked). A state machine without I/O; `hooks` drives it.
+//! that subscription and acked). A state machine without I/O; a broker adapter drives it (the
+//! rmqtt broker's `hooks.rs`), whatever its message type ([`Held`]).
 //!
 //! - **Subscriptions fetch, then go live.** After a SUBSCRIBE (or when a subscription must catch
 //!   up, below) it is *fetching*: its backlog goes out page by page, and live stored messages it
@@ -26,8 +27,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use host_harness::bindings::Message;
-use rmqtt::types::Publish;
+use crate::bindings::Message;
 use tokio::sync::Notify;
 
 /// A client connection: its client id and when rmqtt created it (a reconnection is another).
@@ -46,16 +46,36 @@ pub const FORWARD_AT_ONCE: usize = 100;
 /// the database): a client's memory here stays below this many messages.
 pub const HELD_PER_CLIENT: usize = 1000;
 
-#[derive(Default)]
-pub struct Deliveries {
-    clients: Mutex<HashMap<String, ClientState>>,
+/// A live message as the broker routes it, held back behind a backlog: the broker's own type
+/// (rmqtt's `Publish`), so that releasing it forwards it as it came.
+pub trait Held {
+    fn topic(&self) -> &str;
 }
 
-struct ClientState {
+/// A live stored message about to go to a client, for [`Deliveries::hold`].
+pub struct Live<'a, P> {
+    pub topic: &'a str,
+    /// A resend (MQTT DUP): it goes as it is, attributed when it first went.
+    pub resend: bool,
+    /// The message to keep, if it is held back (called only then: most are not).
+    pub keep: &'a dyn Fn() -> P,
+}
+
+pub struct Deliveries<P> {
+    clients: Mutex<HashMap<String, ClientState<P>>>,
+}
+
+impl<P> Default for Deliveries<P> {
+    fn default() -> Self {
+        Deliveries { clients: Mutex::new(HashMap::new()) }
+    }
+}
+
+struct ClientState<P> {
     since: i64,
     subscriptions: HashMap<String, Subscription>,
     /// Live stored messages held back while a subscription that matches them fetches.
-    held: Vec<(i64, Publish)>,
+    held: Vec<(i64, P)>,
     /// Messages this extension forwarded to the session that have not left the broker yet.
     queued: usize,
     /// Woken when `queued` drops, an ack comes, or the client goes away.
@@ -127,7 +147,7 @@ pub enum FetchEnd {
 /// An ack to pass on: the message, and the filters whose positions may move to it.
 pub type PassedAck = (Message, Vec<String>);
 
-impl Deliveries {
+impl<P: Held> Deliveries<P> {
     /// Live stored messages held back now, over all clients (a gauge for `/metrics`).
     pub fn held(&self) -> usize {
         self.clients.lock().unwrap().values().map(|c| c.held.len()).sum()
@@ -156,7 +176,7 @@ impl Deliveries {
     }
 
     /// Runs `f` on the state of `connection`, if it is still the client's current connection.
-    fn with<T>(&self, connection: &Connection, f: impl FnOnce(&mut ClientState) -> T) -> Option<T> {
+    fn with<T>(&self, connection: &Connection, f: impl FnOnce(&mut ClientState<P>) -> T) -> Option<T> {
         let mut clients = self.clients.lock().unwrap();
         clients.get_mut(&connection.clientid).filter(|s| s.since == connection.since).map(f)
     }
@@ -227,7 +247,7 @@ impl Deliveries {
             && self.with(connection, |s| s.subscriptions.contains_key(filter)).unwrap_or(false)
     }
 
-    async fn wait(&self, connection: &Connection, done: impl Fn(&ClientState) -> bool) -> bool {
+    async fn wait(&self, connection: &Connection, done: impl Fn(&ClientState<P>) -> bool) -> bool {
         loop {
             let Some((ready, progress)) = self.with(connection, |s| (done(s), s.progress.clone())) else {
                 return false;
@@ -284,11 +304,11 @@ impl Deliveries {
     /// Held messages that may go now (the lowest ids first, at most [`FORWARD_AT_ONCE`]):
     /// those no fetching subscription matches. Each is attributed to the live subscriptions that
     /// match it and did not have it from a page; one that none needs is dropped. Call until empty.
-    pub fn release(&self, connection: &Connection) -> Vec<Publish> {
+    pub fn release(&self, connection: &Connection) -> Vec<P> {
         self.with(connection, |s| {
             let subscriptions = &mut s.subscriptions;
             let (mut ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut s.held).into_iter().partition(|(_, p)| {
-                !subscriptions.iter().any(|(filter, sub)| sub.fetching && mqtt_topic::matches(filter, &p.topic))
+                !subscriptions.iter().any(|(filter, sub)| sub.fetching && mqtt_topic::matches(filter, p.topic()))
             });
             s.held = waiting;
             ready.sort_by_key(|(id, _)| *id);
@@ -299,7 +319,7 @@ impl Deliveries {
             for (id, publish) in ready {
                 let mut wanted = false;
                 for (filter, sub) in subscriptions.iter_mut() {
-                    if mqtt_topic::matches(filter, &publish.topic) && !sub.has(id) {
+                    if mqtt_topic::matches(filter, publish.topic()) && !sub.has(id) {
                         sub.unacked.insert(id);
                         wanted = true;
                     }
@@ -319,15 +339,15 @@ impl Deliveries {
     /// is fetching (it is held back, to follow), or the client already has it (a page sent it, or
     /// another subscription's copy did). Otherwise it is attributed to every live subscription
     /// that matches it. A resend (DUP) goes as it is.
-    pub fn hold(&self, connection: &Connection, id: i64, publish: &Publish) -> bool {
-        if publish.dup {
+    pub fn hold(&self, connection: &Connection, id: i64, live: Live<'_, P>) -> bool {
+        if live.resend {
             return false;
         }
         self.with(connection, |s| {
-            let topic = &publish.topic;
+            let topic = live.topic;
             let matching = || s.subscriptions.iter().filter(|(filter, _)| mqtt_topic::matches(filter, topic));
             if matching().any(|(_, sub)| sub.fetching) {
-                s.held.push((id, publish.clone()));
+                s.held.push((id, (live.keep)()));
                 if s.held.len() > HELD_PER_CLIENT {
                     let_go_held(s);
                 }
@@ -412,7 +432,7 @@ impl Deliveries {
 
 /// Too much is held: let it all go to the database, and have every fetching subscription fetch
 /// once more when its pages are out (the held messages are stored after the pages it has seen).
-fn let_go_held(s: &mut ClientState) {
+fn let_go_held<P>(s: &mut ClientState<P>) {
     tracing::info!(held = s.held.len(), "held messages left to the database");
     s.held.clear();
     for sub in s.subscriptions.values_mut().filter(|sub| sub.fetching) {
@@ -423,7 +443,21 @@ fn let_go_held(s: &mut ClientState) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message;
+
+    /// A live message as a broker would hold it.
+    #[derive(Debug, Clone)]
+    struct Routed {
+        id: i64,
+        topic: String,
+    }
+
+    impl Held for Routed {
+        fn topic(&self) -> &str {
+            &self.topic
+        }
+    }
+
+    type Deliveries = super::Deliveries<Routed>;
 
     fn stored(id: i64, topic: &str) -> Message {
         Message {
@@ -439,8 +473,10 @@ mod tests {
         }
     }
 
-    fn live(id: i64, topic: &str) -> Publish {
-        message::to_publish(&stored(id, topic), 1, "x")
+    /// Whether `deliveries` holds back the live message `id` on `topic`.
+    fn hold(deliveries: &Deliveries, connection: &Connection, id: i64, topic: &str) -> bool {
+        let keep = || Routed { id, topic: topic.into() };
+        deliveries.hold(connection, id, Live { topic, resend: false, keep: &keep })
     }
 
     fn client() -> (Deliveries, Connection) {
@@ -470,7 +506,7 @@ mod tests {
                 return released;
             }
             assert!(slice.len() <= FORWARD_AT_ONCE);
-            released.extend(slice.iter().map(|p| message::stored_id(p, "x").unwrap()));
+            released.extend(slice.iter().map(|p| p.id));
         }
     }
 
@@ -499,14 +535,14 @@ mod tests {
         page(&deliveries, &connection, "t/#", 5..=10);
         // Live messages arrive out of order, some of them already in the backlog.
         for id in (1..=260).rev() {
-            assert!(deliveries.hold(&connection, id, &live(id, "t/a")));
+            assert!(hold(&deliveries, &connection, id, "t/a"));
         }
-        assert!(!deliveries.hold(&connection, 999, &live(999, "other")));
+        assert!(!hold(&deliveries, &connection, 999, "other"));
         let released = go_live(&deliveries, &connection, "t/#");
         let expected: Vec<i64> = (1..=4).chain(11..=260).collect();
         assert_eq!(released, expected, "all but what the pages sent, in order");
-        assert!(!deliveries.hold(&connection, 261, &live(261, "t/a")), "live now");
-        assert!(deliveries.hold(&connection, 7, &live(7, "t/a")), "a duplicate");
+        assert!(!hold(&deliveries, &connection, 261, "t/a"), "live now");
+        assert!(hold(&deliveries, &connection, 7, "t/a"), "a duplicate");
     }
 
     #[test]
@@ -515,7 +551,7 @@ mod tests {
         deliveries.subscribed(&connection, "#", 1);
         go_live(&deliveries, &connection, "#");
         for id in [1, 2, 3, 4] {
-            assert!(!deliveries.hold(&connection, id, &live(id, if id % 2 == 0 { "b" } else { "a" })));
+            assert!(!hold(&deliveries, &connection, id, if id % 2 == 0 { "b" } else { "a" }));
         }
         assert_eq!(ack(&deliveries, &connection, 3, "a"), [], "1 is unacked");
         assert_eq!(ack(&deliveries, &connection, 2, "b"), []);
@@ -546,8 +582,8 @@ mod tests {
             deliveries.subscribed(&connection, filter, 1);
             go_live(&deliveries, &connection, filter);
         }
-        assert!(!deliveries.hold(&connection, 5, &live(5, "a/x/c")));
-        assert!(deliveries.hold(&connection, 5, &live(5, "a/x/c")), "a second copy (3.1.1: one per subscription)");
+        assert!(!hold(&deliveries, &connection, 5, "a/x/c"));
+        assert!(hold(&deliveries, &connection, 5, "a/x/c"), "a second copy (3.1.1: one per subscription)");
         assert_eq!(ack(&deliveries, &connection, 5, "a/x/c"), [(5, vec!["a/#".to_owned(), "a/+/c".to_owned()])]);
     }
 
@@ -560,11 +596,11 @@ mod tests {
         deliveries.subscribed(&connection, "a/+/c", 1);
         page(&deliveries, &connection, "a/+/c", [1, 2]);
         for id in 10..20 {
-            assert!(deliveries.hold(&connection, id, &live(id, "a/x/c")), "held behind a/+/c's backlog");
+            assert!(hold(&deliveries, &connection, id, "a/x/c"), "held behind a/+/c's backlog");
         }
         deliveries.unsubscribed(&connection, "a/+/c");
         let released: Vec<i64> =
-            deliveries.release(&connection).iter().map(|p| message::stored_id(p, "x").unwrap()).collect();
+            deliveries.release(&connection).iter().map(|p| p.id).collect();
         assert_eq!(released, (10..20).collect::<Vec<_>>(), "a/# still wants them");
         assert_eq!(ack(&deliveries, &connection, 10, "a/x/c"), [(10, vec!["a/#".to_owned()])]);
     }
@@ -573,7 +609,7 @@ mod tests {
     fn held_messages_nobody_matches_any_more_are_dropped() {
         let (deliveries, connection) = client();
         deliveries.subscribed(&connection, "a/+/c", 1);
-        assert!(deliveries.hold(&connection, 3, &live(3, "a/x/c")));
+        assert!(hold(&deliveries, &connection, 3, "a/x/c"));
         deliveries.unsubscribed(&connection, "a/+/c");
         assert!(deliveries.release(&connection).is_empty());
     }
@@ -585,11 +621,11 @@ mod tests {
         deliveries.subscribed(&connection, "t", 1);
         go_live(&deliveries, &connection, "t");
         for id in 1..=4 {
-            assert!(!deliveries.hold(&connection, id, &live(id, "t")));
+            assert!(!hold(&deliveries, &connection, id, "t"));
         }
         assert_eq!(deliveries.lost(&connection, 5, "t"), [("t".to_owned(), 1)], "a fetch to start");
-        assert!(deliveries.hold(&connection, 6, &live(6, "t")), "held while it catches up");
-        assert!(deliveries.hold(&connection, 7, &live(7, "t")));
+        assert!(hold(&deliveries, &connection, 6, "t"), "held while it catches up");
+        assert!(hold(&deliveries, &connection, 7, "t"));
         assert_eq!(ack(&deliveries, &connection, 1, "t"), [(1, vec!["t".to_owned()])]);
         assert_eq!(ack(&deliveries, &connection, 4, "t"), [], "2 and 3 unacked");
         assert_eq!(ack(&deliveries, &connection, 2, "t"), [(2, vec!["t".to_owned()])]);
@@ -607,7 +643,7 @@ mod tests {
         let (deliveries, connection) = client();
         deliveries.subscribed(&connection, "t", 1);
         go_live(&deliveries, &connection, "t");
-        assert!(!deliveries.hold(&connection, 6, &live(6, "t")));
+        assert!(!hold(&deliveries, &connection, 6, "t"));
         deliveries.lost(&connection, 5, "t");
         assert_eq!(ack(&deliveries, &connection, 6, "t"), [], "stopped below 5");
         deliveries.refetching(&connection, "t");
@@ -639,7 +675,7 @@ mod tests {
         let (deliveries, connection) = client();
         deliveries.subscribed(&connection, "t", 1);
         for id in 1..=(HELD_PER_CLIENT as i64 + 1) {
-            assert!(deliveries.hold(&connection, id, &live(id, "t")));
+            assert!(hold(&deliveries, &connection, id, "t"));
         }
         assert_eq!(deliveries.fetch_end(&connection, "t"), FetchEnd::Refetch);
         deliveries.refetching(&connection, "t");
@@ -654,9 +690,9 @@ mod tests {
         deliveries.fetch_failed(&connection, "t/#");
         deliveries.subscribed(&connection, "u", 1);
         go_live(&deliveries, &connection, "u");
-        assert!(!deliveries.hold(&connection, 7, &live(7, "t/a")));
+        assert!(!hold(&deliveries, &connection, 7, "t/a"));
         assert_eq!(ack(&deliveries, &connection, 7, "t/a"), []);
-        assert!(!deliveries.hold(&connection, 8, &live(8, "u")));
+        assert!(!hold(&deliveries, &connection, 8, "u"));
         assert_eq!(ack(&deliveries, &connection, 8, "u"), [(8, vec!["u".to_owned()])]);
     }
 }

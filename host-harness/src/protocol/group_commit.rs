@@ -16,12 +16,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use host_harness::Host;
-use host_harness::bindings::{HookError, Message, PublishOutcome};
+use crate::Host;
+use crate::bindings::{HookError, Message, PublishOutcome};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::config::BatchConfig;
+/// How batches form.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// A batch closes when it holds this many messages...
+    pub max_messages: usize,
+    /// ...or this many bytes of payload (it always takes one message)...
+    pub max_bytes: usize,
+    /// ...or when nothing more is queued; with a linger, this long after its first message.
+    pub linger: Duration,
+    /// Batches being stored at once.
+    pub in_flight: usize,
+}
 
 /// One extension's publish queue.
 #[derive(Clone)]
@@ -38,10 +49,9 @@ struct Pending {
 
 impl GroupCommit {
     /// Starts the task that stores batches through `host`.
-    /// A batch holds at most `max_bytes` of payload (and always one message).
-    pub fn start(host: Arc<Host>, config: BatchConfig, max_bytes: usize) -> GroupCommit {
+    pub fn start(host: Arc<Host>, batching: Batching) -> GroupCommit {
         let (queue, requests) = mpsc::unbounded_channel();
-        tokio::spawn(store_batches(host, config, max_bytes, requests));
+        tokio::spawn(store_batches(host, batching, requests));
         GroupCommit { queue, unanswered: Arc::new(AtomicUsize::new(0)) }
     }
 
@@ -75,28 +85,23 @@ fn failed(why: &str) -> PublishOutcome {
     PublishOutcome::Failed(HookError::Invalid(why.to_owned()))
 }
 
-async fn store_batches(
-    host: Arc<Host>,
-    config: BatchConfig,
-    max_bytes: usize,
-    mut requests: mpsc::UnboundedReceiver<Pending>,
-) {
-    let in_flight = Arc::new(Semaphore::new(config.in_flight.max(1)));
+async fn store_batches(host: Arc<Host>, batching: Batching, mut requests: mpsc::UnboundedReceiver<Pending>) {
+    let in_flight = Arc::new(Semaphore::new(batching.in_flight.max(1)));
     loop {
         // A batch starts forming only when it could be stored at once: until then, messages queue.
         let permit = in_flight.clone().acquire_owned().await.expect("the semaphore is never closed");
         let Some(first) = requests.recv().await else { return };
-        let closes = Instant::now() + config.linger();
+        let closes = Instant::now() + batching.linger;
         let mut bytes = first.message.payload.len();
         let mut batch = vec![first];
-        while batch.len() < config.max_messages && bytes < max_bytes {
+        while batch.len() < batching.max_messages && bytes < batching.max_bytes {
             match requests.try_recv() {
                 Ok(next) => {
                     bytes += next.message.payload.len();
                     batch.push(next)
                 }
                 // No linger: no timer either (tokio's wait at least a millisecond).
-                Err(_) if config.linger_us == 0 => break,
+                Err(_) if batching.linger.is_zero() => break,
                 Err(_) => match tokio::time::timeout_at(closes, requests.recv()).await {
                     Ok(Some(next)) => {
                         bytes += next.message.payload.len();
