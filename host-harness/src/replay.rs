@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::bindings::{Client, Describe, HookError, Message, Property, PropertyValue, PublishOutcome, Subscription};
 use crate::engine::{Instance, Runtime};
+use crate::protocol::delivery::{Connection, Deliveries, Live};
 use crate::host::{Host, Sources};
 
 /// One input line.
@@ -94,13 +95,13 @@ fn property_value(key: &str, value: serde_json::Value) -> Result<PropertyValue, 
 
 struct Session {
     client: Client,
+    /// This connection, for the delivery protocol.
+    connection: Connection,
     /// Filter to (granted QoS, auto-ack).
     subscriptions: BTreeMap<String, (u8, bool)>,
-    /// Delivered with QoS > 0 and not acked yet, by stored id, with the subscriptions that
-    /// delivered it (whose positions its ack may move).
-    unacked: HashMap<i64, (Message, Vec<String>)>,
-    /// Acked, but above a lower unacked message of one of its subscriptions: waiting for it.
-    acked: BTreeMap<i64, (Message, Vec<String>)>,
+    /// Delivered with QoS > 0 and not acked yet, by stored id: what a `message.acked` line may
+    /// name. Which positions an ack moves is the protocol's ack gate's to say.
+    unacked: HashMap<i64, Message>,
 }
 
 /// Why an event stopped.
@@ -154,12 +155,24 @@ pub struct Broker<'a, W> {
     reload_from: Option<(&'a Runtime, Sources)>,
     out: W,
     sessions: BTreeMap<String, Session>,
+    /// The delivery protocol (as the broker's): dedupe by stored id, the ack gates.
+    deliveries: Deliveries<Message>,
+    /// Connections so far: each one's `since`.
+    connections: i64,
     published: u64,
 }
 
 impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
     pub fn new(host: &'a Host, out: W) -> Self {
-        Broker { host, reload_from: None, out, sessions: BTreeMap::new(), published: 0 }
+        Broker {
+            host,
+            reload_from: None,
+            out,
+            sessions: BTreeMap::new(),
+            deliveries: Deliveries::default(),
+            connections: 0,
+            published: 0,
+        }
     }
 
     /// Lets reloads (control lines, `reloads` requests) reload the host from `sources`.
@@ -255,13 +268,11 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // The broker has accepted the connection when the hook fires (as in EMQX): a
                 // failing rule is reported, the client stays connected. A new connection takes
                 // over the client id's old one, as in MQTT.
+                self.connections += 1;
+                let connection = Connection { clientid: clientid.clone(), since: self.connections };
+                self.deliveries.connected(&connection);
                 let session =
-                    Session {
-                    client: client.clone(),
-                    subscriptions: BTreeMap::new(),
-                    unacked: HashMap::new(),
-                    acked: BTreeMap::new(),
-                };
+                    Session { client: client.clone(), connection, subscriptions: BTreeMap::new(), unacked: HashMap::new() };
                 self.sessions.insert(clientid.clone(), session);
                 let stored = self.host.call(async |i| i.client_connected(&client).await).await??;
                 for subscription in stored {
@@ -272,7 +283,9 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 let client = self.session(&clientid)?.client.clone();
                 // Unacked deliveries are simply forgotten: the position did not move past them,
                 // so they come again on the next subscription (at least once).
-                self.sessions.remove(&clientid);
+                if let Some(session) = self.sessions.remove(&clientid) {
+                    self.deliveries.disconnected(&session.connection);
+                }
                 self.host
                     .call(async |i| {
                         i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await
@@ -291,7 +304,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 if session.subscriptions.remove(&topic).is_none() {
                     return failed(format!("{clientid} is not subscribed to {topic}"));
                 }
-                let client = session.client.clone();
+                let (client, connection) = (session.client.clone(), session.connection.clone());
+                self.deliveries.unsubscribed(&connection, &topic);
                 self.host
                     .call(async |i| i.session_unsubscribed(&client, &topic).await)
                     .await??;
@@ -315,34 +329,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 let Some(acked) = session.unacked.remove(&id) else {
                     return failed(format!("{clientid} has no unacked message with id {id}"));
                 };
-                session.acked.insert(id, acked);
-                // A position moves only for subscriptions still there, and only over what is
-                // acked below the lowest message it delivered that is still unacked.
-                let mut passed: Vec<(Message, Vec<String>)> = Vec::new();
-                for filter in session.subscriptions.keys() {
-                    let floor = session
-                        .unacked
-                        .iter()
-                        .filter(|(_, (_, through))| through.contains(filter))
-                        .map(|(&other, _)| other)
-                        .min()
-                        .unwrap_or(i64::MAX);
-                    let highest = session.acked.range(..floor).rev().find(|(_, (_, through))| through.contains(filter));
-                    if let Some((_, (message, _))) = highest {
-                        match passed.iter_mut().find(|(m, _)| m.id == message.id) {
-                            Some((_, filters)) => filters.push(filter.clone()),
-                            None => passed.push((message.clone(), vec![filter.clone()])),
-                        }
-                    }
-                }
-                let lowest_unacked = session.unacked.keys().min().copied().unwrap_or(i64::MAX);
-                session.acked = session.acked.split_off(&lowest_unacked);
-                let client = session.client.clone();
-                for (message, positions) in passed {
-                    self.host
-                        .call(async |i| i.message_acked(&client, &message, &positions).await)
-                        .await??;
-                }
+                let (client, connection) = (session.client.clone(), session.connection.clone());
+                self.pass_acks(&client, &connection, id, acked).await?;
             }
             Event::Tick {} => {
                 let deleted = self.host.call(async |i| i.tick().await).await??;
@@ -359,19 +347,29 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
     async fn subscribe(&mut self, clientid: &str, subscription: Subscription, auto_ack: bool) -> Result<(), Stop> {
         let session = self.session(clientid)?;
         session.subscriptions.insert(subscription.filter.clone(), (subscription.qos, auto_ack));
-        let client = session.client.clone();
+        let (client, connection) = (session.client.clone(), session.connection.clone());
+        let filter = &subscription.filter;
+        self.deliveries.subscribed(&connection, filter, subscription.qos);
         let first = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
         let mut page = self.host.fetch(&client, &subscription, None, first).await??;
-        // The whole backlog, in order, one page in memory at a time.
+        // The whole backlog, in order, one page in memory at a time. Events come one at a time,
+        // so nothing live arrives meanwhile; the protocol still says what a page may send (not
+        // what the client already has from another subscription).
         loop {
-            for message in page.messages {
-                let qos = message.qos.min(subscription.qos);
-                self.deliver(clientid, message, qos, auto_ack, std::slice::from_ref(&subscription.filter)).await?;
+            let decisions = self.deliveries.forward_page(&connection, filter, &page.messages).unwrap_or_default();
+            for (message, go) in page.messages.into_iter().zip(decisions) {
+                if go {
+                    let qos = message.qos.min(subscription.qos);
+                    self.deliver(clientid, message, qos, auto_ack).await?;
+                    self.deliveries.forwarded_gone(&connection);
+                }
             }
-            let Some(cursor) = page.next else { return Ok(()) };
+            let Some(cursor) = page.next else { break };
             let next = async |i: &mut Instance| i.session_fetch_next(&client, &subscription, &cursor).await;
             page = self.host.fetch(&client, &subscription, Some(&cursor), next).await??;
         }
+        self.deliveries.fetch_end(&connection, filter);
+        Ok(())
     }
 
     async fn publish(
@@ -419,8 +417,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         self.emit(published).await?;
 
         // Live routing: each online client once, at the highest QoS among its matching filters;
-        // the delivery counts for each of them.
-        let receivers: Vec<(String, u8, bool, Vec<String>)> = self
+        // the protocol counts the delivery for each of them.
+        let receivers: Vec<(String, u8, bool)> = self
             .sessions
             .iter()
             .filter_map(|(clientid, session)| {
@@ -430,28 +428,26 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     .filter(|(filter, _)| mqtt_topic::matches(filter, &message.topic))
                     .collect();
                 let (qos, auto_ack) = matching.iter().map(|(_, options)| **options).max()?;
-                let filters = matching.into_iter().map(|(filter, _)| filter.clone()).collect();
-                Some((clientid.clone(), qos, auto_ack, filters))
+                Some((clientid.clone(), qos, auto_ack))
             })
             .collect();
-        for (clientid, sub_qos, auto_ack, filters) in receivers {
+        for (clientid, sub_qos, auto_ack) in receivers {
+            if let (Some(id), Some(session)) = (message.id, self.sessions.get(&clientid)) {
+                let keep = || message.clone();
+                let live = Live { topic: &message.topic, resend: false, keep: &keep };
+                if self.deliveries.hold(&session.connection, id, live) {
+                    continue; // the client has it already
+                }
+            }
             // MQTT: a message forwarded to an established subscription goes without RETAIN.
             let live = Message { retain: false, ..message.clone() };
-            self.deliver(&clientid, live, qos.min(sub_qos), auto_ack, &filters).await?;
+            self.deliver(&clientid, live, qos.min(sub_qos), auto_ack).await?;
         }
         Ok(())
     }
 
-    /// Delivers one message to an online client through the subscriptions `through`, then acks it
-    /// back if it asked for that.
-    async fn deliver(
-        &mut self,
-        clientid: &str,
-        message: Message,
-        qos: u8,
-        auto_ack: bool,
-        through: &[String],
-    ) -> anyhow::Result<()> {
+    /// Delivers one message to an online client, then acks it back if it asked for that.
+    async fn deliver(&mut self, clientid: &str, message: Message, qos: u8, auto_ack: bool) -> anyhow::Result<()> {
         let payload = match std::str::from_utf8(&message.payload) {
             Ok(text) => ("payload", json!(text)),
             Err(_) => ("payload_base64", json!(BASE64.encode(&message.payload))),
@@ -462,36 +458,36 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         self.host.metrics().delivered(1);
 
         let Some(session) = self.sessions.get_mut(clientid) else { return Ok(()) };
-        let client = session.client.clone();
+        let (client, connection) = (session.client.clone(), session.connection.clone());
         let message = Message { qos, ..message };
-        let mut failures = Vec::new();
-        if let Err(e) =
-            self.host.call(async |i| i.message_delivered(&client, &message).await).await?
-        {
-            failures.push(e);
-        }
-        if qos > 0 {
-            match message.id {
-                Some(id) if !auto_ack => {
-                    session.unacked.insert(id, (message, through.to_vec()));
-                }
-                _ if auto_ack => {
-                    let acked = self
-                        .host
-                        .call(async |i| i.message_acked(&client, &message, through).await)
-                        .await?;
-                    if let Err(e) = acked {
-                        failures.push(e);
-                    }
-                }
-                _ => {}
+        match message.id {
+            Some(id) if qos > 0 && !auto_ack => {
+                session.unacked.insert(id, message.clone());
             }
+            _ => {}
         }
-        for e in failures {
-            tracing::warn!("{}", e.describe());
-            self.emit(json!({"error": {"clientid": clientid, "message": e.describe()}})).await?;
+        if let Err(e) = self.host.call(async |i| i.message_delivered(&client, &message).await).await? {
+            self.report(clientid, &e).await?;
+        }
+        if let (Some(id), true) = (message.id, qos > 0 && auto_ack) {
+            self.pass_acks(&client, &connection, id, message).await?;
         }
         Ok(())
+    }
+
+    /// The client acked `id`: what the ack gates let through goes to `message-acked`.
+    async fn pass_acks(&mut self, client: &Client, connection: &Connection, id: i64, acked: Message) -> anyhow::Result<()> {
+        for (message, positions) in self.deliveries.acked(connection, id, acked) {
+            if let Err(e) = self.host.call(async |i| i.message_acked(client, &message, &positions).await).await? {
+                self.report(&client.clientid, &e).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn report(&mut self, clientid: &str, e: &HookError) -> anyhow::Result<()> {
+        tracing::warn!("{}", e.describe());
+        self.emit(json!({"error": {"clientid": clientid, "message": e.describe()}})).await
     }
 
     async fn emit(&mut self, line: serde_json::Value) -> anyhow::Result<()> {

@@ -153,6 +153,32 @@ async fn unacked_messages_come_again_and_acked_ones_do_not() {
     assert_eq!(deliveries(&output), pairs(&[("s", "one"), ("s", "two"), ("s", "one"), ("s", "two"), ("s", "two")]));
 }
 
+/// The harness's ack gate is the host library's (`protocol::delivery`), as the broker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_above_an_unacked_message_does_not_move_the_position_past_it() {
+    let db = TestDb::create("ack_gate").await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
+    let events = lines(&[
+        connect("s"),
+        subscribe("s", "t", 1),
+        disconnect("s"),
+        publish("p", "t", 1, "one"),
+        publish("p", "t", 1, "two"),
+        publish("p", "t", 1, "three"),
+        // Gets all three, acks only the last: the position may not pass one and two.
+        connect("s"),
+        subscribe_manual_ack("s", "t", 1),
+        ack("s", 3),
+        disconnect("s"),
+        connect("s"),
+        subscribe("s", "t", 1),
+    ]);
+    let output = replay(&host, &events).await;
+    assert!(errors(&output).is_empty(), "{output:?}");
+    let again = pairs(&[("s", "one"), ("s", "two"), ("s", "three"), ("s", "one"), ("s", "two"), ("s", "three")]);
+    assert_eq!(deliveries(&output), again);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_subscription_starts_at_the_newest_message() {
     let db = TestDb::create("first_subscription").await;

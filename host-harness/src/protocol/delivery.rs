@@ -61,6 +61,13 @@ pub struct Live<'a, P> {
     pub keep: &'a dyn Fn() -> P,
 }
 
+/// The harness holds the contract's own message.
+impl Held for Message {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
 pub struct Deliveries<P> {
     clients: Mutex<HashMap<String, ClientState<P>>>,
 }

@@ -9,8 +9,9 @@
 //! - [`ack_writer`]: acks that passed the gate, written in the background and coalesced.
 //! - [`exactly_once`]: a QoS 2 message resent after a reconnection is stored once.
 //!
-//! The harness's replay (`replay.rs`) does not drive it yet: it delivers each backlog at once,
-//! with an ack gate of its own.
+//! Two adapters drive it: the rmqtt broker (`broker/src/hooks.rs`: all of it) and the harness's
+//! replay (`replay.rs`: dedupe by stored id and the ack gates; its events come one at a time, so
+//! nothing is ever held, and it stores each publish alone).
 
 pub mod ack_writer;
 pub mod delivery;
