@@ -23,7 +23,7 @@ use bindings::broker::extension::metrics;
 use bindings::broker::extension::sql;
 use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
-    ConfigError, FetchPage, Guest, HookError, PublishOutcome, Rules as RulesText, Skipped,
+    ConfigError, FetchPage, Guest, HookError, PublishOutcome, RuleFailure, Rules as RulesText, Skipped,
 };
 use db::{Conn, Work};
 use functions::{acked, client, fetch, housekeeping, publish, retain};
@@ -58,7 +58,7 @@ pub(crate) fn warn(message: &str) {
 
 /// A rule's failure, for the host (which logs it).
 fn sql_error(rule: &Rule, error: sql::Error) -> HookError {
-    HookError::Sql((rule.key.clone(), error))
+    HookError::Sql(RuleFailure { rule: rule.key.clone(), error })
 }
 
 /// Reports one run of `rule` to the host's metrics.
@@ -114,7 +114,9 @@ fn restart_point(
 ) -> Result<Option<fetch::Cursor>, HookError> {
     match cursor {
         Some(cursor) => fetch::Cursor::decode(&cursor).map(Some).map_err(HookError::Invalid),
-        None => fetch::stored_position(&rule.pool, &client.clientid, &subscription.filter).map_err(|e| sql_error(rule, e)),
+        None => {
+            fetch::stored_position(&rule.pool, &client.clientid, &subscription.filter).map_err(|e| sql_error(rule, e))
+        }
     }
 }
 
@@ -141,7 +143,11 @@ fn publish_applies(rule: &Rule, message: &Message) -> bool {
 /// nothing: when more than one rule has work, they share one transaction per pool. Returns the
 /// ids the storing rules gave (message index, id); on error nothing took effect (the ids set on
 /// `messages` meanwhile are stale: the caller clears them).
-fn publish_together(config: &Config, messages: &mut [Message], selected: &[usize]) -> Result<Vec<(usize, i64)>, HookError> {
+fn publish_together(
+    config: &Config,
+    messages: &mut [Message],
+    selected: &[usize],
+) -> Result<Vec<(usize, i64)>, HookError> {
     // Storing rules first, so that every other rule sees the stored id (`${id}`, the retained
     // message's `msg_id`); otherwise in `N` order.
     let mut working: Vec<(&Rule, Vec<usize>)> = config
@@ -154,8 +160,9 @@ fn publish_together(config: &Config, messages: &mut [Message], selected: &[usize
         .collect();
     working.sort_by_key(|(rule, _)| !matches!(rule.action, Action::Function(Function::MessagePublish(_))));
     let work = match working.as_slice() {
-        [_, _, ..] => Work::shared(working.iter().map(|(rule, _)| rule.pool.as_str()))
-            .map_err(|e| HookError::Sql(("backend.pgsql.hook.message.publish (begin)".into(), e)))?,
+        [_, _, ..] => Work::shared(working.iter().map(|(rule, _)| rule.pool.as_str())).map_err(|error| {
+            HookError::Sql(RuleFailure { rule: "backend.pgsql.hook.message.publish (begin)".into(), error })
+        })?,
         _ => Work::alone(),
     };
     let mut stored = Vec::new();
@@ -164,7 +171,9 @@ fn publish_together(config: &Config, messages: &mut [Message], selected: &[usize
         let result = run_publish_rule(rule, &work.conn(&rule.pool), messages, indices, &mut stored);
         settle(rule, started, result)?;
     }
-    work.commit().map_err(|e| HookError::Sql(("backend.pgsql.hook.message.publish (commit)".into(), e)))?;
+    work.commit().map_err(|error| {
+        HookError::Sql(RuleFailure { rule: "backend.pgsql.hook.message.publish (commit)".into(), error })
+    })?;
     Ok(stored)
 }
 
@@ -193,7 +202,8 @@ fn run_publish_rule(
         Action::Function(Function::MessageRetain) => retain::keep(conn, &batch).map(|()| rows),
         Action::Function(Function::RetainDelete) => retain::delete(conn, &batch).map(|()| rows),
         Action::Sql(statements) => {
-            let events: Vec<Event<'_>> = batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
+            let events: Vec<Event<'_>> =
+                batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
             action::run(conn, statements, &events)
         }
         Action::Function(_) => Ok(0), // configuration keeps other functions off this hookpoint
@@ -222,7 +232,7 @@ fn halves(part: &[usize]) -> [Vec<usize>; 2] {
 /// A failure that is the database's, not a message's: trying messages one by one would only
 /// wait for the same unreachable server again.
 fn unreachable(failure: &HookError) -> bool {
-    matches!(failure, HookError::Sql((_, sql::Error::Connection(_) | sql::Error::NoSuchPool(_))))
+    matches!(failure, HookError::Sql(RuleFailure { error: sql::Error::Connection(_) | sql::Error::NoSuchPool(_), .. }))
 }
 
 struct Extension;
@@ -347,17 +357,18 @@ impl Guest for Extension {
         let config = config();
         // The rule in force now serves the page, whatever rule served the one before.
         let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else {
-            warn(&format!(
-                "no on_message_fetch rule serves {} any more: its backlog ends here",
-                subscription.filter
-            ));
+            warn(&format!("no on_message_fetch rule serves {} any more: its backlog ends here", subscription.filter));
             return Ok(FetchPage { messages: Vec::new(), next: None });
         };
         let started = Instant::now();
         served(rule, started, fetch::page(&rule.pool, opts, &subscription.filter, cursor))
     }
 
-    fn session_fetch_one(client: Client, subscription: Subscription, cursor: Option<String>) -> Result<FetchPage, HookError> {
+    fn session_fetch_one(
+        client: Client,
+        subscription: Subscription,
+        cursor: Option<String>,
+    ) -> Result<FetchPage, HookError> {
         let config = config();
         let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else {
             return Ok(FetchPage { messages: Vec::new(), next: None });
@@ -370,7 +381,11 @@ impl Guest for Extension {
         served(rule, started, fetch::page(&rule.pool, &one, &subscription.filter, cursor))
     }
 
-    fn session_skip(client: Client, subscription: Subscription, cursor: Option<String>) -> Result<Option<Skipped>, HookError> {
+    fn session_skip(
+        client: Client,
+        subscription: Subscription,
+        cursor: Option<String>,
+    ) -> Result<Option<Skipped>, HookError> {
         let config = config();
         let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else { return Ok(None) };
         let Some(cursor) = restart_point(rule, &client, &subscription, cursor)? else { return Ok(None) };

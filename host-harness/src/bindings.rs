@@ -45,7 +45,9 @@ pub fn check_contract(engine: &wasmtime::Engine, component: &wasmtime::component
 
 pub use broker::extension::sql::{DatabaseError, Error as SqlError, RowSet, Value};
 pub use broker::extension::types::{Client, Message, Property, PropertyValue, Subscription};
-pub use exports::broker::extension::hooks::{ConfigError, FetchPage, HookError, PublishOutcome, Rules, Skipped};
+pub use exports::broker::extension::hooks::{
+    ConfigError, FetchPage, HookError, PublishOutcome, RuleFailure, Rules, Skipped,
+};
 
 /// Operator-facing text of an error (the generated `Display` is the `Debug` form).
 pub trait Describe {
@@ -71,7 +73,7 @@ impl Describe for SqlError {
 impl Describe for HookError {
     fn describe(&self) -> String {
         match self {
-            HookError::Sql((rule, e)) => format!("{rule}: {}", e.describe()),
+            HookError::Sql(RuleFailure { rule, error }) => format!("{rule}: {}", error.describe()),
             HookError::Invalid(m) => m.clone(),
         }
     }
