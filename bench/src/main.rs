@@ -46,7 +46,10 @@ enum Suite {
 }
 
 #[derive(clap::Parser)]
-#[command(name = "bench", about = "Figures for BENCHMARKS.md, measured side by side in one run (needs `make pg-up` and `make guest`)")]
+#[command(
+    name = "bench",
+    about = "Figures for BENCHMARKS.md, measured side by side in one run (needs `make pg-up` and `make guest`)"
+)]
 struct Cli {
     /// The suites to run; all when none is named.
     #[arg(value_enum)]

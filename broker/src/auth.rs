@@ -58,7 +58,8 @@ impl Hashed {
 /// PBKDF2-HMAC-SHA-512 (RFC 8018), one block: the 64 bytes `mosquitto_passwd` keeps.
 fn pbkdf2_sha512(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 64] {
     let mac = Hmac::<Sha512>::new_from_slice(password).expect("HMAC takes a key of any length");
-    let mut u: [u8; 64] = mac.clone().chain_update(salt).chain_update(1u32.to_be_bytes()).finalize().into_bytes().into();
+    let mut u: [u8; 64] =
+        mac.clone().chain_update(salt).chain_update(1u32.to_be_bytes()).finalize().into_bytes().into();
     let mut block = u;
     for _ in 1..iterations {
         u = mac.clone().chain_update(u).finalize().into_bytes().into();
@@ -93,7 +94,8 @@ impl PasswordFile {
                 continue;
             }
             let place = || format!("line {}", number + 1);
-            let (user, hash) = line.split_once(':').with_context(|| format!("{}: no `:` after the username", place()))?;
+            let (user, hash) =
+                line.split_once(':').with_context(|| format!("{}: no `:` after the username", place()))?;
             let hashed = Hashed::parse(hash).with_context(|| format!("{}: user `{user}`", place()))?;
             if users.insert(user.to_owned(), hashed).is_some() {
                 bail!("{}: user `{user}` again", place());

@@ -281,7 +281,9 @@ fn address_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<O
     if text == "off" {
         return Ok(None);
     }
-    text.parse().map(Some).map_err(|_| serde::de::Error::custom(format!("`{text}` is neither an address (host:port) nor \"off\"")))
+    text.parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("`{text}` is neither an address (host:port) nor \"off\"")))
 }
 fn default_tick_seconds() -> u64 {
     5
@@ -327,7 +329,10 @@ mod tests {
     #[test]
     fn a_guest_memory_that_cannot_hold_the_largest_packet_is_refused_naming_both_settings() {
         let error = load("memory", "[sandbox]\nmemory_mib = 4\n").unwrap_err();
-        assert!(error.contains("sandbox.memory_mib = 4") && error.contains("mqtt.max_packet_size = 1048576"), "{error}");
+        assert!(
+            error.contains("sandbox.memory_mib = 4") && error.contains("mqtt.max_packet_size = 1048576"),
+            "{error}"
+        );
         assert!(error.contains("at least 8 MiB"), "{error}");
         assert!(load("memory-ok", "[sandbox]\nmemory_mib = 8\n").is_ok());
     }

@@ -8,8 +8,8 @@ use host_harness::bindings::{Client, FetchPage, HookError, Message, PublishOutco
 use host_harness::host::Sources;
 use host_harness::{Host, Runtime};
 
-use host_harness::protocol::ack_writer::AckWriter;
 use crate::config::{BatchConfig, ExtensionConfig, SandboxConfig};
+use host_harness::protocol::ack_writer::AckWriter;
 use host_harness::protocol::delivery::Deliveries;
 use host_harness::protocol::exactly_once::{self, Sent, StoredQos2};
 use host_harness::protocol::group_commit::GroupCommit;

@@ -14,11 +14,11 @@ use rmqtt::types::{
     From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Reason, Subscribe,
 };
 
-use host_harness::protocol::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd, Live};
-use host_harness::protocol::exactly_once::Sent;
 use crate::extension::Extension;
 use crate::message::{self, Routed, STORE_FAILED};
 use crate::stats::BrokerStats;
+use host_harness::protocol::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd, Live};
+use host_harness::protocol::exactly_once::Sent;
 
 /// The hook types [`Hooks`] handles.
 pub const TYPES: [Type; 10] = [
@@ -157,7 +157,9 @@ impl Handler for Hooks {
                             continue;
                         }
                         tracing::info!(extension = extension.name, clientid = %to.client_id, id, "a stored message was let go ({reason}): its subscriptions catch up from the database");
-                        let Some(session) = self.scx.extends.shared().await.entry(to.clone()).session() else { continue };
+                        let Some(session) = self.scx.extends.shared().await.entry(to.clone()).session() else {
+                            continue;
+                        };
                         for (filter, qos) in restart {
                             let (scx, extension, session) = (self.scx.clone(), extension.clone(), session.clone());
                             tokio::spawn(async move {

@@ -94,13 +94,18 @@ async fn read_head(stream: &mut TcpStream) -> anyhow::Result<String> {
 
 async fn health(observed: &Observed) -> Result<(), String> {
     for extension in observed.extensions.iter() {
-        extension.host.check_pools(HEALTH_PATIENCE).await.map_err(|why| format!("extension {}: {why}", extension.name))?;
+        extension
+            .host
+            .check_pools(HEALTH_PATIENCE)
+            .await
+            .map_err(|why| format!("extension {}: {why}", extension.name))?;
     }
     Ok(())
 }
 
 fn metrics(observed: &Observed) -> String {
-    let named: Vec<(&str, &Metrics)> = observed.extensions.iter().map(|e| (e.name.as_str(), e.host.metrics())).collect();
+    let named: Vec<(&str, &Metrics)> =
+        observed.extensions.iter().map(|e| (e.name.as_str(), e.host.metrics())).collect();
     let mut out = prometheus(&named);
     let stats = &observed.stats;
     let gauges = [

@@ -44,8 +44,7 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     let runtime = Arc::new(runtime);
     let mut extensions = Vec::new();
     for extension in &config.extensions {
-        let loaded =
-            Extension::load(&runtime, extension, &config.node, config.publish_batch, &config.sandbox).await?;
+        let loaded = Extension::load(&runtime, extension, &config.node, config.publish_batch, &config.sandbox).await?;
         if migrate {
             loaded.host.migrate().await?;
         }
@@ -172,7 +171,8 @@ async fn shutdown(scx: &ServerContext, extensions: &[Arc<Extension>], signal: &s
         let done = extension.publish.drained(SHUTDOWN_PATIENCE).await;
         tracing::info!(extension = extension.name, done, "publishes being stored: finished");
     }
-    let ids: Vec<_> = scx.extends.shared().await.iter().filter_map(|entry| entry.session().map(|s| s.id.clone())).collect();
+    let ids: Vec<_> =
+        scx.extends.shared().await.iter().filter_map(|entry| entry.session().map(|s| s.id.clone())).collect();
     tracing::info!(clients = ids.len(), "closing clients");
     for id in ids {
         let mut entry = scx.extends.shared().await.entry(id);

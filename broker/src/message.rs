@@ -137,7 +137,9 @@ pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
             PropertyValue::Bytes(_) => continue,
         };
         match key.as_str() {
-            "message-expiry-interval" => properties.message_expiry_interval = text.parse().ok().and_then(NonZeroU32::new),
+            "message-expiry-interval" => {
+                properties.message_expiry_interval = text.parse().ok().and_then(NonZeroU32::new)
+            }
             "content-type" => properties.content_type = Some(text.into()),
             "response-topic" => properties.response_topic = Some(text.into()),
             "payload-format-indicator" => properties.is_utf8_payload = text == "1",

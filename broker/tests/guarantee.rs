@@ -151,8 +151,7 @@ impl Client for V5 {
     async fn next(&mut self, n: usize) -> Vec<String> {
         let mut got = Vec::new();
         while got.len() < n {
-            if let v5::Packet::Publish(p) = v5::until(&mut self.events, |p| matches!(p, v5::Packet::Publish(_))).await
-            {
+            if let v5::Packet::Publish(p) = v5::until(&mut self.events, |p| matches!(p, v5::Packet::Publish(_))).await {
                 self.client.ack(&p).await.unwrap();
                 got.push(String::from_utf8_lossy(&p.payload).into_owned());
             }
@@ -277,7 +276,12 @@ async fn slow_consumer(name: &str, receive_maximum: u16) {
         second.extend(more);
     }
     let repeated: Vec<&String> = second.iter().filter(|p| first.contains(p)).collect();
-    assert!(repeated.is_empty(), "acked, then delivered again: {} of them, e.g. {:?}", repeated.len(), &repeated[..repeated.len().min(5)]);
+    assert!(
+        repeated.is_empty(),
+        "acked, then delivered again: {} of them, e.g. {:?}",
+        repeated.len(),
+        &repeated[..repeated.len().min(5)]
+    );
     let seen = set(first.iter().chain(&second).cloned());
     assert_eq!(seen.len(), 600, "every message at least once");
 }
@@ -342,7 +346,8 @@ impl Packets {
             match rumqttc::Packet::read(&mut self.buffer, 1 << 20) {
                 Ok(packet) => return packet,
                 Err(rumqttc::Error::InsufficientBytes(_)) => {
-                    let read = tokio::time::timeout(integration_tests::mqtt::PATIENCE, self.stream.read_buf(&mut self.buffer));
+                    let read =
+                        tokio::time::timeout(integration_tests::mqtt::PATIENCE, self.stream.read_buf(&mut self.buffer));
                     assert!(read.await.expect("in time").unwrap() > 0, "connection closed");
                 }
                 Err(e) => panic!("{e:?}"),
@@ -460,7 +465,10 @@ async fn mqtt_5_properties_binary_ones_included_come_back_as_they_were_published
         subscription_identifiers: vec![],
         content_type: Some("application/octet-stream".into()),
     };
-    publisher.publish_with_properties("t", v5::QoS::AtLeastOnce, false, vec![0u8, 1, 2], properties.clone()).await.unwrap();
+    publisher
+        .publish_with_properties("t", v5::QoS::AtLeastOnce, false, vec![0u8, 1, 2], properties.clone())
+        .await
+        .unwrap();
     let v5::Packet::PubAck(ack) = v5::until(&mut acks, |p| matches!(p, v5::Packet::PubAck(_))).await else {
         unreachable!()
     };
@@ -499,7 +507,8 @@ async fn generated_mqtt_5_properties_come_back_from_the_database_as_they_were_pu
             payload_format_indicator: (cases.below(2) == 0).then_some(1),
             message_expiry_interval: (cases.below(3) == 0).then(|| 3600 + cases.below(100_000) as u32),
             topic_alias: None,
-            response_topic: (cases.below(2) == 0).then(|| format!("reply/{}", text(&mut cases).replace(['+', '#'], "x"))),
+            response_topic: (cases.below(2) == 0)
+                .then(|| format!("reply/{}", text(&mut cases).replace(['+', '#'], "x"))),
             correlation_data: (cases.below(2) == 0).then(|| {
                 let len = cases.len();
                 cases.bytes(len).into()
@@ -516,7 +525,16 @@ async fn generated_mqtt_5_properties_come_back_from_the_database_as_they_were_pu
         }
         let payload_len = cases.below(64) as usize;
         let payload = cases.bytes(payload_len);
-        publisher.publish_with_properties(format!("t/{case}"), v5::QoS::AtLeastOnce, false, payload.clone(), properties.clone()).await.unwrap();
+        publisher
+            .publish_with_properties(
+                format!("t/{case}"),
+                v5::QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+                properties.clone(),
+            )
+            .await
+            .unwrap();
         let v5::Packet::PubAck(ack) = v5::until(&mut acks, |p| matches!(p, v5::Packet::PubAck(_))).await else {
             unreachable!()
         };
@@ -545,7 +563,9 @@ async fn generated_mqtt_5_properties_come_back_from_the_database_as_they_were_pu
         // What is left of the interval, counted down while it was stored.
         match (properties.message_expiry_interval, got.message_expiry_interval) {
             (None, None) => {}
-            (Some(sent), Some(left)) => assert!(left <= sent && left + 30 >= sent, "case {case}: {sent} s sent, {left} s left"),
+            (Some(sent), Some(left)) => {
+                assert!(left <= sent && left + 30 >= sent, "case {case}: {sent} s sent, {left} s left")
+            }
             other => panic!("case {case}: expiry (sent, left) {other:?}"),
         }
     }

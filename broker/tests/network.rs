@@ -16,7 +16,10 @@ fn broker() -> Launcher {
 }
 
 fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e} (scripts/prerequisites.sh installs it)"))
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/prerequisites.sh installs it)"))
 }
 
 fn script(args: &[&str]) {
@@ -112,7 +115,10 @@ async fn connect_v3(port: u16, credentials: Option<(&str, &str)>) -> Result<(), 
 }
 
 /// How an MQTT 5 CONNECT with these credentials ends.
-async fn connect_v5(port: u16, credentials: Option<(&str, &str)>) -> Result<(), rumqttc::v5::mqttbytes::v5::ConnectReturnCode> {
+async fn connect_v5(
+    port: u16,
+    credentials: Option<(&str, &str)>,
+) -> Result<(), rumqttc::v5::mqttbytes::v5::ConnectReturnCode> {
     let mut options = rumqttc::v5::MqttOptions::new("auth-v5", "127.0.0.1", port);
     if let Some((user, password)) = credentials {
         options.set_credentials(user, password);

@@ -176,4 +176,3 @@ impl Query {
         sql::query(pool, &self.sql, &self.params)
     }
 }
-

@@ -228,12 +228,12 @@ impl Rules {
     /// Chosen anew for every page, so that a backlog survives a reload that renumbers or edits
     /// the rules: it goes on from where it is with the rule now in force.
     pub fn fetch_rule(&self, filter: &str) -> Option<(&Rule, &OfflineOpts)> {
-        self.for_hookpoint(Hookpoint::SessionSubscribed).iter().filter(|rule| rule.fires_for(filter)).find_map(
-            |rule| match &rule.action {
+        self.for_hookpoint(Hookpoint::SessionSubscribed).iter().filter(|rule| rule.fires_for(filter)).find_map(|rule| {
+            match &rule.action {
                 Action::Function(Function::MessageFetch(opts)) => Some((rule, opts)),
                 _ => None,
-            },
-        )
+            }
+        })
     }
 }
 

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 /// Runs `run` as the body of the command `name`.
 pub async fn main(name: &str, run: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rustls=error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rustls=error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run.await {

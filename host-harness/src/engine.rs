@@ -11,8 +11,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
 use crate::bindings::{
-    self,
-    Client, ConfigError, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome, Rules, Skipped, Subscription,
+    self, Client, ConfigError, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome, Rules, Skipped,
+    Subscription,
 };
 use crate::metrics::Metrics;
 use crate::sandbox::{self, Limits};
@@ -193,14 +193,21 @@ impl Instance {
     }
 
     pub async fn configure(&mut self, rules: &Rules) -> Call<Result<(), ConfigError>> {
-        Ok(self.hooks.broker_extension_hooks().call_configure(armed(&mut self.store, self.deadline, &mut self.called, Hook::Configure), rules).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_configure(armed(&mut self.store, self.deadline, &mut self.called, Hook::Configure), rules)
+            .await?)
     }
 
     pub async fn client_connected(&mut self, client: &Client) -> Call<Result<Vec<Subscription>, HookError>> {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_client_connected(armed(&mut self.store, self.deadline, &mut self.called, Hook::ClientConnected), client)
+            .call_client_connected(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::ClientConnected),
+                client,
+            )
             .await?)
     }
 
@@ -208,7 +215,11 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_client_disconnected(armed(&mut self.store, self.deadline, &mut self.called, Hook::ClientDisconnected), client, reason)
+            .call_client_disconnected(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::ClientDisconnected),
+                client,
+                reason,
+            )
             .await?)
     }
 
@@ -220,7 +231,11 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_subscribed(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionSubscribed), client, subscription)
+            .call_session_subscribed(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionSubscribed),
+                client,
+                subscription,
+            )
             .await?)
     }
 
@@ -233,7 +248,12 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_fetch_next(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionFetchNext), client, subscription, cursor)
+            .call_session_fetch_next(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionFetchNext),
+                client,
+                subscription,
+                cursor,
+            )
             .await?)
     }
 
@@ -245,7 +265,11 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_resume(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionResume), client, subscription)
+            .call_session_resume(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionResume),
+                client,
+                subscription,
+            )
             .await?)
     }
 
@@ -258,7 +282,12 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_fetch_one(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionFetchOne), client, subscription, cursor)
+            .call_session_fetch_one(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionFetchOne),
+                client,
+                subscription,
+                cursor,
+            )
             .await?)
     }
 
@@ -271,7 +300,12 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_skip(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionSkip), client, subscription, cursor)
+            .call_session_skip(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionSkip),
+                client,
+                subscription,
+                cursor,
+            )
             .await?)
     }
 
@@ -279,7 +313,11 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_session_unsubscribed(armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionUnsubscribed), client, filter)
+            .call_session_unsubscribed(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::SessionUnsubscribed),
+                client,
+                filter,
+            )
             .await?)
     }
 
@@ -287,7 +325,10 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_message_publish(armed(&mut self.store, self.deadline, &mut self.called, Hook::MessagePublish), messages)
+            .call_message_publish(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::MessagePublish),
+                messages,
+            )
             .await?)
     }
 
@@ -295,7 +336,11 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_message_delivered(armed(&mut self.store, self.deadline, &mut self.called, Hook::MessageDelivered), client, message)
+            .call_message_delivered(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::MessageDelivered),
+                client,
+                message,
+            )
             .await?)
     }
 
@@ -308,11 +353,20 @@ impl Instance {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_message_acked(armed(&mut self.store, self.deadline, &mut self.called, Hook::MessageAcked), client, message, positions)
+            .call_message_acked(
+                armed(&mut self.store, self.deadline, &mut self.called, Hook::MessageAcked),
+                client,
+                message,
+                positions,
+            )
             .await?)
     }
 
     pub async fn tick(&mut self) -> Call<Result<u64, HookError>> {
-        Ok(self.hooks.broker_extension_hooks().call_tick(armed(&mut self.store, self.deadline, &mut self.called, Hook::Tick)).await?)
+        Ok(self
+            .hooks
+            .broker_extension_hooks()
+            .call_tick(armed(&mut self.store, self.deadline, &mut self.called, Hook::Tick))
+            .await?)
     }
 }

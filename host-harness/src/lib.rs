@@ -5,12 +5,12 @@
 pub mod bindings;
 pub mod command;
 pub mod config;
-pub mod protocol;
 pub mod engine;
 pub mod host;
 mod log;
 pub mod metrics;
 pub mod postgres;
+pub mod protocol;
 pub mod reload;
 pub mod replay;
 pub mod sandbox;

@@ -18,8 +18,8 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::bindings::{Client, Describe, HookError, Message, Property, PropertyValue, PublishOutcome, Subscription};
 use crate::engine::{Instance, Runtime};
-use crate::protocol::delivery::{Connection, Deliveries, Live};
 use crate::host::{Host, Sources};
+use crate::protocol::delivery::{Connection, Deliveries, Live};
 
 /// One input line.
 #[derive(Debug, Deserialize)]
@@ -87,9 +87,9 @@ fn property_value(key: &str, value: serde_json::Value) -> Result<PropertyValue, 
             let bytes = BASE64.decode(text).map_err(|e| Stop::Failed(format!("properties.{key}.base64: {e}")))?;
             Ok(PropertyValue::Bytes(bytes))
         }
-        other => failed(format!(
-            "properties.{key}: expected a string, a number or {{\"base64\": \"...\"}}, got {other}"
-        )),
+        other => {
+            failed(format!("properties.{key}: expected a string, a number or {{\"base64\": \"...\"}}, got {other}"))
+        }
     }
 }
 
@@ -271,8 +271,12 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 self.connections += 1;
                 let connection = Connection { clientid: clientid.clone(), since: self.connections };
                 self.deliveries.connected(&connection);
-                let session =
-                    Session { client: client.clone(), connection, subscriptions: BTreeMap::new(), unacked: HashMap::new() };
+                let session = Session {
+                    client: client.clone(),
+                    connection,
+                    subscriptions: BTreeMap::new(),
+                    unacked: HashMap::new(),
+                };
                 self.sessions.insert(clientid.clone(), session);
                 let stored = self.host.call(async |i| i.client_connected(&client).await).await??;
                 for subscription in stored {
@@ -287,9 +291,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     self.deliveries.disconnected(&session.connection);
                 }
                 self.host
-                    .call(async |i| {
-                        i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await
-                    })
+                    .call(async |i| i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await)
                     .await??;
             }
             Event::SessionSubscribed { clientid, topic, qos, auto_ack } => {
@@ -306,9 +308,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 }
                 let (client, connection) = (session.client.clone(), session.connection.clone());
                 self.deliveries.unsubscribed(&connection, &topic);
-                self.host
-                    .call(async |i| i.session_unsubscribed(&client, &topic).await)
-                    .await??;
+                self.host.call(async |i| i.session_unsubscribed(&client, &topic).await).await??;
             }
             Event::MessagePublish { clientid, topic, qos, retain, payload, payload_base64, properties } => {
                 let payload = match (payload, payload_base64) {
@@ -397,11 +397,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 .map(|(key, value)| property_value(&key, value).map(|value| Property { key, value }))
                 .collect::<Result<_, Stop>>()?,
         };
-        let outcome = self
-            .host
-            .call(async |i| i.message_publish(std::slice::from_ref(&message)).await)
-            .await?
-            .pop();
+        let outcome = self.host.call(async |i| i.message_publish(std::slice::from_ref(&message)).await).await?.pop();
         match outcome {
             Some(PublishOutcome::Stored(id)) => message.id = Some(id),
             Some(PublishOutcome::NotStored) => {}
@@ -476,7 +472,13 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
     }
 
     /// The client acked `id`: what the ack gates let through goes to `message-acked`.
-    async fn pass_acks(&mut self, client: &Client, connection: &Connection, id: i64, acked: Message) -> anyhow::Result<()> {
+    async fn pass_acks(
+        &mut self,
+        client: &Client,
+        connection: &Connection,
+        id: i64,
+        acked: Message,
+    ) -> anyhow::Result<()> {
         for (message, positions) in self.deliveries.acked(connection, id, acked) {
             if let Err(e) = self.host.call(async |i| i.message_acked(client, &message, &positions).await).await? {
                 self.report(&client.clientid, &e).await?;

@@ -163,7 +163,11 @@ fn shared_options_go_anywhere_and_bad_input_is_named() {
             .unwrap();
         child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         let output = child.wait_with_output().unwrap();
-        (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned(), String::from_utf8_lossy(&output.stderr).into_owned())
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     };
     let (ok, stdout, _) = harness(&["--node", "n1@here", "check"], "");
     assert!(ok && stdout.contains("the databases were not contacted"), "{stdout}");

@@ -181,7 +181,12 @@ impl Mqtt {
     }
 
     /// Like [`Mqtt::connect`], after `more` set what the test needs (the in-flight window, ...).
-    pub async fn connect_with(port: u16, clientid: &str, manual_acks: bool, more: impl FnOnce(&mut MqttOptions)) -> Mqtt {
+    pub async fn connect_with(
+        port: u16,
+        clientid: &str,
+        manual_acks: bool,
+        more: impl FnOnce(&mut MqttOptions),
+    ) -> Mqtt {
         let mut options = MqttOptions::new(clientid, "127.0.0.1", port);
         options.set_clean_session(true).set_manual_acks(manual_acks).set_keep_alive(Duration::from_secs(30));
         more(&mut options);
@@ -312,9 +317,9 @@ pub fn payloads(messages: &[Publish]) -> Vec<String> {
 
 /// The MQTT 5 steps the tests need (rumqttc's v5 client).
 pub mod v5 {
+    use rumqttc::Outgoing;
     pub use rumqttc::v5::mqttbytes::QoS;
     pub use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish, PublishProperties};
-    use rumqttc::Outgoing;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     use tokio::sync::mpsc;
 

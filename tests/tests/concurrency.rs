@@ -29,22 +29,17 @@ fn message(publisher: usize, sequence: usize) -> Message {
 /// Receives every message it can: one subscription's backlog, page by page. Acking a page's last
 /// message moves the position as far as acking each would (a position is a maximum), faster.
 async fn drain(host: &Host, client: &Client, subscription: &Subscription, got: &mut Vec<Vec<u8>>) {
-    let mut page = host
-        .call(async |i| i.session_subscribed(client, subscription).await)
-        .await
-        .unwrap()
-        .unwrap();
+    let mut page = host.call(async |i| i.session_subscribed(client, subscription).await).await.unwrap().unwrap();
     loop {
         got.extend(page.messages.iter().map(|m| m.payload.clone()));
         if let Some(last) = page.messages.last() {
-            host.call(async |i| i.message_acked(client, last, std::slice::from_ref(&subscription.filter)).await).await.unwrap().unwrap();
+            host.call(async |i| i.message_acked(client, last, std::slice::from_ref(&subscription.filter)).await)
+                .await
+                .unwrap()
+                .unwrap();
         }
         let Some(cursor) = page.next.take() else { break };
-        page = host
-            .call(async |i| i.session_fetch_next(client, subscription, &cursor).await)
-            .await
-            .unwrap()
-            .unwrap();
+        page = host.call(async |i| i.session_fetch_next(client, subscription, &cursor).await).await.unwrap().unwrap();
     }
 }
 
@@ -76,8 +71,7 @@ async fn concurrent_publishers_and_a_reconnecting_subscriber_lose_nothing_and_re
                         message(publisher, sequence)
                     })
                     .collect();
-                for outcome in host.call(async |i| i.message_publish(&messages).await).await.unwrap()
-                {
+                for outcome in host.call(async |i| i.message_publish(&messages).await).await.unwrap() {
                     assert!(matches!(outcome, PublishOutcome::Stored(_)), "{outcome:?}");
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;

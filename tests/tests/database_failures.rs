@@ -67,8 +67,7 @@ async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recover
 
     // Recovered without a restart of the host: the stream ends with successes again.
     let messages = [message(0)];
-    let outcome =
-        host.call(async |instance| instance.message_publish(&messages).await).await.unwrap();
+    let outcome = host.call(async |instance| instance.message_publish(&messages).await).await.unwrap();
     assert!(matches!(outcome[0], PublishOutcome::Stored(_)), "{outcome:?}");
 
     // Everything reported stored is there, and the offline subscriber gets all of it, once, in order.

@@ -280,20 +280,15 @@ async fn expired_messages_are_never_delivered_and_the_rest_carry_what_is_left() 
     let host_direct = db.host(&db.rules(&offline_rules(r#"{"first_fetch": "earliest"}"#))).await;
     let client = host_harness::bindings::Client { clientid: "fresh".into(), username: None, peerhost: None };
     let subscription = host_harness::bindings::Subscription { filter: "t".into(), qos: 1 };
-    let page = host_direct
-        .call(async |i| i.session_subscribed(&client, &subscription).await)
-        .await
-        .unwrap()
-        .unwrap();
-    let properties: Vec<(String, String)> =
-        page.messages[0]
-            .properties
-            .iter()
-            .filter_map(|p| match &p.value {
-                host_harness::bindings::PropertyValue::Text(text) => Some((p.key.clone(), text.clone())),
-                host_harness::bindings::PropertyValue::Bytes(_) => None,
-            })
-            .collect();
+    let page = host_direct.call(async |i| i.session_subscribed(&client, &subscription).await).await.unwrap().unwrap();
+    let properties: Vec<(String, String)> = page.messages[0]
+        .properties
+        .iter()
+        .filter_map(|p| match &p.value {
+            host_harness::bindings::PropertyValue::Text(text) => Some((p.key.clone(), text.clone())),
+            host_harness::bindings::PropertyValue::Bytes(_) => None,
+        })
+        .collect();
     let left: u32 = properties.iter().find(|(k, _)| k == "message-expiry-interval").unwrap().1.parse().unwrap();
     assert!((3590..=3600).contains(&left), "{properties:?}");
     assert!(properties.contains(&("content-type".into(), "text/plain".into())));

@@ -88,10 +88,8 @@ async fn the_sql_matcher_and_the_rust_matcher_agree_on_generated_topics_and_filt
             page.messages.iter().map(|m| String::from_utf8_lossy(&m.payload).parse().unwrap()).collect();
         let expected: BTreeSet<usize> =
             (0..topics.len()).filter(|&i| mqtt_topic::matches(filter, &topics[i])).collect();
-        let differ: Vec<(&str, bool)> = fetched
-            .symmetric_difference(&expected)
-            .map(|&i| (topics[i].as_str(), fetched.contains(&i)))
-            .collect();
+        let differ: Vec<(&str, bool)> =
+            fetched.symmetric_difference(&expected).map(|&i| (topics[i].as_str(), fetched.contains(&i))).collect();
         assert!(differ.is_empty(), "filter {filter:?}: (topic, fetched by SQL) where Rust disagrees: {differ:?}");
         pairs += topics.len();
     }

@@ -350,7 +350,8 @@ mod tests {
                    \"backend.pgsql.hook.message.publish.1\": {\"pool\": \"pool1\", \"action\": {\"function\": \"on_message_publish\"}}}";
         let redacted = redact_pools(doc).unwrap();
         assert!(!redacted.contains("hunter2"), "{redacted}");
-        let lines: Vec<(String, Option<u32>)> = parse(&redacted).unwrap().into_iter().map(|e| (e.key, e.line)).collect();
+        let lines: Vec<(String, Option<u32>)> =
+            parse(&redacted).unwrap().into_iter().map(|e| (e.key, e.line)).collect();
         assert_eq!(
             lines,
             [

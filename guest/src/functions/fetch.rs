@@ -95,7 +95,10 @@ pub fn page(pool: &str, opts: &OfflineOpts, filter: &str, cursor: Cursor) -> Res
         query.sql
     );
     let mut query = Query { sql: counted, params: query.params };
-    query.bind(" WHERE bytes_before < ? ORDER BY id", Value::Int64(i64::try_from(opts.max_returned_bytes).unwrap_or(i64::MAX)));
+    query.bind(
+        " WHERE bytes_before < ? ORDER BY id",
+        Value::Int64(i64::try_from(opts.max_returned_bytes).unwrap_or(i64::MAX)),
+    );
 
     let mut rows = query.run(pool)?.rows;
     let candidates = match rows.first() {

@@ -220,8 +220,7 @@ impl<P: Held> Deliveries<P> {
                     decisions.push(true);
                     continue;
                 };
-                subscription.sent =
-                    Some(subscription.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
+                subscription.sent = Some(subscription.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
                 let forward = if subscription.acked.contains_key(&id) {
                     false
                 } else if s.acked.contains(&id) {
@@ -606,8 +605,7 @@ mod tests {
             assert!(hold(&deliveries, &connection, id, "a/x/c"), "held behind a/+/c's backlog");
         }
         deliveries.unsubscribed(&connection, "a/+/c");
-        let released: Vec<i64> =
-            deliveries.release(&connection).iter().map(|p| p.id).collect();
+        let released: Vec<i64> = deliveries.release(&connection).iter().map(|p| p.id).collect();
         assert_eq!(released, (10..20).collect::<Vec<_>>(), "a/# still wants them");
         assert_eq!(ack(&deliveries, &connection, 10, "a/x/c"), [(10, vec!["a/#".to_owned()])]);
     }

@@ -129,7 +129,9 @@ async fn store(host: &Host, batch: Vec<Pending>) {
         // message alone, so that the one that traps refuses only itself.
         let mut alone = Vec::with_capacity(messages.len());
         for message in &messages {
-            alone.push(call(host, std::slice::from_ref(message)).await.map_or_else(|why| failed(&why), |mut o| o.remove(0)));
+            alone.push(
+                call(host, std::slice::from_ref(message)).await.map_or_else(|why| failed(&why), |mut o| o.remove(0)),
+            );
         }
         outcomes = Ok(alone);
     }
