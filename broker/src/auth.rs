@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, KeyInit, Mac};
+use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::types::AuthResult;
 use sha2::{Digest, Sha512};
@@ -32,11 +33,14 @@ impl Hashed {
         match text.split('$').collect::<Vec<_>>().as_slice() {
             ["", "6", salt, hash] => Ok(Hashed::Sha512 { salt: decode(salt, "salt")?, hash: decode(hash, "hash")? }),
             ["", "7", iterations, salt, hash] => Ok(Hashed::Pbkdf2Sha512 {
-                iterations: iterations
-                    .parse()
-                    .ok()
-                    .filter(|&n| n > 0)
-                    .with_context(|| format!("iteration count `{iterations}` is not a positive number"))?,
+                iterations: match iterations.parse() {
+                    Ok(n) if (1..=MAX_ITERATIONS).contains(&n) => n,
+                    Ok(n) if n > MAX_ITERATIONS => bail!(
+                        "iteration count {n} is above {MAX_ITERATIONS}: checking one CONNECT would take that long \
+                         (mosquitto_passwd writes 101)"
+                    ),
+                    _ => bail!("iteration count `{iterations}` is not a positive number"),
+                },
                 salt: decode(salt, "salt")?,
                 hash: decode(hash, "hash")?,
             }),
@@ -54,6 +58,10 @@ impl Hashed {
         }
     }
 }
+
+/// The most PBKDF2 iterations a password file may ask for: about 50 ms of one core per CONNECT,
+/// a thousand times Mosquitto's default, so that a file cannot make each login a denial of service.
+const MAX_ITERATIONS: u32 = 100_000;
 
 /// PBKDF2-HMAC-SHA-512 (RFC 8018), one block: the 64 bytes `mosquitto_passwd` keeps.
 fn pbkdf2_sha512(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 64] {
@@ -82,20 +90,26 @@ pub struct PasswordFile {
 
 impl PasswordFile {
     pub fn load(path: &Path) -> anyhow::Result<PasswordFile> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        PasswordFile::parse(&text).with_context(|| format!("{}", path.display()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("[auth] password_file: reading {}", path.display()))?;
+        PasswordFile::parse(&text).with_context(|| format!("[auth] password_file {}", path.display()))
     }
 
     fn parse(text: &str) -> anyhow::Result<PasswordFile> {
         let mut users = HashMap::new();
         for (number, line) in text.lines().enumerate() {
-            let line = line.trim_end_matches('\r');
-            if line.trim().is_empty() || line.starts_with('#') {
+            // As Mosquitto reads it: blanks around the username and the hash do not count, and a
+            // line without `:` (a comment, say) is skipped.
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let place = || format!("line {}", number + 1);
-            let (user, hash) =
-                line.split_once(':').with_context(|| format!("{}: no `:` after the username", place()))?;
+            let Some((user, hash)) = line.split_once(':') else {
+                tracing::warn!("password file, {}: no `:` after a username, skipped", place());
+                continue;
+            };
+            let (user, hash) = (user.trim(), hash.trim());
             let hashed = Hashed::parse(hash).with_context(|| format!("{}: user `{user}`", place()))?;
             if users.insert(user.to_owned(), hashed).is_some() {
                 bail!("{}: user `{user}` again", place());
@@ -104,8 +118,18 @@ impl PasswordFile {
         Ok(PasswordFile { users })
     }
 
+    #[cfg(test)]
     fn check(&self, username: &str, password: &[u8]) -> bool {
         self.users.get(username).is_some_and(|hashed| hashed.matches(password))
+    }
+
+    /// The users of `self` that `next` drops or gives another password.
+    fn revoked_in(&self, next: &PasswordFile) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|(user, hashed)| next.users.get(*user) != Some(hashed))
+            .map(|(u, _)| u.clone())
+            .collect()
     }
 }
 
@@ -116,7 +140,7 @@ impl PasswordFile {
 pub struct Authenticator {
     allow_anonymous: bool,
     password_file: Option<PathBuf>,
-    passwords: Arc<RwLock<PasswordFile>>,
+    passwords: Arc<RwLock<Arc<PasswordFile>>>,
 }
 
 impl Authenticator {
@@ -128,23 +152,32 @@ impl Authenticator {
         Ok(Authenticator {
             allow_anonymous: config.allow_anonymous,
             password_file: config.password_file.clone(),
-            passwords: Arc::new(RwLock::new(passwords)),
+            passwords: Arc::new(RwLock::new(Arc::new(passwords))),
         })
     }
 
-    /// Reads the password file again; a file that does not parse leaves the running one.
-    pub fn reload(&self, why: &str) {
+    /// Reads the password file again; a file that does not parse leaves the running one. Clients
+    /// connected as a user the new file drops, or gives another password, are disconnected (as
+    /// Mosquitto does): revoking a user takes effect at once.
+    pub async fn reload(&self, why: &str, scx: &ServerContext) {
         let Some(path) = &self.password_file else { return };
-        match PasswordFile::load(path) {
-            Ok(passwords) => {
-                *self.passwords.write().unwrap_or_else(|p| p.into_inner()) = passwords;
-                tracing::info!("password file reloaded ({why})");
-            }
-            Err(e) => tracing::error!("password file reload ({why}) refused, the running one stays: {e:#}"),
+        let next = match PasswordFile::load(path) {
+            Ok(next) => Arc::new(next),
+            Err(e) => return tracing::error!("password file reload ({why}) refused, the running one stays: {e:#}"),
+        };
+        let previous = std::mem::replace(&mut *self.passwords.write().unwrap_or_else(|p| p.into_inner()), next.clone());
+        let revoked = previous.revoked_in(&next);
+        tracing::info!(revoked = revoked.len(), "password file reloaded ({why})");
+        if revoked.is_empty() {
+            return;
         }
+        crate::disconnect_clients(scx, |id| {
+            id.username.as_ref().is_some_and(|user| revoked.iter().any(|r| **r == **user))
+        })
+        .await;
     }
 
-    fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> AuthResult {
+    async fn authenticate(&self, username: Option<&str>, password: Option<&[u8]>) -> AuthResult {
         let Some(username) = username else {
             // Only reached when anonymous clients are refused (see above).
             return AuthResult::NotAuthorized;
@@ -153,11 +186,14 @@ impl Authenticator {
             // Anonymous access allowed and no password file: a username is a name, not a claim.
             return if self.allow_anonymous { AuthResult::Allow(false, None) } else { AuthResult::NotAuthorized };
         }
-        let passwords = self.passwords.read().unwrap_or_else(|p| p.into_inner());
-        if passwords.check(username, password.unwrap_or_default()) {
-            AuthResult::Allow(false, None)
-        } else {
-            AuthResult::BadUsernameOrPassword
+        let Some(hashed) = self.passwords.read().unwrap_or_else(|p| p.into_inner()).users.get(username).cloned() else {
+            return AuthResult::BadUsernameOrPassword;
+        };
+        // Hashing takes a while by design: off the broker's threads, no lock held.
+        let password = password.unwrap_or_default().to_vec();
+        match tokio::task::spawn_blocking(move || hashed.matches(&password)).await {
+            Ok(true) => AuthResult::Allow(false, None),
+            _ => AuthResult::BadUsernameOrPassword,
         }
     }
 }
@@ -167,7 +203,7 @@ impl Handler for Authenticator {
     async fn hook(&self, param: &Parameter, acc: Option<HookResult>) -> ReturnType {
         let Parameter::ClientAuthenticate(connect) = param else { return (true, acc) };
         let password = connect.password().map(|p| &p[..]);
-        let result = self.authenticate(connect.username().map(|u| &**u), password);
+        let result = self.authenticate(connect.username().map(|u| &**u), password).await;
         if !matches!(result, AuthResult::Allow(..)) {
             tracing::info!(clientid = %connect.id().client_id, username = ?connect.username(), "connection refused: {result:?}");
         }
@@ -199,10 +235,27 @@ mod tests {
     }
 
     #[test]
+    fn blanks_comments_and_lines_without_a_colon_are_read_as_mosquitto_reads_them() {
+        let padded = FILE.replace("alice:", "  alice :").replace("==\n", "==  \r\n");
+        let file = PasswordFile::parse(&format!("  # indented comment\nnot a user line\n{padded}")).unwrap();
+        assert!(file.check("alice", b"secret") && file.check("bob", b"hunter2"));
+    }
+
+    #[test]
+    fn a_reload_revokes_the_users_it_drops_or_changes() {
+        let before = PasswordFile::parse(FILE).unwrap();
+        let bob_only = PasswordFile::parse(FILE.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(before.revoked_in(&bob_only), ["alice"]);
+        let bob_changed = PasswordFile::parse(&FILE.replace("bob:$6$d2rx", "bob:$6$e2rx")).unwrap();
+        assert_eq!(before.revoked_in(&bob_changed), ["bob"]);
+        assert!(before.revoked_in(&PasswordFile::parse(FILE).unwrap()).is_empty());
+    }
+
+    #[test]
     fn a_bad_line_is_refused_naming_its_line_and_user() {
         for (text, wanted) in [
             ("# users\n\nalice:plain\n", "line 3: user `alice`"),
-            ("alice\n", "line 1: no `:`"),
+            ("a:$7$1000000$c2FsdA==$aGFzaA==\n", "iteration count 1000000 is above 100000"),
             ("a:$7$x$c2FsdA==$aGFzaA==\n", "iteration count `x`"),
             ("a:$6$!!$aGFzaA==\n", "salt is not base64"),
             ("a:$6$c2FsdA==$aGFzaA==\na:$6$c2FsdA==$aGFzaA==\n", "line 2: user `a` again"),

@@ -72,13 +72,13 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
         let sources: Vec<_> = extensions.iter().map(|e| e.sources.clone()).collect();
         watch_files(&sources, reload);
     }
-    let (reloading, ticking) = (extensions.clone(), extensions.clone());
+    let (reloading, ticking, reload_scx) = (extensions.clone(), extensions.clone(), scx.clone());
     tokio::spawn(async move {
         while let Some(why) = reloads.recv().await {
             for extension in reloading.iter() {
                 extension.reload(&runtime, &why).await;
             }
-            authenticator.reload(&why);
+            authenticator.reload(&why, &reload_scx).await;
         }
     });
     let period = Duration::from_secs(config.tick_seconds.max(1));
@@ -102,6 +102,11 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     }
     if let Some(tls) = &config.tls {
         let path = |p: &std::path::Path| p.display().to_string();
+        // rmqtt's errors name no file; a file that cannot be read is named here.
+        let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("client_ca", tls.client_ca.as_ref())];
+        for (key, file) in files.into_iter().filter_map(|(key, file)| Some((key, file?))) {
+            std::fs::read(file).with_context(|| format!("[tls] {key} = {}", file.display()))?;
+        }
         let listener = listener("tls", tls.listen, &config.mqtt, config.auth.allow_anonymous)
             .tls_cert(Some(path(&tls.cert)))
             .tls_key(Some(path(&tls.key)))
@@ -110,7 +115,10 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
             .tls_client_ca_certs(tls.client_ca.as_deref().map(path))
             .bind()
             .and_then(|b| b.tls())
-            .with_context(|| format!("[tls] listening on {} with {}", tls.listen, tls.cert.display()))?;
+            .with_context(|| {
+                let ca = tls.client_ca.as_ref().map(|ca| format!(", client_ca {}", ca.display())).unwrap_or_default();
+                format!("[tls] on {}: cert {}, key {}{ca}", tls.listen, tls.cert.display(), tls.key.display())
+            })?;
         println!("broker: node {} listening on {} (TLS)", config.node, tls.listen);
         server = server.listener(listener);
     }
@@ -138,6 +146,24 @@ fn listener(name: &str, listen: std::net::SocketAddr, mqtt: &MqttConfig, allow_a
         .message_expiry_interval(Duration::ZERO)
         // Refused, a client without a username goes to the authenticator, which refuses it.
         .allow_anonymous(allow_anonymous)
+}
+
+/// Disconnects the connected clients that `which` picks (each is logged); returns how many.
+pub(crate) async fn disconnect_clients(scx: &ServerContext, which: impl Fn(&rmqtt::types::Id) -> bool) -> usize {
+    let ids: Vec<_> = scx
+        .extends
+        .shared()
+        .await
+        .iter()
+        .filter_map(|entry| entry.session().map(|s| s.id.clone()))
+        .filter(|id| which(id))
+        .collect();
+    for id in &ids {
+        tracing::info!(clientid = %id.client_id, username = ?id.username, "disconnecting");
+        let mut entry = scx.extends.shared().await.entry(id.clone());
+        let _ = entry.kick(true, true, true).await;
+    }
+    ids.len()
 }
 
 /// Waits for SIGTERM or SIGINT and names it.
@@ -171,13 +197,8 @@ async fn shutdown(scx: &ServerContext, extensions: &[Arc<Extension>], signal: &s
         let done = extension.publish.drained(SHUTDOWN_PATIENCE).await;
         tracing::info!(extension = extension.name, done, "publishes being stored: finished");
     }
-    let ids: Vec<_> =
-        scx.extends.shared().await.iter().filter_map(|entry| entry.session().map(|s| s.id.clone())).collect();
-    tracing::info!(clients = ids.len(), "closing clients");
-    for id in ids {
-        let mut entry = scx.extends.shared().await.entry(id);
-        let _ = entry.kick(true, true, true).await;
-    }
+    let closed = disconnect_clients(scx, |_| true).await;
+    tracing::info!(clients = closed, "clients closed");
     for extension in extensions {
         extension.acks.flush_all().await;
         tracing::info!(extension = extension.name, "pending acks written");

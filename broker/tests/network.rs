@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use integration_tests::OwnCluster;
 use integration_tests::http::{get, sample};
 use integration_tests::mqtt::{Launcher, Mqtt, PATIENCE, database, free_port, scratch};
-use integration_tests::{OwnCluster, offline_rules};
 use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, QoS};
 
 fn broker() -> Launcher {
@@ -162,6 +162,29 @@ async fn passwords_from_mosquitto_passwd_are_checked_anonymous_clients_refused_a
         assert!(tokio::time::Instant::now() < deadline, "bob never got in after SIGHUP");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A user removed from the file is disconnected at the reload, not only refused afterwards.
+    let mut options = MqttOptions::new("alice-online", "127.0.0.1", broker.port);
+    options.set_credentials("alice", "secret");
+    let (_alice, mut alice) = rumqttc::AsyncClient::new(options, 10);
+    assert!(matches!(alice.poll().await, Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_)))));
+    mosquitto_passwd(&["-D", path, "alice"]);
+    broker.hangup();
+    let closed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if alice.poll().await.is_err() {
+                return;
+            }
+        }
+    });
+    closed.await.expect("alice disconnected once her password was revoked");
+    assert_eq!(connect_v3(broker.port, Some(("alice", "secret"))).await, Err(ConnectReturnCode::BadUserNamePassword));
+    mosquitto_passwd(&["-b", path, "alice", "secret"]);
+    broker.hangup();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while connect_v3(broker.port, Some(("alice", "secret"))).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "alice never got back in after SIGHUP");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A file that does not parse is refused and the running one stays.
     std::fs::write(&passwords, "alice:plaintext\n").unwrap();
     broker.hangup();
@@ -172,15 +195,8 @@ async fn passwords_from_mosquitto_passwd_are_checked_anonymous_clients_refused_a
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_flows_and_health_follows_the_database() {
     // A cluster of this test alone: stopping the shared one would disturb the other tests.
-    let cluster = OwnCluster::new(15497, "pg-broker-health");
-    cluster.pg("up");
-    cluster.pg("fresh");
-    let rules = format!(
-        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = postgres\n\
-         backend.pgsql.pool1.database = mqtt\n{}",
-        cluster.port,
-        offline_rules("")
-    );
+    let cluster = OwnCluster::fresh(15497, "pg-broker-health");
+    let rules = cluster.offline_rules();
     let http = free_port();
     let broker = broker().start_with("metrics", &rules, &format!("[http]\nlisten = \"127.0.0.1:{http}\"\n")).await;
     assert_eq!(get(http, "/health").await, (200, "ok\n".to_owned()));
@@ -203,6 +219,7 @@ async fn metrics_count_what_flows_and_health_follows_the_database() {
     assert_eq!(moved("mqtt_broker_messages_received_total"), 5.0);
     assert!(moved("mqtt_broker_messages_delivered_total") >= 5.0);
     assert!(moved("mqtt_broker_backlog_pages_total{extension=\"offline\"}") >= 1.0);
+    assert!(moved("mqtt_offline_messages_delivered_total{extension=\"offline\"}") >= 5.0);
     assert_eq!(moved("mqtt_offline_function_rows_total{extension=\"offline\",function=\"on_message_publish\"}"), 5.0);
     assert_eq!(sample(&after, "mqtt_broker_connections"), Some(2.0), "the publisher and the subscriber");
     assert_eq!(sample(&after, "mqtt_broker_publishes_refused_total"), Some(0.0));
@@ -210,6 +227,7 @@ async fn metrics_count_what_flows_and_health_follows_the_database() {
         assert_eq!(after.matches(&format!("# TYPE {family} ")).count(), 1, "{family} declared once");
     }
     assert_eq!(get(http, "/nothing").await.0, 404);
+    assert_eq!(get(http, "/metrics?module=mqtt").await.0, 200, "a query string, as Prometheus's `params` adds");
 
     cluster.pg("down");
     let (status, why) = get(http, "/health").await;
