@@ -258,6 +258,9 @@ impl Hooks {
             if is_from(from, extension) {
                 extension.deliveries.forwarded_gone(&connection(session));
             }
+            if id.is_some() {
+                extension.host.metrics().delivered(1);
+            }
             let message = message::to_message(publish, &from.id.client_id, id);
             extension.message_delivered(&client, &message).await;
         }

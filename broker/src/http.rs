@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use host_harness::metrics::{Metrics, family, prometheus};
+use host_harness::metrics::{Metrics, family, label, prometheus};
 use rmqtt::context::ServerContext;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,21 +58,38 @@ pub async fn start(listen: SocketAddr, observed: Observed) -> anyhow::Result<()>
 }
 
 async fn answer(mut stream: TcpStream, observed: &Observed) -> anyhow::Result<()> {
-    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await.context("request too slow")??;
+    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await.context("request too slow")? {
+        Ok(head) => head,
+        Err(e) => {
+            let response =
+                "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            let _ = stream.write_all(response.as_bytes()).await;
+            return Err(e);
+        }
+    };
     let request_line = head.lines().next().unwrap_or_default();
-    let (status, content_type, body) = match request_line.split(' ').collect::<Vec<_>>().as_slice() {
-        ["GET", "/metrics", _] => ("200 OK", "text/plain; version=0.0.4", metrics(observed)),
-        ["GET", "/health", _] => match health(observed).await {
+    let (method, target) = match request_line.split_whitespace().collect::<Vec<_>>().as_slice() {
+        [method, target, _] => (*method, *target),
+        _ => ("", ""),
+    };
+    // A query string (Prometheus's `params`) changes nothing here.
+    let path = target.split('?').next().unwrap_or_default();
+    let (status, content_type, body) = match (method, path) {
+        ("", _) => ("400 Bad Request", "text/plain", "not an HTTP request\n".to_owned()),
+        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(observed)),
+        ("GET" | "HEAD", "/health") => match health(observed).await {
             Ok(()) => ("200 OK", "text/plain", "ok\n".to_owned()),
             Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
         },
-        [_, "/metrics" | "/health", _] => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
-        [_, _, _] => ("404 Not Found", "text/plain", "/metrics or /health\n".to_owned()),
-        _ => ("400 Bad Request", "text/plain", "not an HTTP request\n".to_owned()),
+        (_, "/metrics" | "/health") => ("405 Method Not Allowed", "text/plain", "GET or HEAD\n".to_owned()),
+        _ => ("404 Not Found", "text/plain", "/metrics or /health\n".to_owned()),
     };
+    let allow = if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" };
+    // HEAD: the length GET would have, no body.
+    let length = body.len();
+    let body = if method == "HEAD" { "" } else { body.as_str() };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n{allow}Connection: close\r\n\r\n{body}"
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await?;
@@ -83,7 +100,8 @@ async fn answer(mut stream: TcpStream, observed: &Observed) -> anyhow::Result<()
 async fn read_head(stream: &mut TcpStream) -> anyhow::Result<String> {
     let mut head = Vec::new();
     let mut buffer = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    // The blank line ends it, with or without carriage returns.
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
         let read = stream.read(&mut buffer).await?;
         anyhow::ensure!(read > 0, "closed before the end of the request");
         head.extend_from_slice(&buffer[..read]);
@@ -138,7 +156,7 @@ fn metrics(observed: &Observed) -> String {
     for (name, help, kind, value) in per_extension {
         family(&mut out, name, help, kind);
         for extension in observed.extensions.iter() {
-            let _ = writeln!(out, "{name}{{extension=\"{}\"}} {}", extension.name, value(extension));
+            let _ = writeln!(out, "{name}{{extension=\"{}\"}} {}", label(&extension.name), value(extension));
         }
     }
     out

@@ -119,7 +119,7 @@ impl Metrics {
 /// The Prometheus text exposition format of several extensions' metrics (a broker may load more
 /// than one): each family once, each series labelled with its extension's name.
 pub fn prometheus(extensions: &[(&str, &Metrics)]) -> String {
-    let snapshots: Vec<(&str, Snapshot)> = extensions.iter().map(|(name, m)| (*name, m.snapshot())).collect();
+    let snapshots: Vec<(String, Snapshot)> = extensions.iter().map(|(name, m)| (label(name), m.snapshot())).collect();
     let mut out = String::new();
     let function_counters: [Family<FunctionStats>; 3] = [
         ("mqtt_offline_function_calls_total", "Rule runs, by function.", |f| f.calls),
@@ -175,6 +175,11 @@ pub fn prometheus(extensions: &[(&str, &Metrics)]) -> String {
         }
     }
     out
+}
+
+/// A label value as Prometheus text needs it: backslashes, double quotes and newlines escaped.
+pub fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// A metric family read off `T`: its name, its help text, its value.
