@@ -297,15 +297,8 @@ async fn mqtt_5_subscribers_see_the_stored_id_as_a_user_property() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_refuses_publishes_until_it_is_back_and_loses_no_acknowledged_message() {
     // A cluster of this test alone: stopping the shared one would disturb the other tests.
-    let cluster = integration_tests::OwnCluster::new(15499, "pg-broker-outage");
-    cluster.pg("up");
-    cluster.pg("fresh");
-    let rules = format!(
-        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = postgres\n\
-         backend.pgsql.pool1.database = mqtt\n{}",
-        cluster.port,
-        offline_rules("")
-    );
+    let cluster = integration_tests::OwnCluster::fresh(15499, "pg-broker-outage");
+    let rules = cluster.offline_rules();
     let broker = broker().start("outage", &rules).await;
     Mqtt::subscribe_and_leave(broker.port, "s", "t").await;
 

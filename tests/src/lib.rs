@@ -169,6 +169,24 @@ impl OwnCluster {
         OwnCluster { port, base: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target").join(dir) }
     }
 
+    /// Started, with a fresh `mqtt` database.
+    pub fn fresh(port: u16, dir: &str) -> OwnCluster {
+        let cluster = OwnCluster::new(port, dir);
+        cluster.pg("up");
+        cluster.pg("fresh");
+        cluster
+    }
+
+    /// Pool `pool1` on this cluster's `mqtt` database, and the example offline rules.
+    pub fn offline_rules(&self) -> String {
+        format!(
+            "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = postgres\n\
+             backend.pgsql.pool1.database = mqtt\n{}",
+            self.port,
+            offline_rules("")
+        )
+    }
+
     /// `scripts/pg.sh <command>` on this cluster: `up`, `down`, `fresh`, `restart`.
     pub fn pg(&self, command: &str) {
         pg_script(self.port, &self.base, command);

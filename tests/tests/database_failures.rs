@@ -23,14 +23,8 @@ fn message(sequence: usize) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_mid_stream_loses_no_acknowledged_message_and_the_host_recovers() {
-    let cluster = OwnCluster::new(15498, "pg-failures");
-    cluster.pg("up");
-    cluster.pg("fresh");
-    let rules = format!(
-        "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = postgres\nbackend.pgsql.pool1.database = mqtt\n{}",
-        cluster.port,
-        offline_rules("")
-    );
+    let cluster = OwnCluster::fresh(15498, "pg-failures");
+    let rules = cluster.offline_rules();
     let host = host_harness::Host::with_rules(integration_tests::guest_module(), &rules, "t.conf", "n").await.unwrap();
     host.migrate().await.unwrap();
     replay(&host, &lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s")])).await;
