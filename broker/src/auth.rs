@@ -157,8 +157,8 @@ impl Authenticator {
     }
 
     /// Reads the password file again; a file that does not parse leaves the running one. Clients
-    /// connected as a user the new file drops, or gives another password, are disconnected (as
-    /// Mosquitto does): revoking a user takes effect at once.
+    /// connected as a user the new file drops, or gives another password, are disconnected:
+    /// revoking a user takes effect at once.
     pub async fn reload(&self, why: &str, scx: &ServerContext) {
         let Some(path) = &self.password_file else { return };
         let next = match PasswordFile::load(path) {
