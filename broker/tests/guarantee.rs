@@ -500,7 +500,7 @@ async fn generated_mqtt_5_properties_come_back_from_the_database_as_they_were_pu
     let (publisher, mut acks) = v5::connect(broker.port, "p").await;
     for case in 0..60 {
         let text = |cases: &mut Cases| {
-            let len = cases.len().min(16_000);
+            let len = cases.length().min(16_000);
             cases.text(len)
         };
         let properties = v5::PublishProperties {
@@ -510,7 +510,7 @@ async fn generated_mqtt_5_properties_come_back_from_the_database_as_they_were_pu
             response_topic: (cases.below(2) == 0)
                 .then(|| format!("reply/{}", text(&mut cases).replace(['+', '#'], "x"))),
             correlation_data: (cases.below(2) == 0).then(|| {
-                let len = cases.len();
+                let len = cases.length();
                 cases.bytes(len).into()
             }),
             user_properties: (0..cases.below(5)).map(|_| (text(&mut cases), text(&mut cases))).collect(),

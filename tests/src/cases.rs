@@ -4,14 +4,14 @@
 pub struct Cases(pub u64);
 
 impl Cases {
-    pub fn next(&mut self) -> u64 {
+    pub fn number(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.number() % n
     }
     /// Text of `len` characters: ASCII, accented, CJK, emoji, the separators MQTT topics use.
     pub fn text(&mut self, len: usize) -> String {
@@ -19,10 +19,10 @@ impl Cases {
         (0..len).map(|_| CHARS[self.below(CHARS.len() as u64) as usize]).collect()
     }
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| if self.below(4) == 0 { 0 } else { self.next() as u8 }).collect()
+        (0..len).map(|_| if self.below(4) == 0 { 0 } else { self.number() as u8 }).collect()
     }
     /// A length, now and then the largest an MQTT string or binary field holds.
-    pub fn len(&mut self) -> usize {
+    pub fn length(&mut self) -> usize {
         match self.below(10) {
             0 => 0,
             1 => 65_535,

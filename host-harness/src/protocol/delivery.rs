@@ -23,6 +23,7 @@
 //!
 //! One [`Deliveries`] per extension: ids are the extension's own.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -221,15 +222,20 @@ impl<P: Held> Deliveries<P> {
                     continue;
                 };
                 subscription.sent = Some(subscription.sent.map_or((id, id), |(low, high)| (low.min(id), high.max(id))));
-                let forward = if subscription.acked.contains_key(&id) {
-                    false
-                } else if s.acked.contains(&id) {
-                    subscription.acked.insert(id, Arc::new(message.clone()));
-                    false
-                } else {
-                    let outstanding = s.subscriptions.values().any(|other| other.unacked.contains(&id));
-                    subscription.unacked.insert(id);
-                    !outstanding
+                let forward = match subscription.acked.entry(id) {
+                    // This subscription has it acked already.
+                    Entry::Occupied(_) => false,
+                    // The client acked it through another subscription: it counts here too.
+                    Entry::Vacant(slot) if s.acked.contains(&id) => {
+                        slot.insert(Arc::new(message.clone()));
+                        false
+                    }
+                    // Goes, unless another subscription's delivery of it is still unacked.
+                    Entry::Vacant(_) => {
+                        let outstanding = s.subscriptions.values().any(|other| other.unacked.contains(&id));
+                        subscription.unacked.insert(id);
+                        !outstanding
+                    }
                 };
                 decisions.push(forward);
             }
