@@ -225,13 +225,19 @@ impl Host {
 
     /// Reloads both from their files (what `{"control":"reload"}`, `--watch` and SIGHUP do).
     /// Either both are swapped in or, on any error, neither.
+    /// Counted in the metrics (`reloads`, `reloads_refused`).
     pub async fn reload(&self, runtime: &Runtime, sources: &Sources) -> anyhow::Result<()> {
         let _one = self.reloading.lock().await;
-        let current = self.running();
-        let module = runtime.load(&sources.module)?;
-        let (text, source) = read_rules(&sources.rules)?;
-        let (backend, rules) = prepare(&text, &source, &current.rules.node, Some(&current.backend))?;
-        self.swap(Running { module, backend, rules }).await
+        let reloaded = async {
+            let current = self.running();
+            let module = runtime.load(&sources.module)?;
+            let (text, source) = read_rules(&sources.rules)?;
+            let (backend, rules) = prepare(&text, &source, &current.rules.node, Some(&current.backend))?;
+            self.swap(Running { module, backend, rules }).await
+        }
+        .await;
+        self.metrics.reloaded(reloaded.is_ok());
+        reloaded
     }
 
     /// Configures a fresh instance of `next` and, only if that works, makes `next` the running

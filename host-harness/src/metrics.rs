@@ -73,6 +73,10 @@ pub struct Snapshot {
     pub messages_delivered: u64,
     /// Stored messages a backlog passed over because they trap the guest even alone.
     pub messages_skipped: u64,
+    /// Reloads from the files (SIGHUP, `--watch`, a control line) that took effect.
+    pub reloads: u64,
+    /// Reloads refused (the running configuration stayed).
+    pub reloads_refused: u64,
 }
 
 /// Shared by every instance of one host (reloads included).
@@ -109,6 +113,10 @@ impl Metrics {
 
     pub fn skipped(&self) {
         self.update(|s| s.messages_skipped += 1);
+    }
+
+    pub fn reloaded(&self, applied: bool) {
+        self.update(|s| if applied { s.reloads += 1 } else { s.reloads_refused += 1 });
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -172,6 +180,18 @@ pub fn prometheus(extensions: &[(&str, &Metrics)]) -> String {
         family(&mut out, name, help, "counter");
         for (extension, s) in &snapshots {
             let _ = writeln!(out, "{name}{{extension=\"{extension}\"}} {}", value(s));
+        }
+    }
+    family(
+        &mut out,
+        "mqtt_offline_reloads_total",
+        "Reloads of module and rules from their files, by outcome.",
+        "counter",
+    );
+    for (extension, s) in &snapshots {
+        for (outcome, count) in [("applied", s.reloads), ("refused", s.reloads_refused)] {
+            let _ =
+                writeln!(out, "mqtt_offline_reloads_total{{extension=\"{extension}\",outcome=\"{outcome}\"}} {count}");
         }
     }
     out

@@ -136,7 +136,9 @@ fn failed<T>(message: impl Into<String>) -> Result<T, Stop> {
     Err(Stop::Failed(message.into()))
 }
 
-/// A control line: `{"control":"reload"}` reloads the module and rules from their files.
+/// A control line: `{"control":"reload"}` reloads the module and rules from their files;
+/// `{"control":"mark"}` prints `{"mark":{"line":N}}`, so that a program feeding events one at a
+/// time knows when everything the lines before it caused has been printed.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Control {
@@ -147,6 +149,7 @@ struct Control {
 #[serde(rename_all = "lowercase")]
 enum ControlCommand {
     Reload,
+    Mark,
 }
 
 pub struct Broker<'a, W> {
@@ -214,6 +217,11 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 match serde_json::from_str::<Control>(&line) {
                     Ok(Control { control: ControlCommand::Reload }) => {
                         self.reload(Some(number), "control line").await?;
+                        continue;
+                    }
+                    Ok(Control { control: ControlCommand::Mark }) => {
+                        self.emit(json!({"mark": {"line": number}})).await?;
+                        self.out.flush().await?;
                         continue;
                     }
                     Err(e) => failed(format!("malformed control line: {}", without_position(&e))),
