@@ -1,94 +1,12 @@
 //! The broker as users run it: a real broker process with the real extension, a real
 //! PostgreSQL, and real MQTT clients.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
+use integration_tests::TestDb;
 use integration_tests::mqtt::{Launcher, Mqtt, database, payloads, v5};
-use integration_tests::{TestDb, offline_rules};
 use rumqttc::QoS;
 
 fn broker() -> Launcher {
     Launcher::new(env!("CARGO_BIN_EXE_broker"))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_flow_with_two_subscribers_gets_every_message_once() {
-    let (_db, rules) = database("broker_seed", "").await;
-    let broker = broker().start("seed", &rules).await;
-
-    // Both subscribers online: live delivery.
-    let mut alice = Mqtt::connect(broker.port, "alice", false).await;
-    let mut bob = Mqtt::connect(broker.port, "bob", false).await;
-    alice.subscribe("news/#", QoS::AtLeastOnce).await;
-    bob.subscribe("news/#", QoS::AtLeastOnce).await;
-    let mut publisher = Mqtt::connect(broker.port, "publisher", false).await;
-    publisher.publish("news/1", QoS::AtLeastOnce, "live").await;
-    assert_eq!(payloads(&alice.receive(1).await), ["live"]);
-    assert_eq!(payloads(&bob.receive(1).await), ["live"]);
-    alice.disconnect().await;
-    bob.disconnect().await;
-
-    // Both offline: stored.
-    for i in 1..=3 {
-        publisher.publish(&format!("news/{i}"), QoS::AtLeastOnce, &format!("offline {i}")).await;
-    }
-
-    // Each comes back and gets them once, in order; then nothing more.
-    for name in ["alice", "bob"] {
-        let mut subscriber = Mqtt::connect(broker.port, name, false).await;
-        subscriber.subscribe("news/#", QoS::AtLeastOnce).await;
-        assert_eq!(payloads(&subscriber.receive(3).await), ["offline 1", "offline 2", "offline 3"], "{name}");
-        assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new(), "{name}: no repeats");
-        subscriber.disconnect().await;
-    }
-    let mut alice = Mqtt::connect(broker.port, "alice", false).await;
-    alice.subscribe("news/#", QoS::AtLeastOnce).await;
-    assert_eq!(payloads(&alice.quiet().await), Vec::<String>::new(), "a reconnection repeats nothing");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wildcard_subscriber_gets_what_its_filter_matches_and_nothing_else() {
-    let (_db, rules) = database("broker_wildcard", "").await;
-    let broker = broker().start("wildcard", &rules).await;
-    Mqtt::subscribe_and_leave(broker.port, "s", "sensors/+/temp").await;
-
-    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
-    for (topic, payload) in [
-        ("sensors/hall/temp", "hall"),
-        ("sensors/hall/humidity", "no: other leaf"),
-        ("sensors/kitchen/temp", "kitchen"),
-        ("sensors/temp", "no: one level short"),
-        ("other/hall/temp", "no: other root"),
-    ] {
-        publisher.publish(topic, QoS::AtLeastOnce, payload).await;
-    }
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("sensors/+/temp", QoS::AtLeastOnce).await;
-    let got = subscriber.receive(2).await;
-    assert_eq!(payloads(&got), ["hall", "kitchen"]);
-    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_subscriber_gets_the_retained_message_from_the_database() {
-    let retain = "backend.pgsql.hook.message.publish.2 = {\"topic\": \"#\", \"action\": {\"function\": \"on_message_retain\"}, \"pool\": \"pool1\"}\n\
-                  backend.pgsql.hook.session.subscribed.2 = {\"topic\": \"#\", \"action\": {\"function\": \"on_retain_lookup\"}, \"pool\": \"pool1\"}";
-    let (db, rules) = database("broker_retain", retain).await;
-    let broker = broker().start("retain", &rules).await;
-    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
-    publisher.try_publish("home/hall/temp", QoS::AtLeastOnce, true, "21").await.unwrap();
-    publisher.try_publish("home/hall/temp", QoS::AtLeastOnce, true, "22").await.unwrap();
-    let rows = db.client().await.query("SELECT payload FROM mqtt_retain", &[]).await.unwrap();
-    assert_eq!(rows.len(), 1, "one retained message per topic");
-
-    // rmqtt keeps no retained messages of its own here: what comes is the database's.
-    let mut subscriber = Mqtt::connect(broker.port, "newcomer", false).await;
-    subscriber.subscribe("home/#", QoS::AtLeastOnce).await;
-    let got = subscriber.receive(1).await;
-    assert_eq!(payloads(&got), ["22"]);
-    assert!(got[0].retain, "delivered with RETAIN");
-    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,28 +32,6 @@ async fn qos_0_is_stored_only_by_on_message_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_leaves_before_acking_gets_the_unacked_messages_again_and_never_an_acked_one() {
-    let (_db, rules) = database("broker_at_least_once", "").await;
-    let broker = broker().start("at-least-once", &rules).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", true).await;
-    subscriber.subscribe("t", QoS::AtLeastOnce).await;
-    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
-    for i in 1..=5 {
-        publisher.publish("t", QoS::AtLeastOnce, &i.to_string()).await;
-    }
-    let got = subscriber.receive(5).await;
-    assert_eq!(payloads(&got), ["1", "2", "3", "4", "5"]);
-    subscriber.ack(&got[0]).await;
-    subscriber.ack(&got[1]).await;
-    subscriber.disconnect().await;
-
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("t", QoS::AtLeastOnce).await;
-    assert_eq!(payloads(&subscriber.receive(3).await), ["3", "4", "5"]);
-    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_brokers_share_one_database_publish_on_one_and_come_back_on_the_other() {
     let (_db, rules) = database("broker_two_nodes", "").await;
     let first = broker().start("node-a", &rules).await;
@@ -155,43 +51,6 @@ async fn two_brokers_share_one_database_publish_on_one_and_come_back_on_the_othe
     let mut subscriber = Mqtt::connect(first.port, "roamer", false).await;
     subscriber.subscribe("fleet/#", QoS::AtLeastOnce).await;
     assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new(), "read on one node is read on all");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_of_several_pages_comes_before_live_messages_once_each_in_order() {
-    let db = TestDb::create("broker_backlog_then_live").await;
-    let rules = db.rules(&offline_rules(r#"{"max_returned_count": 50}"#));
-    let broker = broker().start("backlog-then-live", &rules).await;
-    Mqtt::subscribe_and_leave(broker.port, "s", "feed").await;
-
-    // 1000 stored while away (20 pages of 50), then more published while the backlog goes out.
-    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
-    for i in 0..1000 {
-        publisher.publish("feed", QoS::AtLeastOnce, &i.to_string()).await;
-    }
-    // The publisher keeps going until the subscriber has had the backlog.
-    let stop = Arc::new(AtomicBool::new(false));
-    let live = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let mut next = 1000;
-            while !stop.load(Ordering::Relaxed) {
-                publisher.publish("feed", QoS::AtLeastOnce, &next.to_string()).await;
-                next += 1;
-            }
-            next
-        }
-    });
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("feed", QoS::AtLeastOnce).await;
-    let mut got = payloads(&subscriber.receive(1050).await);
-    stop.store(true, Ordering::Relaxed);
-    let published = live.await.unwrap();
-    got.extend(payloads(&subscriber.receive(published - 1050).await));
-    got.extend(payloads(&subscriber.quiet().await));
-    let expected: Vec<String> = (0..published).map(|i| i.to_string()).collect();
-    assert_eq!(got, expected, "the backlog, then live messages: each once, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,34 +80,6 @@ async fn concurrent_publishers_share_batches_and_every_message_is_stored_once() 
         let expected: Vec<String> = (0..20).map(|i| format!("{p}:{i}")).collect();
         assert_eq!(own, expected.iter().collect::<Vec<_>>(), "publisher {p}: each once, in its order");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rules_reload_on_sighup_while_clients_stay_connected_and_a_bad_file_changes_nothing() {
-    let (_db, rules) = database("broker_reload", "").await;
-    let without_store: String =
-        rules.lines().filter(|l| !l.contains("message.publish")).map(|l| format!("{l}\n")).collect();
-    let broker = broker().start("reload", &without_store).await;
-    Mqtt::subscribe_and_leave(broker.port, "s", "t").await;
-    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
-    publisher.publish("t", QoS::AtLeastOnce, "before: not stored").await;
-
-    // The full rules, while the publisher stays connected.
-    std::fs::write(&broker.rules, &rules).unwrap();
-    broker.hangup();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    publisher.publish("t", QoS::AtLeastOnce, "after: stored").await;
-
-    // A broken file is refused: the running rules stay.
-    std::fs::write(&broker.rules, format!("{rules}\nbackend.pgsql.hook.message.publish.9 = {{not json\n")).unwrap();
-    broker.hangup();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    publisher.publish("t", QoS::AtLeastOnce, "after the bad file: stored").await;
-
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("t", QoS::AtLeastOnce).await;
-    assert_eq!(payloads(&subscriber.receive(2).await), ["after: stored", "after the bad file: stored"]);
-    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new());
 }
 
 /// Rules whose pool points at a port where no PostgreSQL listens.
@@ -292,43 +123,6 @@ async fn mqtt_5_subscribers_see_the_stored_id_as_a_user_property() {
     };
     let properties = message.properties.expect("properties").user_properties;
     assert_eq!(properties, [("x-offline-id".to_owned(), "offline:1".to_owned())]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_outage_refuses_publishes_until_it_is_back_and_loses_no_acknowledged_message() {
-    // A cluster of this test alone: stopping the shared one would disturb the other tests.
-    let cluster = integration_tests::OwnCluster::fresh(15499, "pg-broker-outage");
-    let rules = cluster.offline_rules();
-    let broker = broker().start("outage", &rules).await;
-    Mqtt::subscribe_and_leave(broker.port, "s", "t").await;
-
-    let (publisher, mut events) = v5::connect(broker.port, "p").await;
-    let mut publish = async |payload: &str| {
-        publisher.publish("t", v5::QoS::AtLeastOnce, false, payload.to_owned()).await.unwrap();
-        let v5::Packet::PubAck(ack) = v5::until(&mut events, |p| matches!(p, v5::Packet::PubAck(_))).await else {
-            unreachable!()
-        };
-        ack.reason
-    };
-    assert_eq!(publish("before").await, v5::PubAckReason::Success);
-    cluster.pg("down");
-    assert_eq!(publish("during").await, v5::PubAckReason::ImplementationSpecificError);
-    cluster.pg("up");
-    // The pool reconnects by itself; until it has, publishes are refused, never lost.
-    let mut after = None;
-    for attempt in 0..50 {
-        if publish(&format!("after {attempt}")).await == v5::PubAckReason::Success {
-            after = Some(format!("after {attempt}"));
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let after = after.expect("publishes succeed again once the database is back");
-
-    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
-    subscriber.subscribe("t", QoS::AtLeastOnce).await;
-    assert_eq!(payloads(&subscriber.receive(2).await), ["before".to_owned(), after]);
-    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new(), "what was refused is nowhere");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

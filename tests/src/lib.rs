@@ -3,6 +3,7 @@
 //! `make guest`), and the real host.
 
 pub mod cases;
+pub mod conformance;
 pub mod http;
 pub mod mqtt;
 

@@ -1,5 +1,7 @@
-//! Offline messages, one-to-many: the seed's flow and the defects of the original it must not
-//! have (wildcards, positions moving back, pages that skip, QoS rules, time_range).
+//! Offline messages, one-to-many, through the harness: the defects of the original it must not
+//! have (positions moving back, repeats on reconnection, QoS rules, time_range, unsubscribe).
+//! The seed's flow, wildcards, paging and at-least-once are conformance scenarios
+//! (`tests/conformance`), run against every host.
 
 use integration_tests::event::{
     ack, connect, disconnect, lines, publish, subscribe, subscribe_manual_ack, unsubscribe,
@@ -8,32 +10,6 @@ use integration_tests::{TestDb, deliveries, errors, offline_rules, replay};
 
 fn pairs(expected: &[(&str, &str)]) -> Vec<(String, String)> {
     expected.iter().map(|(c, p)| (c.to_string(), p.to_string())).collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seed_flow_two_subscribers_each_get_every_message_once() {
-    let db = TestDb::create("seed_flow").await;
-    let host = db.host(&db.rules(&offline_rules(""))).await;
-    let events = include_str!("../../examples/seed.jsonl");
-    let output = replay(&host, events).await;
-    assert!(errors(&output).is_empty(), "{output:?}");
-    assert_eq!(
-        deliveries(&output),
-        pairs(&[
-            // Steps 3-5: both come back; sub1 (sensors/+/temperature) also gets room2.
-            ("sub1", "21.5"),
-            ("sub1", "21.7"),
-            ("sub1", "19.0"),
-            ("sub2", "21.5"),
-            ("sub2", "21.7"),
-            // Live, while both are online.
-            ("sub1", "21.9"),
-            ("sub2", "21.9"),
-            // Step 6: the next fetch starts at each one's position: only what came since.
-            ("sub1", "22.0"),
-            ("sub2", "22.0"),
-        ])
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,48 +25,6 @@ async fn reconnecting_again_and_again_never_repeats_a_message() {
     }
     let output = replay(&host, &lines(&events)).await;
     assert_eq!(deliveries(&output), pairs(&[("s", "m0"), ("s", "m1"), ("s", "m2")]));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wildcard_subscriptions_fetch_every_matching_topic_and_no_other() {
-    let db = TestDb::create("wildcards").await;
-    // Rules without "topic" fire for every event, `$` topics included (a rule's "#" would not).
-    let rules = offline_rules("").replace("\"topic\": \"#\", ", "");
-    let host = db.host(&db.rules(&rules)).await;
-    let subscribers = [("plus", "a/+/c"), ("hash", "a/#"), ("all", "#"), ("sys", "$SYS/#")];
-    let mut events = Vec::new();
-    for (client, filter) in subscribers {
-        events.extend([connect(client), subscribe(client, filter, 1), disconnect(client)]);
-    }
-    for topic in ["a/b/c", "a", "a/b/c/d", "x/b/c", "$SYS/load", "a/.*/c", "ab/c"] {
-        events.push(publish("p", topic, 1, topic));
-    }
-    for (client, filter) in subscribers {
-        events.extend([connect(client), subscribe(client, filter, 1)]);
-    }
-    let output = replay(&host, &lines(&events)).await;
-    let got = |client: &str| -> Vec<String> {
-        deliveries(&output).into_iter().filter(|(c, _)| c == client).map(|(_, p)| p).collect()
-    };
-    assert_eq!(got("plus"), ["a/b/c", "a/.*/c"]);
-    assert_eq!(got("hash"), ["a/b/c", "a", "a/b/c/d", "a/.*/c"]);
-    assert_eq!(got("all"), ["a/b/c", "a", "a/b/c/d", "x/b/c", "a/.*/c", "ab/c"], "# never matches $ topics");
-    assert_eq!(got("sys"), ["$SYS/load"]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_larger_than_a_page_arrives_completely_in_order() {
-    let db = TestDb::create("backlog_pages").await;
-    let host = db.host(&db.rules(&offline_rules(r#"{"max_returned_count": 7}"#))).await;
-    let mut events = vec![connect("s"), subscribe("s", "t/#", 1), disconnect("s")];
-    let sent: Vec<String> = (0..40).map(|i| format!("m{i:02}")).collect();
-    for (i, payload) in sent.iter().enumerate() {
-        events.push(publish("p", &format!("t/{}", i % 3), 1, payload));
-    }
-    events.extend([connect("s"), subscribe("s", "t/#", 1), disconnect("s"), connect("s"), subscribe("s", "t/#", 1)]);
-    let output = replay(&host, &lines(&events)).await;
-    let got: Vec<String> = deliveries(&output).into_iter().map(|(_, p)| p).collect();
-    assert_eq!(got, sent, "40 messages in pages of 7: all of them, oldest first, once");
 }
 
 // In a fresh database stored ids are 1, 2, ...
@@ -124,33 +58,6 @@ async fn an_old_ack_after_a_newer_one_leaves_the_position() {
         .unwrap()
         .get(0);
     assert_eq!(position, 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unacked_messages_come_again_and_acked_ones_do_not() {
-    let db = TestDb::create("unacked_redelivered").await;
-    let host = db.host(&db.rules(&offline_rules(""))).await;
-    let events = lines(&[
-        connect("s"),
-        subscribe("s", "t", 1),
-        disconnect("s"),
-        publish("p", "t", 1, "one"),
-        publish("p", "t", 1, "two"),
-        // Gets both, acks neither: both come again.
-        connect("s"),
-        subscribe_manual_ack("s", "t", 1),
-        disconnect("s"),
-        // Gets both, acks only the first: the second comes again, the first never.
-        connect("s"),
-        subscribe_manual_ack("s", "t", 1),
-        ack("s", 1),
-        disconnect("s"),
-        connect("s"),
-        subscribe("s", "t", 1),
-    ]);
-    let output = replay(&host, &events).await;
-    assert!(errors(&output).is_empty(), "{output:?}");
-    assert_eq!(deliveries(&output), pairs(&[("s", "one"), ("s", "two"), ("s", "one"), ("s", "two"), ("s", "two")]));
 }
 
 /// The harness's ack gate is the host library's (`protocol::delivery`), as the broker's.
