@@ -1,6 +1,28 @@
 //! A wasmtime host for `broker:extension` guests: loads a guest, gives it SQL over named
 //! PostgreSQL pools, and calls its broker hooks. The `harness` command replays broker events
-//! through it ([`replay`]); a real broker embeds [`Host`] the same way.
+//! through it ([`replay`]); a real broker embeds [`Host`] the same way:
+//!
+//! ```no_run
+//! use host_harness::bindings::Client;
+//! use host_harness::host::{Host, Sources};
+//! use host_harness::Runtime;
+//!
+//! # async fn embed() -> anyhow::Result<()> {
+//! let runtime = Runtime::new()?;
+//! let sources = Sources { module: "guest.wasm".into(), rules: "rules.conf".into() };
+//! let host = Host::load(&runtime, &sources, "node1@example").await?;
+//! host.migrate().await?;
+//! // A client connected: its hook, in one instance of the guest. The outer error is a trap (the
+//! // instance was replaced), the inner one a failed rule.
+//! let client = Client { clientid: "c1".into(), username: None, peerhost: None };
+//! let subscriptions = host.call(async |instance| instance.client_connected(&client).await).await??;
+//! # let _ = subscriptions;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! What else an adapter calls, event by event, and the delivery protocol it drives
+//! ([`protocol`]): README, "Implementing a host".
 
 pub mod bindings;
 pub mod command;

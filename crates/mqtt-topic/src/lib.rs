@@ -1,4 +1,12 @@
 //! MQTT topic names and filters: validation and matching by the MQTT rules.
+//!
+//! ```
+//! assert!(mqtt_topic::validate_filter("sensors/+/temp").is_ok());
+//! assert!(mqtt_topic::validate_filter("sensors/#/temp").is_err());
+//! assert!(mqtt_topic::matches("sensors/+/temp", "sensors/hall/temp"));
+//! assert!(mqtt_topic::matches("sensors/#", "sensors"));
+//! assert!(!mqtt_topic::matches("#", "$SYS/uptime"));
+//! ```
 
 /// Checks a topic filter (what a client subscribes to): `+` and `#` fill whole levels, `#` only last.
 pub fn validate_filter(filter: &str) -> Result<(), String> {

@@ -82,6 +82,19 @@ pub fn is_json(text: &str) -> bool {
 
 /// Parses a rules file into its entries, in file order. Checks the grammar only: keys, JSON
 /// syntax, duplicates. What a hook or a pool setting means is for its owner to check.
+///
+/// ```
+/// use rules_file::{Key, parse};
+///
+/// let text = "backend.pgsql.pool1.pool_size = 8\n\
+///             backend.pgsql.hook.message.publish.1 = {\"action\": {\"function\": \"on_message_publish\"}}";
+/// let entries = parse(text).unwrap();
+/// assert_eq!(entries[1].kind, Key::Hook { hookpoint: "message.publish".into(), index: 1 });
+/// assert_eq!(entries[1].line, Some(2));
+///
+/// let error = parse("backend.pgsql.hook.message.publish.1 = {not json").unwrap_err();
+/// assert_eq!(error.line, Some(1));
+/// ```
 pub fn parse(text: &str) -> Result<Vec<Entry>, RulesError> {
     let entries = if is_json(text) { parse_json(text)? } else { parse_conf(text)? };
     let mut seen: HashMap<&str, Option<u32>> = HashMap::new();
