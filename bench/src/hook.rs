@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use host_harness::bindings::{Client, Message, RowSet, Rules, SqlError, Value};
+use host_harness::bindings::{Client, Configuration, Message, RowSet, SqlError, Value};
 use host_harness::metrics::Metrics;
 use host_harness::sql::{SqlBackend, SqlTransaction};
 use integration_tests::guest_module;
@@ -34,7 +34,7 @@ const CALLS: u32 = 100_000;
 
 pub async fn run(runs: usize) -> anyhow::Result<()> {
     let mut instance = guest_module().instantiate(Arc::new(Stub), Arc::new(Metrics::default())).await?;
-    let rules = Rules {
+    let rules = Configuration {
         source: "bench".into(),
         text: "backend.pgsql.hook.message.acked.1 = {\"action\": {\"function\": \"on_message_acked\"}, \"pool\": \"stub\"}\n\
                backend.pgsql.hook.message.publish.1 = {\"action\": {\"function\": \"on_message_publish\"}, \"pool\": \"stub\"}"

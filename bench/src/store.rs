@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::pin_mut;
-use host_harness::bindings::{Message, PublishOutcome, Rules};
+use host_harness::bindings::{Configuration, Message, PublishOutcome};
 use host_harness::config::RulesFile;
 use host_harness::metrics::Metrics;
 use host_harness::postgres::PgBackend;
@@ -166,8 +166,12 @@ async fn guest_and_native(
     let recording = Recording::new(backend.clone());
     let (units, on, last_statement) = (recording.units.clone(), recording.on.clone(), recording.last_statement.clone());
     let mut instance = guest_module().instantiate(Arc::new(recording), Arc::new(Metrics::default())).await?;
-    let guest_rules =
-        Rules { source: "bench".into(), text: file.guest_text, pools: backend.pool_names(), node: "bench".into() };
+    let guest_rules = Configuration {
+        source: "bench".into(),
+        text: file.guest_text,
+        pools: backend.pool_names(),
+        node: "bench".into(),
+    };
     instance.configure(&guest_rules).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
     // The native replay goes through the guest's own backend, on the same connection: the round
     // trips of two connections differ by up to 15 µs, depending on which was opened first,

@@ -5,6 +5,7 @@
 mod action;
 mod db;
 mod functions;
+mod hookpoint;
 mod placeholder;
 mod rules;
 mod template;
@@ -23,16 +24,17 @@ use bindings::broker::extension::metrics;
 use bindings::broker::extension::sql;
 use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
-    ConfigError, FetchPage, Guest, HookError, PublishOutcome, RuleFailure, Rules as RulesText, Skipped,
+    ConfigError, Configuration, FetchPage, Guest, HookError, PublishOutcome, RuleFailure, Skipped,
 };
 use db::{Conn, Work};
 use functions::{acked, client, fetch, housekeeping, publish, retain};
-use placeholder::Event;
-use rules::{Action, Function, Hookpoint, OfflineOpts, OnError, Rule, Rules};
+use hookpoint::Hookpoint;
+use placeholder::{Event, Subject};
+use rules::{Action, Function, OfflineOpts, OnError, Rule, Rules};
 
 /// What `configure` installed.
 #[derive(Default)]
-struct Config {
+struct Installed {
     rules: Rules,
     /// The broker node's name.
     node: String,
@@ -40,16 +42,11 @@ struct Config {
 
 thread_local! {
     /// A component instance is single-threaded; each hook works on a snapshot of the config.
-    static CONFIG: RefCell<Rc<Config>> = RefCell::new(Rc::new(Config::default()));
+    static INSTALLED: RefCell<Rc<Installed>> = RefCell::new(Rc::new(Installed::default()));
 }
 
-fn config() -> Rc<Config> {
-    CONFIG.with(|c| c.borrow().clone())
-}
-
-/// The broker node's name, for `${node}`.
-pub(crate) fn node() -> String {
-    config().node.clone()
+fn installed() -> Rc<Installed> {
+    INSTALLED.with(|c| c.borrow().clone())
 }
 
 pub(crate) fn warn(message: &str) {
@@ -81,14 +78,18 @@ fn settle(rule: &Rule, started: Instant, result: Result<u64, sql::Error>) -> Res
 }
 
 /// The rules of `hookpoint` that fire for an event about `topic` (every rule, for client hooks).
-fn firing<'a>(config: &'a Config, hookpoint: Hookpoint, topic: Option<&'a str>) -> impl Iterator<Item = &'a Rule> {
+fn firing<'a>(config: &'a Installed, hookpoint: Hookpoint, topic: Option<&'a str>) -> impl Iterator<Item = &'a Rule> {
     config.rules.for_hookpoint(hookpoint).iter().filter(move |rule| topic.is_none_or(|t| rule.fires_for(t)))
 }
 
 /// Runs the sql actions of `hookpoint` that fire for `event`.
-fn run_sql_rules(hookpoint: Hookpoint, topic: Option<&str>, event: &Event<'_>) -> Result<(), HookError> {
-    let config = config();
-    for rule in firing(&config, hookpoint, topic) {
+fn run_sql_rules(
+    config: &Installed,
+    hookpoint: Hookpoint,
+    topic: Option<&str>,
+    event: &Event<'_>,
+) -> Result<(), HookError> {
+    for rule in firing(config, hookpoint, topic) {
         if let Action::Sql(statements) = &rule.action {
             let started = Instant::now();
             settle(rule, started, action::run(&Conn::Pool(&rule.pool), statements, std::slice::from_ref(event)))?;
@@ -144,7 +145,7 @@ fn publish_applies(rule: &Rule, message: &Message) -> bool {
 /// ids the storing rules gave (message index, id); on error nothing took effect (the ids set on
 /// `messages` meanwhile are stale: the caller clears them).
 fn publish_together(
-    config: &Config,
+    config: &Installed,
     messages: &mut [Message],
     selected: &[usize],
 ) -> Result<Vec<(usize, i64)>, HookError> {
@@ -168,7 +169,7 @@ fn publish_together(
     let mut stored = Vec::new();
     for (rule, indices) in &working {
         let started = Instant::now();
-        let result = run_publish_rule(rule, &work.conn(&rule.pool), messages, indices, &mut stored);
+        let result = run_publish_rule(rule, &config.node, &work.conn(&rule.pool), messages, indices, &mut stored);
         settle(rule, started, result)?;
     }
     work.commit().map_err(|error| {
@@ -181,6 +182,7 @@ fn publish_together(
 /// gave in `stored` and on the messages (for `${id}` in later rules). Returns the rows handled.
 fn run_publish_rule(
     rule: &Rule,
+    node: &str,
     conn: &Conn<'_>,
     messages: &mut [Message],
     indices: &[usize],
@@ -202,8 +204,10 @@ fn run_publish_rule(
         Action::Function(Function::MessageRetain) => retain::keep(conn, &batch).map(|()| rows),
         Action::Function(Function::RetainDelete) => retain::delete(conn, &batch).map(|()| rows),
         Action::Sql(statements) => {
-            let events: Vec<Event<'_>> =
-                batch.iter().map(|&message| Event::Message { receiver: None, message }).collect();
+            let events: Vec<Event<'_>> = batch
+                .iter()
+                .map(|&message| Event { node, subject: Subject::Message { receiver: None, message } })
+                .collect();
             action::run(conn, statements, &events)
         }
         Action::Function(_) => Ok(0), // configuration keeps other functions off this hookpoint
@@ -238,18 +242,18 @@ fn unreachable(failure: &HookError) -> bool {
 struct Extension;
 
 impl Guest for Extension {
-    fn configure(text: RulesText) -> Result<(), ConfigError> {
-        let rules = Rules::parse(&text.text, &text.pools).map_err(|e| ConfigError {
+    fn configure(configuration: Configuration) -> Result<(), ConfigError> {
+        let rules = Rules::parse(&configuration.text, &configuration.pools).map_err(|e| ConfigError {
             line: e.line,
             key: e.key,
             message: e.message,
         })?;
-        CONFIG.with(|c| *c.borrow_mut() = Rc::new(Config { rules, node: text.node }));
+        INSTALLED.with(|c| *c.borrow_mut() = Rc::new(Installed { rules, node: configuration.node }));
         Ok(())
     }
 
     fn client_connected(client: Client) -> Result<Vec<Subscription>, HookError> {
-        let config = config();
+        let config = installed();
         let mut subscriptions = Vec::new();
         for rule in firing(&config, Hookpoint::ClientConnected, None) {
             let started = Instant::now();
@@ -264,7 +268,11 @@ impl Guest for Extension {
                         rows
                     })
                 }
-                Action::Sql(statements) => action::run(&Conn::Pool(&rule.pool), statements, &[Event::Client(&client)]),
+                Action::Sql(statements) => action::run(
+                    &Conn::Pool(&rule.pool),
+                    statements,
+                    &[Event { node: &config.node, subject: Subject::Client(&client) }],
+                ),
                 Action::Function(_) => continue,
             };
             settle(rule, started, result)?;
@@ -273,14 +281,18 @@ impl Guest for Extension {
     }
 
     fn client_disconnected(client: Client, _reason: String) -> Result<(), HookError> {
-        let config = config();
+        let config = installed();
         for rule in firing(&config, Hookpoint::ClientDisconnected, None) {
             let started = Instant::now();
             let result = match &rule.action {
                 Action::Function(Function::ClientDisconnected) => {
                     client::disconnected(&rule.pool, &client.clientid, &config.node).map(|()| 1)
                 }
-                Action::Sql(statements) => action::run(&Conn::Pool(&rule.pool), statements, &[Event::Client(&client)]),
+                Action::Sql(statements) => action::run(
+                    &Conn::Pool(&rule.pool),
+                    statements,
+                    &[Event { node: &config.node, subject: Subject::Client(&client) }],
+                ),
                 Action::Function(_) => continue,
             };
             settle(rule, started, result)?;
@@ -289,9 +301,10 @@ impl Guest for Extension {
     }
 
     fn session_subscribed(client: Client, subscription: Subscription) -> Result<FetchPage, HookError> {
-        let config = config();
+        let config = installed();
         let filter = subscription.filter.as_str();
-        let event = Event::Subscription { client: &client, filter, qos: Some(subscription.qos) };
+        let subject = Subject::Subscription { client: &client, filter, qos: Some(subscription.qos) };
+        let event = Event { node: &config.node, subject };
         // Retained messages first, then the offline backlog's first page (one fetch rule serves a
         // subscription: the first that fires; only QoS 1/2 subscriptions fetch).
         let fetch_rule = config.rules.fetch_rule(filter);
@@ -344,7 +357,7 @@ impl Guest for Extension {
     }
 
     fn session_resume(client: Client, subscription: Subscription) -> Result<FetchPage, HookError> {
-        let config = config();
+        let config = installed();
         let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else {
             return Ok(FetchPage { messages: Vec::new(), next: None });
         };
@@ -354,7 +367,7 @@ impl Guest for Extension {
 
     fn session_fetch_next(_client: Client, subscription: Subscription, cursor: String) -> Result<FetchPage, HookError> {
         let cursor = fetch::Cursor::decode(&cursor).map_err(HookError::Invalid)?;
-        let config = config();
+        let config = installed();
         // The rule in force now serves the page, whatever rule served the one before.
         let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else {
             warn(&format!("no on_message_fetch rule serves {} any more: its backlog ends here", subscription.filter));
@@ -369,7 +382,7 @@ impl Guest for Extension {
         subscription: Subscription,
         cursor: Option<String>,
     ) -> Result<FetchPage, HookError> {
-        let config = config();
+        let config = installed();
         let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else {
             return Ok(FetchPage { messages: Vec::new(), next: None });
         };
@@ -386,7 +399,7 @@ impl Guest for Extension {
         subscription: Subscription,
         cursor: Option<String>,
     ) -> Result<Option<Skipped>, HookError> {
-        let config = config();
+        let config = installed();
         let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else { return Ok(None) };
         let Some(cursor) = restart_point(rule, &client, &subscription, cursor)? else { return Ok(None) };
         let id = fetch::next_id(&rule.pool, opts, &subscription.filter, &cursor).map_err(|e| sql_error(rule, e))?;
@@ -394,12 +407,16 @@ impl Guest for Extension {
     }
 
     fn session_unsubscribed(client: Client, filter: String) -> Result<(), HookError> {
-        let event = Event::Subscription { client: &client, filter: &filter, qos: None };
-        run_sql_rules(Hookpoint::SessionUnsubscribed, Some(&filter), &event)
+        let config = installed();
+        let event = Event {
+            node: &config.node,
+            subject: Subject::Subscription { client: &client, filter: &filter, qos: None },
+        };
+        run_sql_rules(&config, Hookpoint::SessionUnsubscribed, Some(&filter), &event)
     }
 
     fn message_publish(mut messages: Vec<Message>) -> Vec<PublishOutcome> {
-        let config = config();
+        let config = installed();
         let mut outcomes: Vec<PublishOutcome> = messages.iter().map(|_| PublishOutcome::NotStored).collect();
         let all: Vec<usize> = (0..messages.len()).collect();
         match publish_together(&config, &mut messages, &all) {
@@ -441,7 +458,8 @@ impl Guest for Extension {
             }
             let started = Instant::now();
             let mut stored = Vec::new();
-            let result = run_publish_rule(rule, &Conn::Pool(&rule.pool), &mut messages, &selected, &mut stored);
+            let result =
+                run_publish_rule(rule, &config.node, &Conn::Pool(&rule.pool), &mut messages, &selected, &mut stored);
             if settle(rule, started, result).is_ok() {
                 record_stored(&mut outcomes, stored);
             }
@@ -450,13 +468,16 @@ impl Guest for Extension {
     }
 
     fn message_delivered(client: Client, message: Message) -> Result<(), HookError> {
-        let event = Event::Message { receiver: Some(&client), message: &message };
-        run_sql_rules(Hookpoint::MessageDelivered, Some(&message.topic), &event)
+        let config = installed();
+        let event =
+            Event { node: &config.node, subject: Subject::Message { receiver: Some(&client), message: &message } };
+        run_sql_rules(&config, Hookpoint::MessageDelivered, Some(&message.topic), &event)
     }
 
     fn message_acked(client: Client, message: Message, positions: Vec<String>) -> Result<(), HookError> {
-        let config = config();
-        let event = Event::Message { receiver: Some(&client), message: &message };
+        let config = installed();
+        let event =
+            Event { node: &config.node, subject: Subject::Message { receiver: Some(&client), message: &message } };
         for rule in firing(&config, Hookpoint::MessageAcked, Some(&message.topic)) {
             let started = Instant::now();
             let result = match (&rule.action, message.id) {
@@ -474,7 +495,7 @@ impl Guest for Extension {
     }
 
     fn tick() -> Result<u64, HookError> {
-        let config = config();
+        let config = installed();
         let mut deleted = 0;
         let mut swept_pools: Vec<&str> = Vec::new();
         for rule in config.rules.for_hookpoint(Hookpoint::MessagePublish) {

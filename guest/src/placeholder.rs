@@ -2,7 +2,7 @@
 
 use crate::bindings::broker::extension::sql::Value;
 use crate::bindings::broker::extension::types::{Client, Message};
-use crate::rules::Hookpoint;
+use crate::hookpoint::Hookpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placeholder {
@@ -81,32 +81,38 @@ impl Placeholder {
     pub fn value(self, event: &Event<'_>) -> Value {
         let text = |s: &str| Value::Text(s.to_owned());
         let optional = |s: &Option<String>| s.as_deref().map_or(Value::Null, text);
-        let client = match event {
-            Event::Client(client) | Event::Subscription { client, .. } => Some(*client),
-            Event::Message { receiver, .. } => *receiver,
+        let client = match &event.subject {
+            Subject::Client(client) | Subject::Subscription { client, .. } => Some(*client),
+            Subject::Message { receiver, .. } => *receiver,
         };
-        match (self, event) {
-            (Node, _) => Value::Text(crate::node()),
-            (Clientid, Event::Message { receiver: None, message }) => text(&message.sender),
+        match (self, &event.subject) {
+            (Node, _) => text(event.node),
+            (Clientid, Subject::Message { receiver: None, message }) => text(&message.sender),
             (Clientid, _) => client.map_or(Value::Null, |c| text(&c.clientid)),
             (Username, _) => client.map_or(Value::Null, |c| optional(&c.username)),
             (Peerhost, _) => client.map_or(Value::Null, |c| optional(&c.peerhost)),
-            (Topic, Event::Subscription { filter, .. }) => text(filter),
-            (Qos, Event::Subscription { qos: Some(qos), .. }) => Value::Int32(i32::from(*qos)),
-            (Topic, Event::Message { message, .. }) => text(&message.topic),
-            (Qos, Event::Message { message, .. }) => Value::Int32(i32::from(message.qos)),
-            (Msgid, Event::Message { message, .. }) => text(&message.msgid),
-            (Payload, Event::Message { message, .. }) => Value::Bytes(message.payload.clone()),
-            (Retain, Event::Message { message, .. }) => Value::Boolean(message.retain),
-            (Timestamp, Event::Message { message, .. }) => Value::Int64(message.timestamp),
-            (Id, Event::Message { message, .. }) => message.id.map_or(Value::Null, Value::Int64),
+            (Topic, Subject::Subscription { filter, .. }) => text(filter),
+            (Qos, Subject::Subscription { qos: Some(qos), .. }) => Value::Int32(i32::from(*qos)),
+            (Topic, Subject::Message { message, .. }) => text(&message.topic),
+            (Qos, Subject::Message { message, .. }) => Value::Int32(i32::from(message.qos)),
+            (Msgid, Subject::Message { message, .. }) => text(&message.msgid),
+            (Payload, Subject::Message { message, .. }) => Value::Bytes(message.payload.clone()),
+            (Retain, Subject::Message { message, .. }) => Value::Boolean(message.retain),
+            (Timestamp, Subject::Message { message, .. }) => Value::Int64(message.timestamp),
+            (Id, Subject::Message { message, .. }) => message.id.map_or(Value::Null, Value::Int64),
             _ => Value::Null,
         }
     }
 }
 
+/// What a hook is about, and the broker node it runs on: all that placeholders bind.
+pub struct Event<'a> {
+    pub node: &'a str,
+    pub subject: Subject<'a>,
+}
+
 /// What a hook is about, as far as placeholders are concerned.
-pub enum Event<'a> {
+pub enum Subject<'a> {
     Client(&'a Client),
     Subscription {
         client: &'a Client,

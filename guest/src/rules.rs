@@ -4,49 +4,11 @@
 
 use serde_json::{Map, Value};
 
+use crate::functions;
+use crate::hookpoint::Hookpoint;
 use crate::template::Statement;
 use crate::topic;
 use rules_file::{Key, RulesError, parse_duration};
-
-/// The broker events a rule can hang on, in the EMQX spelling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hookpoint {
-    ClientConnected,
-    ClientDisconnected,
-    SessionSubscribed,
-    SessionUnsubscribed,
-    MessagePublish,
-    MessageDelivered,
-    MessageAcked,
-}
-
-impl Hookpoint {
-    pub const ALL: [Hookpoint; 7] = [
-        Hookpoint::ClientConnected,
-        Hookpoint::ClientDisconnected,
-        Hookpoint::SessionSubscribed,
-        Hookpoint::SessionUnsubscribed,
-        Hookpoint::MessagePublish,
-        Hookpoint::MessageDelivered,
-        Hookpoint::MessageAcked,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Hookpoint::ClientConnected => "client.connected",
-            Hookpoint::ClientDisconnected => "client.disconnected",
-            Hookpoint::SessionSubscribed => "session.subscribed",
-            Hookpoint::SessionUnsubscribed => "session.unsubscribed",
-            Hookpoint::MessagePublish => "message.publish",
-            Hookpoint::MessageDelivered => "message.delivered",
-            Hookpoint::MessageAcked => "message.acked",
-        }
-    }
-
-    fn from_name(name: &str) -> Option<Hookpoint> {
-        Hookpoint::ALL.into_iter().find(|h| h.name() == name)
-    }
-}
 
 /// The built-in functions of emqx_backend_pgsql.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,31 +35,18 @@ pub enum Function {
     MessageAcked,
 }
 
-/// Each function's name, the hookpoint it runs on, and the function with default options.
-const FUNCTIONS: [(&str, Hookpoint, fn() -> Function); 10] = [
-    ("on_client_connected", Hookpoint::ClientConnected, || Function::ClientConnected),
-    ("on_subscribe_lookup", Hookpoint::ClientConnected, || Function::SubscribeLookup),
-    ("on_client_disconnected", Hookpoint::ClientDisconnected, || Function::ClientDisconnected),
-    ("on_message_fetch", Hookpoint::SessionSubscribed, || Function::MessageFetch(OfflineOpts::default())),
-    ("on_retain_lookup", Hookpoint::SessionSubscribed, || Function::RetainLookup),
-    ("on_message_publish", Hookpoint::MessagePublish, || Function::MessagePublish(StoreOpts::default())),
-    ("on_message_store", Hookpoint::MessagePublish, || Function::MessageStore(StoreOpts::default())),
-    ("on_message_retain", Hookpoint::MessagePublish, || Function::MessageRetain),
-    ("on_retain_delete", Hookpoint::MessagePublish, || Function::RetainDelete),
-    ("on_message_acked", Hookpoint::MessageAcked, || Function::MessageAcked),
-];
-
 impl Function {
     /// The function and its name as the table spells it.
     fn parse(name: &str, hookpoint: Hookpoint) -> Result<(Function, &'static str), String> {
-        let Some((name, home, function)) = FUNCTIONS.iter().find(|(n, _, _)| *n == name) else {
-            let known: Vec<&str> = FUNCTIONS.iter().map(|(n, _, _)| *n).collect();
+        let Some(builtin) = functions::ALL.iter().find(|b| b.name == name) else {
+            let known: Vec<&str> = functions::ALL.iter().map(|b| b.name).collect();
             return Err(format!("unknown function `{name}`; known: {}", known.join(", ")));
         };
-        if *home != hookpoint {
-            return Err(format!("function `{name}` belongs on hookpoint {}, not {}", home.name(), hookpoint.name()));
+        if builtin.hookpoint != hookpoint {
+            let home = builtin.hookpoint.name();
+            return Err(format!("function `{name}` belongs on hookpoint {home}, not {}", hookpoint.name()));
         }
-        Ok((function(), name))
+        Ok(((builtin.function)(), builtin.name))
     }
 }
 

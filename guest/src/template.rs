@@ -1,8 +1,8 @@
 //! `${name}` statements of the sql action. Each placeholder becomes a positional parameter
 //! (`$1`, `$2`, ... in order of first use), so values are always bound, never pasted into SQL.
 
+use crate::hookpoint::Hookpoint;
 use crate::placeholder::Placeholder;
-use crate::rules::Hookpoint;
 
 /// A statement ready to run: SQL text with `$n` parameters and what binds to each.
 #[derive(Debug, Clone, PartialEq)]

@@ -11,8 +11,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
 use crate::bindings::{
-    self, Client, ConfigError, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome, Rules, Skipped,
-    Subscription,
+    self, Client, ConfigError, Configuration, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome,
+    Skipped, Subscription,
 };
 use crate::metrics::Metrics;
 use crate::sandbox::{self, Limits};
@@ -192,11 +192,11 @@ impl Instance {
         self.called.take()
     }
 
-    pub async fn configure(&mut self, rules: &Rules) -> Call<Result<(), ConfigError>> {
+    pub async fn configure(&mut self, configuration: &Configuration) -> Call<Result<(), ConfigError>> {
         Ok(self
             .hooks
             .broker_extension_hooks()
-            .call_configure(armed(&mut self.store, self.deadline, &mut self.called, Hook::Configure), rules)
+            .call_configure(armed(&mut self.store, self.deadline, &mut self.called, Hook::Configure), configuration)
             .await?)
     }
 

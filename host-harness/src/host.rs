@@ -17,7 +17,7 @@ use anyhow::{Context, anyhow};
 use rules_file::RulesError;
 use tokio::sync::Semaphore;
 
-use crate::bindings::{Client, Describe, FetchPage, HookError, Rules, Subscription};
+use crate::bindings::{Client, Configuration, Describe, FetchPage, HookError, Subscription};
 use crate::config::RulesFile;
 use crate::engine::{ExtensionModule, Hook, Instance, Runtime};
 use crate::metrics::Metrics;
@@ -49,7 +49,7 @@ pub struct Host {
 struct Running {
     module: ExtensionModule,
     backend: Arc<PgBackend>,
-    rules: Rules,
+    rules: Configuration,
 }
 
 /// The files a host was loaded from, for reloading them.
@@ -308,11 +308,15 @@ fn prepare(
     source: &str,
     node: &str,
     previous: Option<&PgBackend>,
-) -> anyhow::Result<(Arc<PgBackend>, Rules)> {
+) -> anyhow::Result<(Arc<PgBackend>, Configuration)> {
     let file = RulesFile::parse(text).map_err(|e| anyhow!("{source}: {e}"))?;
     let backend = Arc::new(PgBackend::new(&file.pools, previous)?);
-    let rules =
-        Rules { source: source.to_owned(), text: file.guest_text, pools: backend.pool_names(), node: node.to_owned() };
+    let rules = Configuration {
+        source: source.to_owned(),
+        text: file.guest_text,
+        pools: backend.pool_names(),
+        node: node.to_owned(),
+    };
     Ok((backend, rules))
 }
 

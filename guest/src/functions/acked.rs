@@ -2,6 +2,13 @@
 
 use crate::bindings::broker::extension::sql::{self, Value};
 use crate::db;
+use crate::functions::Builtin;
+use crate::hookpoint::Hookpoint;
+use crate::rules::Function;
+
+/// `on_message_acked`: move a subscriber's read position to an acked message.
+pub const ON_MESSAGE_ACKED: Builtin =
+    Builtin { name: "on_message_acked", hookpoint: Hookpoint::MessageAcked, function: || Function::MessageAcked };
 
 /// The positions the host named move to the message, but only forward: an old ack arriving
 /// after a newer one changes nothing. No other position of the client moves: whether an ack may

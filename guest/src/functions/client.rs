@@ -4,6 +4,28 @@
 use crate::bindings::broker::extension::sql;
 use crate::bindings::broker::extension::types::Subscription;
 use crate::db;
+use crate::functions::Builtin;
+use crate::hookpoint::Hookpoint;
+use crate::rules::Function;
+
+/// `on_client_connected`: the client online in `mqtt_client`, with node and time.
+pub const ON_CLIENT_CONNECTED: Builtin = Builtin {
+    name: "on_client_connected",
+    hookpoint: Hookpoint::ClientConnected,
+    function: || Function::ClientConnected,
+};
+/// `on_subscribe_lookup`: the client's stored subscriptions (`mqtt_sub`), for the host to apply.
+pub const ON_SUBSCRIBE_LOOKUP: Builtin = Builtin {
+    name: "on_subscribe_lookup",
+    hookpoint: Hookpoint::ClientConnected,
+    function: || Function::SubscribeLookup,
+};
+/// `on_client_disconnected`: the client offline in `mqtt_client`, with time.
+pub const ON_CLIENT_DISCONNECTED: Builtin = Builtin {
+    name: "on_client_disconnected",
+    hookpoint: Hookpoint::ClientDisconnected,
+    function: || Function::ClientDisconnected,
+};
 
 const CONNECTED: &str = "INSERT INTO mqtt_client (clientid, state, node, online_at, offline_at) \
                          VALUES ($1, 1, $2, now(), NULL) \

@@ -10,9 +10,18 @@
 use crate::bindings::broker::extension::sql::{self, Value};
 use crate::bindings::broker::extension::types::Message;
 use crate::db::{self, Query};
+use crate::functions::Builtin;
 use crate::functions::rows;
-use crate::rules::{FirstFetch, OfflineOpts};
+use crate::hookpoint::Hookpoint;
+use crate::rules::{FirstFetch, Function, OfflineOpts};
 use crate::topic;
+
+/// `on_message_fetch`: hand a subscriber the stored messages it has not read yet.
+pub const ON_MESSAGE_FETCH: Builtin = Builtin {
+    name: "on_message_fetch",
+    hookpoint: Hookpoint::SessionSubscribed,
+    function: || Function::MessageFetch(OfflineOpts::default()),
+};
 
 /// Finds or creates the subscriber's position. A first subscription starts after the newest
 /// stored message (`first_fetch: latest`, EMQX's behaviour) or before all of them (`earliest`).

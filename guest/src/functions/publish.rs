@@ -3,7 +3,23 @@
 use crate::bindings::broker::extension::sql::{self, Value};
 use crate::bindings::broker::extension::types::Message;
 use crate::db::{self, Conn};
+use crate::functions::Builtin;
 use crate::functions::rows;
+use crate::hookpoint::Hookpoint;
+use crate::rules::{Function, StoreOpts};
+
+/// `on_message_publish`: store QoS 1/2 messages; the stored id travels with the message.
+pub const ON_MESSAGE_PUBLISH: Builtin = Builtin {
+    name: "on_message_publish",
+    hookpoint: Hookpoint::MessagePublish,
+    function: || Function::MessagePublish(StoreOpts::default()),
+};
+/// `on_message_store`: store every message, QoS 0 included, for archive use; no id travels.
+pub const ON_MESSAGE_STORE: Builtin = Builtin {
+    name: "on_message_store",
+    hookpoint: Hookpoint::MessagePublish,
+    function: || Function::MessageStore(StoreOpts::default()),
+};
 
 /// Rows per INSERT statement: the powers of two up to 512. A batch of up to 512 messages goes out
 /// as one statement of the smallest size that holds it, the unused rows (fewer than half) bound

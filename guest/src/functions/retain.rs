@@ -4,8 +4,21 @@
 use crate::bindings::broker::extension::sql::{self, Value};
 use crate::bindings::broker::extension::types::Message;
 use crate::db::{self, Conn, Query};
+use crate::functions::Builtin;
 use crate::functions::rows;
+use crate::hookpoint::Hookpoint;
+use crate::rules::Function;
 use crate::topic;
+
+/// `on_retain_lookup`: hand a subscriber the retained messages its filter matches.
+pub const ON_RETAIN_LOOKUP: Builtin =
+    Builtin { name: "on_retain_lookup", hookpoint: Hookpoint::SessionSubscribed, function: || Function::RetainLookup };
+/// `on_message_retain`: keep a retained message with a payload as its topic's retained message.
+pub const ON_MESSAGE_RETAIN: Builtin =
+    Builtin { name: "on_message_retain", hookpoint: Hookpoint::MessagePublish, function: || Function::MessageRetain };
+/// `on_retain_delete`: a retained message with an empty payload deletes its topic's retained message.
+pub const ON_RETAIN_DELETE: Builtin =
+    Builtin { name: "on_retain_delete", hookpoint: Hookpoint::MessagePublish, function: || Function::RetainDelete };
 
 /// `msg_id` is the id the message was stored under in `mqtt_msg`, if a rule stored it.
 const UPSERT: &str = "INSERT INTO mqtt_retain (msgid, sender, topic, qos, payload, arrived, properties, expires_at, msg_id) \

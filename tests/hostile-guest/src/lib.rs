@@ -8,13 +8,13 @@ mod bindings {
 
 use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
-    ConfigError, FetchPage, Guest, HookError, PublishOutcome, Rules, Skipped,
+    ConfigError, Configuration, FetchPage, Guest, HookError, PublishOutcome, Skipped,
 };
 
 struct Hostile;
 
 impl Guest for Hostile {
-    fn configure(_: Rules) -> Result<(), ConfigError> {
+    fn configure(_: Configuration) -> Result<(), ConfigError> {
         Ok(())
     }
 
