@@ -512,6 +512,13 @@ impl Guest for Extension {
                 deleted += housekeeping::delete_older_than(&rule.pool, retention).map_err(|e| sql_error(rule, e))?;
             }
         }
+        for rule in config.rules.for_hookpoint(Hookpoint::SessionSubscribed) {
+            if let Action::Function(Function::MessageFetch(OfflineOpts { position_idle_secs: Some(idle), .. })) =
+                &rule.action
+            {
+                deleted += housekeeping::delete_idle_positions(&rule.pool, *idle).map_err(|e| sql_error(rule, e))?;
+            }
+        }
         Ok(deleted)
     }
 }

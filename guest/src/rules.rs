@@ -63,6 +63,9 @@ pub struct OfflineOpts {
     pub time_range_secs: Option<u64>,
     /// Where a first subscription starts reading.
     pub first_fetch: FirstFetch,
+    /// `tick` deletes read positions not used (subscribed or acked) for this many seconds: a
+    /// subscriber away longer starts again as a new one. None (the default, as EMQX): kept.
+    pub position_idle_secs: Option<u64>,
 }
 
 /// EMQX's example value; a page size, so it bounds memory, not what is delivered.
@@ -79,6 +82,7 @@ impl Default for OfflineOpts {
             max_returned_bytes: DEFAULT_PAGE_BYTES,
             time_range_secs: None,
             first_fetch: FirstFetch::Latest,
+            position_idle_secs: None,
         }
     }
 }
@@ -306,9 +310,14 @@ fn parse_offline_opts(opts: &Value) -> Result<OfflineOpts, String> {
                     _ => return Err("offline_opts.first_fetch must be \"latest\" or \"earliest\"".into()),
                 };
             }
+            "position_idle" => {
+                let text = value.as_str().ok_or("offline_opts.position_idle must be a string such as \"30d\"")?;
+                parsed.position_idle_secs =
+                    Some(parse_duration(text).map_err(|e| format!("offline_opts.position_idle: {e}"))?);
+            }
             other => {
                 return Err(format!(
-                    "unknown field offline_opts.{other}; known: max_returned_count, max_returned_bytes, time_range, first_fetch"
+                    "unknown field offline_opts.{other}; known: max_returned_count, max_returned_bytes, time_range, first_fetch, position_idle"
                 ));
             }
         }
@@ -344,7 +353,8 @@ backend.pgsql.hook.session.unsubscribed.1= {"topic": "#", "action": {"sql": ["de
                 max_returned_count: 50,
                 max_returned_bytes: DEFAULT_PAGE_BYTES,
                 time_range_secs: Some(7200),
-                first_fetch: FirstFetch::Latest
+                first_fetch: FirstFetch::Latest,
+                position_idle_secs: None,
             }))
         );
         assert_eq!(rules.for_hookpoint(Hookpoint::SessionUnsubscribed).len(), 1);

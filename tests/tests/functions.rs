@@ -323,6 +323,47 @@ async fn tick_deletes_expired_and_too_old_messages_in_bounded_batches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tick_deletes_read_positions_idle_past_position_idle_a_bounded_step_at_a_time() {
+    let db = TestDb::create("position_idle").await;
+    // By default positions are kept, as EMQX keeps them.
+    let keeping = db.host(&db.rules(&offline_rules(""))).await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO mqtt_acked (clientid, topic, topic_re, mid, updated) \
+               SELECT 'idle' || i, 't', '^t$', 0, now() - interval '2 hours' FROM generate_series(1, 1500) i",
+        )
+        .await
+        .unwrap();
+    let tick = json!({"event": "tick"}).to_string();
+    let ticks = async |host: &host_harness::Host| -> Vec<u64> {
+        let output = replay(host, &lines(&[tick.clone(), tick.clone(), tick.clone(), tick.clone()])).await;
+        output.iter().filter_map(|l| l.get("tick")).map(|t| t["deleted"].as_u64().unwrap()).collect()
+    };
+    let count =
+        async || -> i64 { db.client().await.query_one("SELECT count(*) FROM mqtt_acked", &[]).await.unwrap().get(0) };
+
+    replay(&keeping, &lines(&[connect("s"), subscribe("s", "t", 1), disconnect("s")])).await;
+    assert_eq!(ticks(&keeping).await, [0, 0, 0, 0]);
+    assert_eq!(count().await, 1501);
+
+    // With position_idle: 1000 positions looked at per tick, from where the last one stopped;
+    // the subscriber that was just here keeps its position.
+    let sweeping = db.host(&db.rules(&offline_rules(r#"{"position_idle": "1h"}"#))).await;
+    assert_eq!(ticks(&sweeping).await, [1000, 500, 0, 0]);
+    let left: Vec<String> = db
+        .client()
+        .await
+        .query("SELECT clientid FROM mqtt_acked", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["s"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_pools_check_the_server_certificate() {
     let db = TestDb::create("tls_pool").await;
     db.client().await.batch_execute("CREATE TABLE conn (ssl boolean)").await.unwrap();

@@ -1,8 +1,11 @@
 //! `tick`: deletes expired messages, and messages past a store rule's `retention`, in small
 //! batches, each its own short transaction: no long locks, no long scans (both deletes walk an
-//! index).
+//! index). With a fetch rule's `position_idle`, also read positions nobody used for that long.
+
+use std::cell::RefCell;
 
 use crate::bindings::broker::extension::sql::{self, Value};
+use crate::db;
 
 /// Rows one statement deletes at most.
 pub const BATCH: i64 = 1000;
@@ -27,4 +30,51 @@ pub fn delete_expired(pool: &str) -> Result<u64, sql::Error> {
 /// One batch of messages older than `retention_secs`; returns how many were deleted.
 pub fn delete_older_than(pool: &str, retention_secs: u64) -> Result<u64, sql::Error> {
     sql::execute(pool, TOO_OLD, &[Value::Float64(retention_secs as f64), Value::Int64(BATCH)])
+}
+
+/// Read positions a tick looks at, at most: a clock hand over `mqtt_acked`'s primary key, from
+/// where the last tick stopped. Each tick is an index range scan of this many rows, whatever the
+/// table's size; the hand goes round the whole table in (positions / this) ticks. (An index on
+/// `updated` would find idle positions directly, but every ack updates `updated`: indexed, those
+/// updates could no longer be HOT, and acks are the hot path.)
+pub const POSITIONS_PER_TICK: i64 = 1000;
+
+/// Deletes the idle positions among the next `$3` by key after ($1, $2); returns how many it
+/// deleted and the last key it looked at (NULL: it reached the end, the hand starts over).
+const IDLE_POSITIONS: &str = "WITH looked AS (SELECT clientid, topic, updated FROM mqtt_acked \
+                                WHERE (clientid, topic) > ($1, $2) ORDER BY clientid, topic LIMIT $3), \
+                              gone AS (DELETE FROM mqtt_acked a USING looked l \
+                                WHERE a.clientid = l.clientid AND a.topic = l.topic \
+                                  AND l.updated < now() - $4::float8 * interval '1 second' RETURNING 1) \
+                              SELECT (SELECT count(*) FROM gone), last.clientid, last.topic \
+                              FROM (SELECT 1) one LEFT JOIN \
+                                (SELECT clientid, topic FROM looked ORDER BY clientid DESC, topic DESC LIMIT 1) last ON true";
+
+thread_local! {
+    /// Where this instance's hand stopped, per pool. Lost with the instance: the hand starts
+    /// over, which costs one more round, never a position.
+    static HAND: RefCell<Vec<(String, (String, String))>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One step of the hand over the pool's positions; returns how many idle ones it deleted.
+pub fn delete_idle_positions(pool: &str, idle_secs: u64) -> Result<u64, sql::Error> {
+    let from = HAND.with(|h| h.borrow().iter().find(|(p, _)| p == pool).map(|(_, key)| key.clone()));
+    let (clientid, topic) = from.unwrap_or_default();
+    let params =
+        [db::text(&clientid), db::text(&topic), Value::Int64(POSITIONS_PER_TICK), Value::Float64(idle_secs as f64)];
+    let result = sql::query(pool, IDLE_POSITIONS, &params)?;
+    let row = result.rows.first().map_or(&[][..], |r| r);
+    let deleted = db::int64(row, 0)?;
+    let next = match (row.get(1), row.get(2)) {
+        (Some(Value::Text(clientid)), Some(Value::Text(topic))) => Some((clientid.clone(), topic.clone())),
+        _ => None,
+    };
+    HAND.with(|h| {
+        let mut hands = h.borrow_mut();
+        hands.retain(|(p, _)| p != pool);
+        if let Some(key) = next {
+            hands.push((pool.to_owned(), key));
+        }
+    });
+    Ok(u64::try_from(deleted).unwrap_or(0))
 }
