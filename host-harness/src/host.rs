@@ -23,6 +23,7 @@ use crate::engine::{ExtensionModule, Hook, Instance, Runtime};
 use crate::metrics::Metrics;
 use crate::postgres::PgBackend;
 use crate::schema;
+use crate::sql::SqlBackend;
 
 /// The node name a host reports when none is given (EMQX's `node`).
 pub const DEFAULT_NODE: &str = "harness@localhost";
@@ -43,12 +44,16 @@ pub struct Host {
     metrics: Arc<Metrics>,
     /// One reload at a time.
     reloading: tokio::sync::Mutex<()>,
+    /// Answers the guests' SQL instead of the pools, reloads included ([`Host::with_sql`]).
+    sql_instead: Option<Arc<dyn SqlBackend>>,
 }
 
 /// A module, its pools and its rules: what instances are made from.
 struct Running {
     module: ExtensionModule,
     backend: Arc<PgBackend>,
+    /// What answers the guests' SQL: the pools, or a host's stand-in ([`Host::with_sql`]).
+    sql: Arc<dyn SqlBackend>,
     rules: Configuration,
 }
 
@@ -70,9 +75,32 @@ impl Host {
 
     /// Like [`Host::load`], with the rules given as text; `source` names them in errors.
     pub async fn with_rules(module: &ExtensionModule, text: &str, source: &str, node: &str) -> anyhow::Result<Host> {
+        Host::configure(module, text, source, node, None).await
+    }
+
+    /// Like [`Host::with_rules`], with `sql` answering the guests' statements instead of the
+    /// rules' pools (which are configured, and never connected): a fake database, for tests of
+    /// the protocol that need no PostgreSQL.
+    pub async fn with_sql(
+        module: &ExtensionModule,
+        text: &str,
+        source: &str,
+        node: &str,
+        sql: Arc<dyn SqlBackend>,
+    ) -> anyhow::Result<Host> {
+        Host::configure(module, text, source, node, Some(sql)).await
+    }
+
+    async fn configure(
+        module: &ExtensionModule,
+        text: &str,
+        source: &str,
+        node: &str,
+        sql_instead: Option<Arc<dyn SqlBackend>>,
+    ) -> anyhow::Result<Host> {
         let (backend, rules) = prepare(text, source, node, None)?;
         let metrics = Arc::new(Metrics::default());
-        let running = Arc::new(Running { module: module.clone(), backend, rules });
+        let running = Arc::new(Running::new(module.clone(), backend, rules, &sql_instead));
         let instance = configured(&running, &metrics).await?;
         Ok(Host {
             idle: Mutex::new(vec![(running.clone(), instance)]),
@@ -80,6 +108,7 @@ impl Host {
             slots: Semaphore::new(DEFAULT_MAX_INSTANCES),
             metrics,
             reloading: tokio::sync::Mutex::new(()),
+            sql_instead,
         })
     }
 
@@ -213,14 +242,14 @@ impl Host {
         let _one = self.reloading.lock().await;
         let current = self.running();
         let (backend, rules) = prepare(text, source, &current.rules.node, Some(&current.backend))?;
-        self.swap(Running { module: current.module.clone(), backend, rules }).await
+        self.swap(Running::new(current.module.clone(), backend, rules, &self.sql_instead)).await
     }
 
     /// Swaps in a new module once a fresh instance of it has accepted the current rules.
     pub async fn reload_module(&self, module: ExtensionModule) -> anyhow::Result<()> {
         let _one = self.reloading.lock().await;
         let current = self.running();
-        self.swap(Running { module, backend: current.backend.clone(), rules: current.rules.clone() }).await
+        self.swap(Running::new(module, current.backend.clone(), current.rules.clone(), &self.sql_instead)).await
     }
 
     /// Reloads both from their files (what `{"control":"reload"}`, `--watch` and SIGHUP do).
@@ -233,7 +262,7 @@ impl Host {
             let module = runtime.load(&sources.module)?;
             let (text, source) = read_rules(&sources.rules)?;
             let (backend, rules) = prepare(&text, &source, &current.rules.node, Some(&current.backend))?;
-            self.swap(Running { module, backend, rules }).await
+            self.swap(Running::new(module, backend, rules, &self.sql_instead)).await
         }
         .await;
         self.metrics.reloaded(reloaded.is_ok());
@@ -328,9 +357,21 @@ fn poisoned(error: &anyhow::Error) -> bool {
     error.downcast_ref::<wasmtime::Trap>().is_some_and(|trap| *trap != wasmtime::Trap::Interrupt)
 }
 
+impl Running {
+    fn new(
+        module: ExtensionModule,
+        backend: Arc<PgBackend>,
+        rules: Configuration,
+        sql_instead: &Option<Arc<dyn SqlBackend>>,
+    ) -> Running {
+        let sql = sql_instead.clone().unwrap_or_else(|| backend.clone());
+        Running { module, backend, sql, rules }
+    }
+}
+
 async fn configured(running: &Running, metrics: &Arc<Metrics>) -> anyhow::Result<Instance> {
-    let Running { module, backend, rules } = running;
-    let mut instance = module.instantiate(backend.clone(), metrics.clone()).await?;
+    let Running { module, sql, rules, .. } = running;
+    let mut instance = module.instantiate(sql.clone(), metrics.clone()).await?;
     if let Err(e) = instance.configure(rules).await? {
         return Err(anyhow!("{}: {}", rules.source, RulesError { line: e.line, key: e.key, message: e.message }));
     }

@@ -4,6 +4,7 @@
 
 pub mod cases;
 pub mod conformance;
+pub mod fake_sql;
 pub mod http;
 pub mod mqtt;
 
