@@ -611,7 +611,8 @@ enum Incoming {
     ConnAck {
         refused: Option<String>,
     },
-    Publish(Received<Packet>),
+    /// Boxed: a packet is far larger than the other variants.
+    Publish(Box<Received<Packet>>),
     /// PUBACK or, for QoS 2, PUBREC: `refused` carries an error reason code (MQTT 5).
     Ack {
         refused: Option<String>,
@@ -687,9 +688,10 @@ impl Mqtt {
             }
         };
         let mut connection = Connection { client, incoming, queue: VecDeque::new(), manual, closed: false };
-        match connection.until(|i| matches!(i, Incoming::ConnAck { .. })).await? {
-            Incoming::ConnAck { refused: Some(why) } => return Err(format!("CONNACK refused: {why}")),
-            _ => {}
+        if let Incoming::ConnAck { refused: Some(why) } =
+            connection.until(|i| matches!(i, Incoming::ConnAck { .. })).await?
+        {
+            return Err(format!("CONNACK refused: {why}"));
         }
         self.clients.insert(clientid.to_owned(), connection);
         Ok(())
@@ -761,7 +763,7 @@ impl Connection {
                 return Ok(incoming);
             }
             match incoming {
-                Incoming::Publish(received) => self.queue.push_back(received),
+                Incoming::Publish(received) => self.queue.push_back(*received),
                 Incoming::Closed(why) => return Err(format!("connection closed: {why}")),
                 _ => {}
             }
@@ -804,6 +806,12 @@ fn v5_qos(qos: u8) -> rumqttc::v5::mqttbytes::QoS {
     }
 }
 
+/// Hands a packet to the connection; false when the loop should end (closed, or nobody listens).
+fn pass_on(tx: &mpsc::UnboundedSender<Incoming>, incoming: Incoming) -> bool {
+    let end = matches!(incoming, Incoming::Closed(_));
+    tx.send(incoming).is_ok() && !end
+}
+
 async fn v311_events(
     mut event_loop: rumqttc::EventLoop,
     client: rumqttc::AsyncClient,
@@ -821,7 +829,7 @@ async fn v311_events(
                     let _ = client.ack(&publish).await;
                 }
                 let delivery = Delivery::new(&publish.topic, &publish.payload, publish.retain);
-                Incoming::Publish(Received { delivery, handle: Packet::V311(publish) })
+                Incoming::Publish(Box::new(Received { delivery, handle: Packet::V311(publish) }))
             }
             Ok(Event::Incoming(P::PubAck(_) | P::PubRec(_))) => Incoming::Ack { refused: None },
             Ok(Event::Incoming(P::PubComp(_))) => Incoming::PubComp,
@@ -833,8 +841,7 @@ async fn v311_events(
             Ok(Event::Outgoing(_)) => continue,
             Err(e) => Incoming::Closed(e.to_string()),
         };
-        let end = matches!(incoming, Incoming::Closed(_));
-        if tx.send(incoming).is_err() || end {
+        if !pass_on(&tx, incoming) {
             return;
         }
     }
@@ -860,7 +867,7 @@ async fn v5_events(
                 }
                 let topic = String::from_utf8_lossy(&publish.topic).into_owned();
                 let delivery = Delivery::new(&topic, &publish.payload, publish.retain);
-                Incoming::Publish(Received { delivery, handle: Packet::V5(publish) })
+                Incoming::Publish(Box::new(Received { delivery, handle: Packet::V5(publish) }))
             }
             Ok(Event::Incoming(P::PubAck(ack))) => Incoming::Ack {
                 refused: (!matches!(ack.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers))
@@ -879,8 +886,7 @@ async fn v5_events(
             Ok(Event::Outgoing(_)) => continue,
             Err(e) => Incoming::Closed(e.to_string()),
         };
-        let end = matches!(incoming, Incoming::Closed(_));
-        if tx.send(incoming).is_err() || end {
+        if !pass_on(&tx, incoming) {
             return;
         }
     }
@@ -950,7 +956,7 @@ impl Target for Mqtt {
             Count::Exactly(n) => {
                 while connection.queue.len() < n {
                     match connection.until(|i| matches!(i, Incoming::Publish(_))).await {
-                        Ok(Incoming::Publish(received)) => connection.queue.push_back(received),
+                        Ok(Incoming::Publish(received)) => connection.queue.push_back(*received),
                         Ok(_) => unreachable!("until returns what it waited for"),
                         Err(e) => {
                             let got: Vec<&str> = connection.queue.iter().map(|r| r.delivery.0.as_str()).collect();
@@ -963,7 +969,7 @@ impl Target for Mqtt {
             Count::Rest => {
                 while let Ok(Some(incoming)) = timeout(QUIET, connection.incoming.recv()).await {
                     if let Incoming::Publish(received) = incoming {
-                        connection.queue.push_back(received);
+                        connection.queue.push_back(*received);
                     }
                 }
                 Ok(connection.queue.drain(..).collect())
@@ -976,7 +982,7 @@ impl Target for Mqtt {
             Some(connection) => {
                 while let Ok(incoming) = connection.incoming.try_recv() {
                     if let Incoming::Publish(received) = incoming {
-                        connection.queue.push_back(received);
+                        connection.queue.push_back(*received);
                     }
                 }
                 connection.queue.drain(..).collect()
