@@ -1,6 +1,6 @@
 //! The `sql` interface of the contract, implemented for guests over a [`SqlBackend`]: the seam
 //! between what a guest may ask and the database that answers (PostgreSQL in
-//! [`crate::postgres`], a stub in benchmarks).
+//! [`crate::postgres`], a stub in benchmarks, a fake in the protocol tests: `Host::with_sql`).
 
 use async_trait::async_trait;
 use wasmtime::component::Resource;
