@@ -945,6 +945,8 @@ impl Target for Mqtt {
                 connection.until(|i| matches!(i, Incoming::UnsubAck)).await?;
             }
             "message.publish" => return self.publish(event).await,
+            // Housekeeping is the broker's own, every `tick_seconds` (1 s here): wait for two.
+            "tick" => tokio::time::sleep(Duration::from_millis(2500)).await,
             other => return Err(format!("{other}: not something an MQTT client does")),
         }
         Ok(Outcome::Done)

@@ -64,6 +64,7 @@ scenarios!(
     reload,
     expiry,
     overlapping_backlogs,
+    position_idle,
 );
 
 #[test]

@@ -40,13 +40,14 @@ pub fn delete_older_than(pool: &str, retention_secs: u64) -> Result<u64, sql::Er
 pub const POSITIONS_PER_TICK: i64 = 1000;
 
 /// Deletes the idle positions among the next `$3` by key after ($1, $2); returns how many it
-/// deleted and the last key it looked at (NULL: it reached the end, the hand starts over).
+/// deleted, how many it looked at (fewer than `$3`: it reached the end, the hand starts over)
+/// and the last key it looked at.
 const IDLE_POSITIONS: &str = "WITH looked AS (SELECT clientid, topic, updated FROM mqtt_acked \
                                 WHERE (clientid, topic) > ($1, $2) ORDER BY clientid, topic LIMIT $3), \
                               gone AS (DELETE FROM mqtt_acked a USING looked l \
                                 WHERE a.clientid = l.clientid AND a.topic = l.topic \
                                   AND l.updated < now() - $4::float8 * interval '1 second' RETURNING 1) \
-                              SELECT (SELECT count(*) FROM gone), last.clientid, last.topic \
+                              SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM looked), last.clientid, last.topic \
                               FROM (SELECT 1) one LEFT JOIN \
                                 (SELECT clientid, topic FROM looked ORDER BY clientid DESC, topic DESC LIMIT 1) last ON true";
 
@@ -65,8 +66,11 @@ pub fn delete_idle_positions(pool: &str, idle_secs: u64) -> Result<u64, sql::Err
     let result = sql::query(pool, IDLE_POSITIONS, &params)?;
     let row = result.rows.first().map_or(&[][..], |r| r);
     let deleted = db::int64(row, 0)?;
-    let next = match (row.get(1), row.get(2)) {
-        (Some(Value::Text(clientid)), Some(Value::Text(topic))) => Some((clientid.clone(), topic.clone())),
+    let looked = db::int64(row, 1)?;
+    let next = match (row.get(2), row.get(3)) {
+        (Some(Value::Text(clientid)), Some(Value::Text(topic))) if looked == POSITIONS_PER_TICK => {
+            Some((clientid.clone(), topic.clone()))
+        }
         _ => None,
     };
     HAND.with(|h| {
