@@ -283,11 +283,7 @@ impl Database {
     fn pool_lines(&self) -> String {
         match self {
             Database::Shared(db) => db.pool_lines("pool1"),
-            Database::Own(cluster) => format!(
-                "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = postgres\n\
-                 backend.pgsql.pool1.database = mqtt",
-                cluster.port
-            ),
+            Database::Own(cluster) => cluster.pool_lines(),
         }
     }
 
@@ -396,7 +392,6 @@ pub async fn run<T: Target>(scenario: &Scenario, database: &Database, target: &m
     // Nothing more may come to anyone.
     for clientid in target.clients() {
         let rest = target.deliveries(&clientid, Count::Rest).await.unwrap_or_default();
-        let rest: Vec<Received<T::Handle>> = target.unread(&clientid).await.into_iter().chain(rest).collect();
         if !rest.is_empty() {
             return Err(format!("{}: at the end, {clientid} got unexpected {:?}", scenario.name, list(&rest)));
         }

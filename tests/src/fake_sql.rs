@@ -42,6 +42,13 @@ impl FakeSql {
         id
     }
 
+    /// Stores messages with payloads "1" to "n" on `topic`.
+    pub fn store_many(&self, topic: &str, n: usize) {
+        for i in 1..=n {
+            self.store(topic, &i.to_string());
+        }
+    }
+
     /// The page statement number `n` (0-based, from the fake's start) fails as a lost
     /// connection would; `None`: none does.
     pub fn fail_page(&self, n: Option<usize>) {

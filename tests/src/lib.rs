@@ -181,11 +181,15 @@ impl OwnCluster {
 
     /// Pool `pool1` on this cluster's `mqtt` database, and the example offline rules.
     pub fn offline_rules(&self) -> String {
+        format!("{}\n{}", self.pool_lines(), offline_rules(""))
+    }
+
+    /// Pool `pool1` on this cluster's `mqtt` database.
+    pub fn pool_lines(&self) -> String {
         format!(
             "backend.pgsql.pool1.server = 127.0.0.1:{}\nbackend.pgsql.pool1.username = postgres\n\
-             backend.pgsql.pool1.database = mqtt\n{}",
-            self.port,
-            offline_rules("")
+             backend.pgsql.pool1.database = mqtt",
+            self.port
         )
     }
 

@@ -29,9 +29,7 @@ fn payloads(output: &[serde_json::Value]) -> Vec<String> {
 async fn acks_out_of_order_move_the_position_only_over_what_is_acked_below() {
     let fake = Arc::new(FakeSql::default());
     let host = host(&fake, r#"{"first_fetch": "earliest"}"#).await;
-    for i in 1..=3 {
-        fake.store("t", &i.to_string());
-    }
+    fake.store_many("t", 3);
     let output = replay(
         &host,
         &lines(&[connect("s"), subscribe_manual_ack("s", "t", 1), ack("s", 3), ack("s", 1), ack("s", 2)]),
@@ -48,9 +46,7 @@ async fn acks_out_of_order_move_the_position_only_over_what_is_acked_below() {
 async fn a_page_failing_midway_keeps_what_was_acked_and_the_next_visit_gets_the_rest() {
     let fake = Arc::new(FakeSql::default());
     let host = host(&fake, r#"{"first_fetch": "earliest", "max_returned_count": 2}"#).await;
-    for i in 1..=5 {
-        fake.store("t", &i.to_string());
-    }
+    fake.store_many("t", 5);
     // The second page fails: the first page's two messages arrive and are acked (the position
     // moves to 2: delivered and acked, all of them), the subscription reports the error, and
     // nothing after it moves the position.
@@ -71,9 +67,7 @@ async fn a_page_failing_midway_keeps_what_was_acked_and_the_next_visit_gets_the_
 async fn a_reload_between_pages_serves_the_next_page_with_the_rule_now_in_force() {
     let fake = Arc::new(FakeSql::default());
     let host = host(&fake, r#"{"first_fetch": "earliest", "max_returned_count": 2}"#).await;
-    for i in 1..=6 {
-        fake.store("t", &i.to_string());
-    }
+    fake.store_many("t", 6);
     let client = Client { clientid: "s".into(), username: None, peerhost: None };
     let subscription = Subscription { filter: "t".into(), qos: 1 };
     let first = async |i: &mut host_harness::Instance| i.session_subscribed(&client, &subscription).await;
