@@ -11,7 +11,7 @@ use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::session::Session;
 use rmqtt::types::{
-    From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Reason, Subscribe,
+    ConnectInfo, From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Reason, Subscribe,
 };
 
 use crate::extension::Extension;
@@ -21,9 +21,10 @@ use host_harness::protocol::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd, Li
 use host_harness::protocol::exactly_once::Sent;
 
 /// The hook types [`Hooks`] handles.
-pub const TYPES: [Type; 10] = [
+pub const TYPES: [Type; 11] = [
     Type::ClientConnected,
     Type::ClientDisconnected,
+    Type::SessionTerminated,
     Type::SessionSubscribed,
     Type::SessionUnsubscribed,
     Type::MessagePublish,
@@ -63,6 +64,19 @@ fn record_outcome(publish: &mut Publish, extension: &Extension, outcome: Publish
     }
 }
 
+/// Whether rmqtt keeps the session after this connection ends (as its own `clean_session`
+/// decides): MQTT 3.1.1 `clean_session = false`, or an MQTT 5 session expiry interval.
+async fn session_kept(session: &Session) -> bool {
+    match session.connect_info().await.as_deref() {
+        Ok(ConnectInfo::V3(_, connect)) => !connect.clean_session,
+        Ok(ConnectInfo::V5(..)) => {
+            let disconnect = session.disconnect().await.ok().flatten();
+            !session.fitter.session_expiry_interval(disconnect.as_ref()).is_zero()
+        }
+        Err(_) => false,
+    }
+}
+
 fn connection(session: &Session) -> Connection {
     Connection { clientid: session.id.client_id.to_string(), since: session.id.create_time }
 }
@@ -83,9 +97,26 @@ impl Handler for Hooks {
             Parameter::ClientConnected(session) => self.client_connected(session).await,
             Parameter::ClientDisconnected(session, reason) => {
                 let client = message::client(session);
+                let kept = session_kept(session).await;
                 for extension in self.extensions.iter() {
-                    extension.deliveries.disconnected(&connection(session));
+                    extension.deliveries.disconnected(&connection(session), kept);
                     extension.client_disconnected(&client, &reason.to_string()).await;
+                }
+            }
+            // A kept session expired: its subscriptions end with it, as if the client had
+            // unsubscribed (the rules say what that does to their read positions).
+            Parameter::SessionTerminated(session, Reason::SessionExpiration) => {
+                let client = message::client(session);
+                for extension in self.extensions.iter() {
+                    for filter in extension.deliveries.session_ended(&client.clientid) {
+                        tracing::debug!(
+                            extension = extension.name,
+                            clientid = client.clientid,
+                            filter,
+                            "session expired"
+                        );
+                        extension.session_unsubscribed(&client, &filter).await;
+                    }
                 }
             }
             Parameter::SessionSubscribed(session, subscribe) => self.session_subscribed(session, subscribe).await,
@@ -176,16 +207,30 @@ impl Handler for Hooks {
 }
 
 impl Hooks {
+    /// Connects the client in each extension. A resumed session's subscriptions fetch their
+    /// backlogs again from their stored positions; what rmqtt queued for the session meanwhile is
+    /// held back behind them and deduped by stored id (`Deliveries::connected`). rmqtt delivers
+    /// that queue only after this hook.
     async fn client_connected(&self, session: &Session) {
         let client = message::client(session);
+        let resumed = session.session_present().await.unwrap_or(false);
         let mut stored = Vec::new();
+        let mut restored = Vec::new();
         for extension in self.extensions.iter() {
-            extension.deliveries.connected(&connection(session));
+            for (filter, qos) in extension.deliveries.connected(&connection(session), resumed) {
+                let (scx, extension, session) = (self.scx.clone(), extension.clone(), session.clone());
+                restored.push(filter.clone());
+                tokio::spawn(async move {
+                    send_backlog(&scx, &extension, &session, &Subscription { filter, qos }, None).await;
+                });
+            }
             stored.extend(extension.client_connected(&client).await);
         }
-        // Stored subscriptions (on_subscribe_lookup) are applied like the client's own.
+        // Stored subscriptions (on_subscribe_lookup) are applied like the client's own, but for
+        // those the resumed session has already.
         let subscribes: Vec<Subscribe> = stored
             .iter()
+            .filter(|s| !restored.contains(&s.filter))
             .filter_map(|s| {
                 let qos = QoS::try_from(s.qos).unwrap_or(QoS::AtMostOnce);
                 Subscribe::from_v3(&s.filter.as_str().into(), qos, false, false)
@@ -210,11 +255,15 @@ impl Hooks {
         let subscription = message::subscription(subscribe);
         let client = message::client(session);
         for extension in self.extensions.iter() {
-            extension.deliveries.subscribed(&connection(session), &subscription.filter, subscription.qos);
+            let start = extension.deliveries.subscribed(&connection(session), &subscription.filter, subscription.qos);
             // Its acks so far first: the fetch starts from the position they leave.
             extension.acks.flush(&client.clientid).await;
             let call = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
             let first = extension.fetch(&client, &subscription, None, call).await;
+            if !start {
+                // Its backlog is going out already (the rules have seen the SUBSCRIBE).
+                continue;
+            }
             let (extension, session, subscription) = (extension.clone(), session.clone(), subscription.clone());
             let scx = self.scx.clone();
             tokio::spawn(async move {

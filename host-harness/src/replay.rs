@@ -25,8 +25,18 @@ use crate::protocol::delivery::{Connection, Deliveries, Live};
 #[derive(Debug, Deserialize)]
 #[serde(tag = "event", deny_unknown_fields)]
 enum Event {
+    /// `clean_start: false` resumes the session the client id kept, if any; the session is kept
+    /// after the client leaves when `session_expiry` (seconds) is above 0, or, without it, when
+    /// `clean_start` is false (MQTT 3.1.1's `clean_session = false`).
     #[serde(rename = "client.connected")]
-    ClientConnected { clientid: String, username: Option<String>, peerhost: Option<String> },
+    ClientConnected {
+        clientid: String,
+        username: Option<String>,
+        peerhost: Option<String>,
+        #[serde(default = "yes")]
+        clean_start: bool,
+        session_expiry: Option<u32>,
+    },
     #[serde(rename = "client.disconnected")]
     ClientDisconnected { clientid: String, reason: Option<String> },
     #[serde(rename = "session.subscribed")]
@@ -40,6 +50,9 @@ enum Event {
     },
     #[serde(rename = "session.unsubscribed")]
     SessionUnsubscribed { clientid: String, topic: String },
+    /// The session a client left behind expired: its subscriptions end.
+    #[serde(rename = "session.expired")]
+    SessionExpired { clientid: String },
     #[serde(rename = "message.publish")]
     MessagePublish {
         clientid: String,
@@ -102,6 +115,8 @@ struct Session {
     /// Delivered with QoS > 0 and not acked yet, by stored id: what a `message.acked` line may
     /// name. Which positions an ack moves is the protocol's ack gate's to say.
     unacked: HashMap<i64, Message>,
+    /// The session outlives this connection (persistent).
+    kept: bool,
 }
 
 /// Why an event stopped.
@@ -150,6 +165,9 @@ struct Control {
 enum ControlCommand {
     Reload,
     Mark,
+    /// Forget every connection and kept session, as a broker process that restarts (the
+    /// database keeps what it has).
+    Restart,
 }
 
 pub struct Broker<'a, W> {
@@ -158,6 +176,8 @@ pub struct Broker<'a, W> {
     reload_from: Option<(&'a Runtime, Sources)>,
     out: W,
     sessions: BTreeMap<String, Session>,
+    /// The auto-ack choice of each subscription of a kept session (the protocol keeps the rest).
+    kept: BTreeMap<String, BTreeMap<String, bool>>,
     /// The delivery protocol (as the broker's): dedupe by stored id, the ack gates.
     deliveries: Deliveries<Message>,
     /// Connections so far: each one's `since`.
@@ -172,6 +192,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             reload_from: None,
             out,
             sessions: BTreeMap::new(),
+            kept: BTreeMap::new(),
             deliveries: Deliveries::default(),
             connections: 0,
             published: 0,
@@ -217,6 +238,12 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 match serde_json::from_str::<Control>(&line) {
                     Ok(Control { control: ControlCommand::Reload }) => {
                         self.reload(Some(number), "control line").await?;
+                        continue;
+                    }
+                    Ok(Control { control: ControlCommand::Restart }) => {
+                        self.sessions.clear();
+                        self.kept.clear();
+                        self.deliveries = Deliveries::default();
                         continue;
                     }
                     Ok(Control { control: ControlCommand::Mark }) => {
@@ -271,21 +298,30 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
 
     async fn handle(&mut self, event: Event) -> Result<(), Stop> {
         match event {
-            Event::ClientConnected { clientid, username, peerhost } => {
+            Event::ClientConnected { clientid, username, peerhost, clean_start, session_expiry } => {
                 let client = Client { clientid: clientid.clone(), username, peerhost };
                 // The broker has accepted the connection when the hook fires (as in EMQX): a
                 // failing rule is reported, the client stays connected. A new connection takes
                 // over the client id's old one, as in MQTT.
                 self.connections += 1;
                 let connection = Connection { clientid: clientid.clone(), since: self.connections };
-                self.deliveries.connected(&connection);
+                let kept = self.kept.remove(&clientid);
+                let resumed = !clean_start && kept.is_some();
+                let restored = self.deliveries.connected(&connection, resumed);
                 let session = Session {
                     client: client.clone(),
                     connection,
                     subscriptions: BTreeMap::new(),
                     unacked: HashMap::new(),
+                    kept: session_expiry.map_or(!clean_start, |secs| secs > 0),
                 };
                 self.sessions.insert(clientid.clone(), session);
+                // A resumed session's subscriptions fetch again from their stored positions.
+                let auto_ack = kept.unwrap_or_default();
+                for (filter, qos) in restored {
+                    let auto_ack = auto_ack.get(&filter).copied().unwrap_or(true);
+                    self.backlog(&clientid, Subscription { filter, qos }, auto_ack, false).await?;
+                }
                 let stored = self.host.call(async |i| i.client_connected(&client).await).await??;
                 for subscription in stored {
                     self.subscribe(&clientid, subscription, true).await?;
@@ -296,11 +332,25 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // Unacked deliveries are simply forgotten: the position did not move past them,
                 // so they come again on the next subscription (at least once).
                 if let Some(session) = self.sessions.remove(&clientid) {
-                    self.deliveries.disconnected(&session.connection);
+                    self.deliveries.disconnected(&session.connection, session.kept);
+                    if session.kept {
+                        let auto_ack = session.subscriptions.iter().map(|(f, (_, auto))| (f.clone(), *auto)).collect();
+                        self.kept.insert(clientid.clone(), auto_ack);
+                    }
                 }
                 self.host
                     .call(async |i| i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await)
                     .await??;
+            }
+            Event::SessionExpired { clientid } => {
+                if self.sessions.contains_key(&clientid) {
+                    return failed(format!("{clientid} is connected: its session cannot expire"));
+                }
+                self.kept.remove(&clientid);
+                let client = Client { clientid: clientid.clone(), username: None, peerhost: None };
+                for filter in self.deliveries.session_ended(&clientid) {
+                    self.host.call(async |i| i.session_unsubscribed(&client, &filter).await).await??;
+                }
             }
             Event::SessionSubscribed { clientid, topic, qos, auto_ack } => {
                 if qos > 2 {
@@ -353,13 +403,34 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
     }
 
     async fn subscribe(&mut self, clientid: &str, subscription: Subscription, auto_ack: bool) -> Result<(), Stop> {
+        self.backlog(clientid, subscription, auto_ack, true).await
+    }
+
+    /// Delivers a subscription's backlog: from `session-subscribed` for a SUBSCRIBE (`first`),
+    /// from `session-resume` for a resumed session's subscription.
+    async fn backlog(
+        &mut self,
+        clientid: &str,
+        subscription: Subscription,
+        auto_ack: bool,
+        first: bool,
+    ) -> Result<(), Stop> {
         let session = self.session(clientid)?;
         session.subscriptions.insert(subscription.filter.clone(), (subscription.qos, auto_ack));
         let (client, connection) = (session.client.clone(), session.connection.clone());
         let filter = &subscription.filter;
-        self.deliveries.subscribed(&connection, filter, subscription.qos);
-        let first = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
-        let mut page = self.host.fetch(&client, &subscription, None, first).await??;
+        let start = self.deliveries.subscribed(&connection, filter, subscription.qos) || !first;
+        let mut page = if first {
+            let call = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
+            self.host.fetch(&client, &subscription, None, call).await??
+        } else {
+            let call = async |i: &mut Instance| i.session_resume(&client, &subscription).await;
+            self.host.fetch(&client, &subscription, None, call).await??
+        };
+        if !start {
+            // Its backlog is going out already.
+            return Ok(());
+        }
         // The whole backlog, in order, one page in memory at a time. Events come one at a time,
         // so nothing live arrives meanwhile; the protocol still says what a page may send (not
         // what the client already has from another subscription).

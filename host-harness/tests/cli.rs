@@ -176,7 +176,7 @@ fn shared_options_go_anywhere_and_bad_input_is_named() {
     let (_, stdout, _) = harness(&["run"], "# a comment\n{\"control\":\"bogus\"}\n");
     assert_eq!(
         stdout.trim(),
-        r#"{"error":{"line":2,"message":"malformed control line: unknown variant `bogus`, expected `reload` or `mark`"}}"#
+        r#"{"error":{"line":2,"message":"malformed control line: unknown variant `bogus`, expected one of `reload`, `mark`, `restart`"}}"#
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

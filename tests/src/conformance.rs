@@ -86,6 +86,8 @@ enum Step {
     },
     /// Stop (false) or start (true) the scenario's own PostgreSQL cluster.
     Database(bool),
+    /// The host's process restarts (every client has left): it keeps nothing but the database.
+    Restart,
 }
 
 /// Where the scenarios are.
@@ -196,7 +198,12 @@ fn step(mut value: Value) -> Result<Step, String> {
         Some(other) => return Err(format!("database: {other}? (down or up)")),
         None => {}
     }
-    let expect = value.get("expect").ok_or("not an event, ack, expect, sleep_ms, reload or database line")?;
+    match value.get("host").and_then(Value::as_str) {
+        Some("restart") => return Ok(Step::Restart),
+        Some(other) => return Err(format!("host: {other}? (restart)")),
+        None => {}
+    }
+    let expect = value.get("expect").ok_or("not an event, ack, expect, sleep_ms, reload, database or host line")?;
     if expect.get("refused").is_some() {
         return Ok(Step::Refused);
     }
@@ -260,6 +267,8 @@ pub trait Target {
     async fn ack(&mut self, clientid: &str, handle: &Self::Handle) -> Result<(), String>;
     /// Reload the rules from the file; an error if the reload did not take effect.
     async fn reload(&mut self) -> Result<(), String>;
+    /// Restart the host's process, with the rules of its file.
+    async fn restart(&mut self) -> Result<(), String>;
     /// The clients still connected.
     fn clients(&self) -> Vec<String>;
 }
@@ -386,6 +395,13 @@ pub async fn run<T: Target>(scenario: &Scenario, database: &Database, target: &m
                     return Err(at("database lines need \"database\": \"own\" in the header".into()));
                 };
                 cluster.pg(if *up { "up" } else { "down" });
+            }
+            Step::Restart => {
+                let connected = target.clients();
+                if !connected.is_empty() {
+                    return Err(at(format!("a restart with clients connected: {connected:?}")));
+                }
+                target.restart().await.map_err(at)?;
             }
         }
     }
@@ -573,6 +589,10 @@ impl Target for Harness {
         }
     }
 
+    async fn restart(&mut self) -> Result<(), String> {
+        self.send(r#"{"control":"restart"}"#).await.map(drop)
+    }
+
     fn clients(&self) -> Vec<String> {
         self.connected.clone()
     }
@@ -637,6 +657,9 @@ struct Connection {
 /// A broker (or proxy) process, driven by real MQTT clients (rumqttc), one per client id.
 pub struct Mqtt {
     broker: BrokerProcess,
+    /// How it was started, for a restart: its node name and extra configuration.
+    node: String,
+    extra: String,
     /// Its HTTP endpoint, for the reload counter.
     http: u16,
     version: Version,
@@ -649,21 +672,28 @@ impl Mqtt {
         let http = free_port();
         let extra = format!("[http]\nlisten = \"127.0.0.1:{http}\"\n");
         let broker = Launcher::new(binary("broker")).start_with(name, rules, &extra).await;
-        Mqtt { broker, http, version, clients: HashMap::new() }
+        Mqtt { broker, node: name.to_owned(), extra, http, version, clients: HashMap::new() }
     }
 
     fn connection(&mut self, clientid: &str) -> Result<&mut Connection, String> {
         self.clients.get_mut(clientid).ok_or_else(|| format!("{clientid} is not connected"))
     }
 
-    async fn connect(&mut self, clientid: &str, username: Option<&str>) -> Result<(), String> {
+    /// Connects `clientid` as `event` (a `client.connected` line) says: `clean_start` (default
+    /// true; MQTT 3.1.1's `clean_session`) and, for MQTT 5, `session_expiry` in seconds (without
+    /// it, a client that does not start clean keeps its session for an hour, as 3.1.1's
+    /// `clean_session = false` does).
+    async fn connect(&mut self, clientid: &str, event: &Value) -> Result<(), String> {
+        let username = event["username"].as_str();
+        let clean_start = event["clean_start"].as_bool().unwrap_or(true);
+        let session_expiry = event["session_expiry"].as_u64().map(|s| s as u32).or((!clean_start).then_some(3600));
         let manual = Arc::new(AtomicBool::new(false));
         let (tx, incoming) = mpsc::unbounded_channel();
         let port = self.broker.port;
         let client = match self.version {
             Version::V311 => {
                 let mut options = rumqttc::MqttOptions::new(clientid, "127.0.0.1", port);
-                options.set_clean_session(true).set_manual_acks(true).set_keep_alive(Duration::from_secs(30));
+                options.set_clean_session(clean_start).set_manual_acks(true).set_keep_alive(Duration::from_secs(30));
                 if let Some(user) = username {
                     options.set_credentials(user, "");
                 }
@@ -673,7 +703,8 @@ impl Mqtt {
             }
             Version::V5 => {
                 let mut options = rumqttc::v5::MqttOptions::new(clientid, "127.0.0.1", port);
-                options.set_clean_start(true).set_manual_acks(true).set_keep_alive(Duration::from_secs(30));
+                options.set_clean_start(clean_start).set_manual_acks(true).set_keep_alive(Duration::from_secs(30));
+                options.set_session_expiry_interval(session_expiry);
                 if let Some(user) = username {
                     options.set_credentials(user, "");
                 }
@@ -900,7 +931,7 @@ impl Target for Mqtt {
             "client.connected" => {
                 // A new connection takes over the old one, as in MQTT.
                 self.clients.remove(&clientid);
-                self.connect(&clientid, event["username"].as_str()).await?;
+                self.connect(&clientid, event).await?;
             }
             "client.disconnected" => {
                 let mut connection = self.clients.remove(&clientid).ok_or(format!("{clientid} is not connected"))?;
@@ -942,6 +973,8 @@ impl Target for Mqtt {
             "message.publish" => return self.publish(event).await,
             // Housekeeping is the broker's own, every `tick_seconds` (1 s here): wait for two.
             "tick" => tokio::time::sleep(Duration::from_millis(2500)).await,
+            // The broker ends a session when its expiry interval (1 s in the scenarios) is over.
+            "session.expired" => tokio::time::sleep(Duration::from_millis(2500)).await,
             other => return Err(format!("{other}: not something an MQTT client does")),
         }
         Ok(Outcome::Done)
@@ -1012,6 +1045,17 @@ impl Target for Mqtt {
             }
         }
         Err("the broker did not reload in time".into())
+    }
+
+    /// SIGTERM, then the same broker again on the same port.
+    async fn restart(&mut self) -> Result<(), String> {
+        self.clients.clear();
+        self.broker.signal("TERM");
+        self.broker.exit_code().await;
+        let rules = std::fs::read_to_string(&self.broker.rules).map_err(|e| e.to_string())?;
+        let launcher = Launcher::new(binary("broker"));
+        self.broker = launcher.start_on(self.broker.port, &self.node, &rules, &self.extra).await;
+        Ok(())
     }
 
     fn clients(&self) -> Vec<String> {

@@ -65,6 +65,9 @@ scenarios!(
     expiry,
     overlapping_backlogs,
     position_idle,
+    persistent_session,
+    persistent_restart,
+    session_expiry,
 );
 
 #[test]

@@ -20,6 +20,14 @@
 //!   and catches up, fetching again from its stored position once what it delivered so far is
 //!   acked. Ids a subscription already had acked are not sent again. Held messages are bounded
 //!   ([`HELD_PER_CLIENT`]); past that they are left to the database the same way.
+//! - **Persistent sessions: one store.** A session the broker keeps after its client leaves
+//!   (MQTT 3.1.1 `clean_session = false`, MQTT 5 session expiry) keeps its subscriptions here
+//!   too. When the client comes back and the broker resumes the session, each of them fetches
+//!   again from its stored position ([`Deliveries::connected`] with `resumed`). What the broker
+//!   queued for the session meanwhile arrives as live messages while they fetch: held back, and
+//!   deduped against the pages by stored id, so each message reaches the client once, whichever
+//!   of the two stores had it. Resends of what was in flight (MQTT DUP) go as MQTT requires and
+//!   count as outstanding, so no page sends them again.
 //!
 //! One [`Deliveries`] per extension: ids are the extension's own.
 
@@ -56,7 +64,7 @@ pub trait Held {
 /// A live stored message about to go to a client, for [`Deliveries::hold`].
 pub struct Live<'a, P> {
     pub topic: &'a str,
-    /// A resend (MQTT DUP): it goes as it is, attributed when it first went.
+    /// A resend (MQTT DUP): it goes as it is (see [`Deliveries::hold`]).
     pub resend: bool,
     /// The message to keep, if it is held back (called only then: most are not).
     pub keep: &'a dyn Fn() -> P,
@@ -71,11 +79,14 @@ impl Held for Message {
 
 pub struct Deliveries<P> {
     clients: Mutex<HashMap<String, ClientState<P>>>,
+    /// The subscriptions (filter, QoS) of sessions the broker kept after their client left, by
+    /// client id: what a resumed session fetches again.
+    kept: Mutex<HashMap<String, Vec<(String, u8)>>>,
 }
 
 impl<P> Default for Deliveries<P> {
     fn default() -> Self {
-        Deliveries { clients: Mutex::new(HashMap::new()) }
+        Deliveries { clients: Mutex::new(HashMap::new()), kept: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -161,8 +172,15 @@ impl<P: Held> Deliveries<P> {
         self.clients.lock().unwrap().values().map(|c| c.held.len()).sum()
     }
 
-    pub fn connected(&self, connection: &Connection) {
-        let state = ClientState {
+    /// A client connected. With `resumed` (the broker resumed the session the client id had:
+    /// MQTT's "session present"), the subscriptions the session kept are back, each fetching
+    /// from its stored position: returned, for the adapter to send their backlogs
+    /// (`session-resume`). Without, whatever the client id had is gone, as the broker's session.
+    pub fn connected(&self, connection: &Connection, resumed: bool) -> Vec<(String, u8)> {
+        let kept = self.kept.lock().unwrap().remove(&connection.clientid);
+        let mut clients = self.clients.lock().unwrap();
+        let old = clients.remove(&connection.clientid);
+        let mut state = ClientState {
             since: connection.since,
             subscriptions: HashMap::new(),
             held: Vec::new(),
@@ -170,17 +188,46 @@ impl<P: Held> Deliveries<P> {
             progress: Arc::new(Notify::new()),
             acked: BTreeSet::new(),
         };
-        if let Some(old) = self.clients.lock().unwrap().insert(connection.clientid.clone(), state) {
+        // A connection that takes over one still open has the subscriptions of that one.
+        let had = match &old {
+            Some(old) => old.subscriptions.iter().map(|(filter, sub)| (filter.clone(), sub.qos)).collect(),
+            None => kept.unwrap_or_default(),
+        };
+        if let Some(old) = old {
             old.progress.notify_waiters();
         }
+        let restored = if resumed { had } else { Vec::new() };
+        for (filter, qos) in &restored {
+            state
+                .subscriptions
+                .insert(filter.clone(), Subscription { qos: *qos, fetching: true, ..Default::default() });
+        }
+        clients.insert(connection.clientid.clone(), state);
+        restored
     }
 
-    pub fn disconnected(&self, connection: &Connection) {
+    /// The connection ended. With `kept` (the broker keeps the session for the client's return),
+    /// its subscriptions are remembered for [`Deliveries::connected`].
+    pub fn disconnected(&self, connection: &Connection, kept: bool) {
         let mut clients = self.clients.lock().unwrap();
         if clients.get(&connection.clientid).is_some_and(|s| s.since == connection.since) {
             let state = clients.remove(&connection.clientid).expect("present");
             state.progress.notify_waiters();
+            let mut sessions = self.kept.lock().unwrap();
+            if kept {
+                let subscriptions = state.subscriptions.iter().map(|(f, sub)| (f.clone(), sub.qos)).collect();
+                sessions.insert(connection.clientid.clone(), subscriptions);
+            } else {
+                sessions.remove(&connection.clientid);
+            }
         }
+    }
+
+    /// The session the broker kept for `clientid` ended (it expired): returns the filters of its
+    /// subscriptions, which end with it (the adapter calls `session-unsubscribed` for each).
+    pub fn session_ended(&self, clientid: &str) -> Vec<String> {
+        let kept = self.kept.lock().unwrap().remove(clientid);
+        kept.into_iter().flatten().map(|(filter, _)| filter).collect()
     }
 
     /// Runs `f` on the state of `connection`, if it is still the client's current connection.
@@ -190,14 +237,17 @@ impl<P: Held> Deliveries<P> {
     }
 
     /// A subscription to `filter` starts fetching its backlog: live stored messages it matches
-    /// are held back from now on. A repeated SUBSCRIBE keeps what the subscription had.
-    pub fn subscribed(&self, connection: &Connection, filter: &str, qos: u8) {
+    /// are held back from now on. A repeated SUBSCRIBE keeps what the subscription had. Returns
+    /// false when its backlog is going out already (a repeated SUBSCRIBE, a stored subscription
+    /// of a resumed session): that fetch covers it, and another must not start.
+    pub fn subscribed(&self, connection: &Connection, filter: &str, qos: u8) -> bool {
         self.with(connection, |s| {
             let subscription = s.subscriptions.entry(filter.to_owned()).or_default();
             subscription.qos = qos;
-            subscription.fetching = true;
             subscription.stalled = false;
-        });
+            !std::mem::replace(&mut subscription.fetching, true)
+        })
+        .unwrap_or(false)
     }
 
     /// The subscription went away. What is held stays for the client's other subscriptions
@@ -230,9 +280,11 @@ impl<P: Held> Deliveries<P> {
                         slot.insert(Arc::new(message.clone()));
                         false
                     }
-                    // Goes, unless another subscription's delivery of it is still unacked.
+                    // Goes, unless a delivery of it is still unacked (this subscription's own: a
+                    // resend, a live copy before a repeated SUBSCRIBE; or another's).
                     Entry::Vacant(_) => {
-                        let outstanding = s.subscriptions.values().any(|other| other.unacked.contains(&id));
+                        let outstanding = subscription.unacked.contains(&id)
+                            || s.subscriptions.values().any(|other| other.unacked.contains(&id));
                         subscription.unacked.insert(id);
                         !outstanding
                     }
@@ -350,13 +402,20 @@ impl<P: Held> Deliveries<P> {
     /// leaves the session queue). Returns true when it must not go now: a subscription it matches
     /// is fetching (it is held back, to follow), or the client already has it (a page sent it, or
     /// another subscription's copy did). Otherwise it is attributed to every live subscription
-    /// that matches it. A resend (DUP) goes as it is.
+    /// that matches it. A resend (DUP: what was in flight, on the same connection or on a
+    /// resumed session) goes as MQTT requires, and counts as outstanding for every subscription
+    /// it matches, so that no page sends it again.
     pub fn hold(&self, connection: &Connection, id: i64, live: Live<'_, P>) -> bool {
-        if live.resend {
-            return false;
-        }
         self.with(connection, |s| {
             let topic = live.topic;
+            if live.resend {
+                for (filter, sub) in s.subscriptions.iter_mut() {
+                    if mqtt_topic::matches(filter, topic) && !sub.acked.contains_key(&id) {
+                        sub.unacked.insert(id);
+                    }
+                }
+                return false;
+            }
             let matching = || s.subscriptions.iter().filter(|(filter, _)| mqtt_topic::matches(filter, topic));
             if matching().any(|(_, sub)| sub.fetching) {
                 s.held.push((id, (live.keep)()));
@@ -494,7 +553,7 @@ mod tests {
     fn client() -> (Deliveries, Connection) {
         let deliveries = Deliveries::default();
         let connection = Connection { clientid: "c".into(), since: 1 };
-        deliveries.connected(&connection);
+        deliveries.connected(&connection, false);
         (deliveries, connection)
     }
 
@@ -705,5 +764,62 @@ mod tests {
         assert_eq!(ack(&deliveries, &connection, 7, "t/a"), []);
         assert!(!hold(&deliveries, &connection, 8, "u"));
         assert_eq!(ack(&deliveries, &connection, 8, "u"), [(8, vec!["u".to_owned()])]);
+    }
+
+    #[test]
+    fn a_resumed_session_fetches_again_and_what_the_broker_queued_meanwhile_goes_once() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t/#", 1);
+        go_live(&deliveries, &connection, "t/#");
+        deliveries.subscribed(&connection, "u", 0);
+        go_live(&deliveries, &connection, "u");
+        deliveries.disconnected(&connection, true);
+        // Back, and the broker resumed the session: both subscriptions fetch from their positions.
+        let back = Connection { clientid: "c".into(), since: 2 };
+        let mut restored = deliveries.connected(&back, true);
+        restored.sort();
+        assert_eq!(restored, [("t/#".to_owned(), 1), ("u".to_owned(), 0)]);
+        // What the broker queued for the session (1 to 5) arrives while the backlog goes out.
+        for id in 1..=5 {
+            assert!(hold(&deliveries, &back, id, "t/a"), "held behind the backlog");
+        }
+        assert_eq!(page(&deliveries, &back, "t/#", 1..=4), [true; 4]);
+        assert_eq!(go_live(&deliveries, &back, "t/#"), [5], "1 to 4 came with the page");
+        // A stored subscription applied again (on_subscribe_lookup) starts no second fetch.
+        assert!(!deliveries.subscribed(&back, "u", 0));
+        assert!(deliveries.subscribed(&back, "v", 1), "a new one does");
+    }
+
+    #[test]
+    fn a_session_not_resumed_or_ended_forgets_its_subscriptions() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t", 1);
+        deliveries.disconnected(&connection, true);
+        let clean = Connection { clientid: "c".into(), since: 2 };
+        assert_eq!(deliveries.connected(&clean, false), [], "a clean start");
+        deliveries.disconnected(&clean, true);
+        assert_eq!(deliveries.connected(&Connection { clientid: "c".into(), since: 3 }, true), []);
+
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t", 1);
+        deliveries.disconnected(&connection, true);
+        assert_eq!(deliveries.session_ended("c"), ["t".to_owned()]);
+        assert_eq!(deliveries.connected(&Connection { clientid: "c".into(), since: 2 }, true), []);
+    }
+
+    #[test]
+    fn a_resend_on_a_resumed_session_goes_and_no_page_sends_it_again() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t", 1);
+        go_live(&deliveries, &connection, "t");
+        deliveries.disconnected(&connection, true);
+        let back = Connection { clientid: "c".into(), since: 2 };
+        deliveries.connected(&back, true);
+        // 3 was in flight when the client left: the broker resends it (DUP) at once.
+        let keep = || Routed { id: 3, topic: "t".into() };
+        assert!(!deliveries.hold(&back, 3, Live { topic: "t", resend: true, keep: &keep }));
+        assert_eq!(page(&deliveries, &back, "t", [3, 4]), [false, true]);
+        assert_eq!(ack(&deliveries, &back, 4, "t"), [], "3 is outstanding");
+        assert_eq!(ack(&deliveries, &back, 3, "t"), [(4, vec!["t".to_owned()])]);
     }
 }
