@@ -50,6 +50,10 @@ CREATE TABLE IF NOT EXISTS mqtt_acked (
     updated  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (clientid, topic)
 );
+-- A share group's position (clientid `$share/<group>`) is `mid` and the ids its members acked
+-- above it, out of order; `mid` moves over them once every message of the filter up to them
+-- is acked. Null for a client's own positions.
+ALTER TABLE mqtt_acked ADD COLUMN IF NOT EXISTS acked bigint[];
 
 -- Clients' online state (on_client_connected / on_client_disconnected).
 CREATE TABLE IF NOT EXISTS mqtt_client (

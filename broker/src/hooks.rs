@@ -17,7 +17,7 @@ use rmqtt::types::{
 use crate::extension::Extension;
 use crate::message::{self, Routed, STORE_FAILED};
 use crate::stats::BrokerStats;
-use host_harness::protocol::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd, Live};
+use host_harness::protocol::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd, Live, Refetch};
 use host_harness::protocol::exactly_once::Sent;
 
 /// The hook types [`Hooks`] handles.
@@ -99,7 +99,8 @@ impl Handler for Hooks {
                 let client = message::client(session);
                 let kept = session_kept(session).await;
                 for extension in self.extensions.iter() {
-                    extension.deliveries.disconnected(&connection(session), kept);
+                    let returned = extension.deliveries.disconnected(&connection(session), kept);
+                    self.refetch(extension, returned).await;
                     extension.client_disconnected(&client, &reason.to_string()).await;
                 }
             }
@@ -122,9 +123,10 @@ impl Handler for Hooks {
             Parameter::SessionSubscribed(session, subscribe) => self.session_subscribed(session, subscribe).await,
             Parameter::SessionUnsubscribed(session, unsubscribe) => {
                 let client = message::client(session);
-                let filter = unsubscribe.topic_filter.to_string();
+                let filter = message::filter(&unsubscribe.topic_filter, unsubscribe.shared_group.as_ref());
                 for extension in self.extensions.iter() {
-                    extension.deliveries.unsubscribed(&connection(session), &filter);
+                    let returned = extension.deliveries.unsubscribed(&connection(session), &filter);
+                    self.refetch(extension, returned).await;
                     extension.session_unsubscribed(&client, &filter).await;
                     // What was held for it may be what another subscription still waits for.
                     let (scx, extension, session) = (self.scx.clone(), extension.clone(), (*session).clone());
@@ -233,7 +235,7 @@ impl Hooks {
             .filter(|s| !restored.contains(&s.filter))
             .filter_map(|s| {
                 let qos = QoS::try_from(s.qos).unwrap_or(QoS::AtMostOnce);
-                Subscribe::from_v3(&s.filter.as_str().into(), qos, false, false)
+                Subscribe::from_v3(&s.filter.as_str().into(), qos, true, false)
                     .inspect_err(|e| {
                         tracing::warn!(clientid = client.clientid, "stored subscription {}: {e}", s.filter)
                     })
@@ -274,6 +276,23 @@ impl Hooks {
                         release_held(&scx, &extension, &session).await;
                     }
                 }
+            });
+        }
+    }
+
+    /// Members of share groups fetch the group's backlog again (another member left messages
+    /// unacked), each if it is still the client's connection.
+    async fn refetch(&self, extension: &Arc<Extension>, members: Vec<Refetch>) {
+        for (member, filter, qos) in members {
+            let id = Id::new(self.scx.node.id(), 0, None, None, member.clientid.as_str().into(), None);
+            let Some(session) = self.scx.extends.shared().await.entry(id).session() else { continue };
+            if session.id.create_time != member.since {
+                continue;
+            }
+            tracing::debug!(extension = extension.name, clientid = member.clientid, filter, "returned to the group");
+            let (scx, extension) = (self.scx.clone(), extension.clone());
+            tokio::spawn(async move {
+                send_backlog(&scx, &extension, &session, &Subscription { filter, qos }, None).await;
             });
         }
     }

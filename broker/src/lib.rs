@@ -16,6 +16,7 @@ pub mod extension;
 pub mod hooks;
 pub mod http;
 pub mod message;
+pub mod shared;
 pub mod stats;
 
 use std::sync::Arc;
@@ -53,6 +54,7 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     let extensions = Arc::new(extensions);
 
     let scx = ServerContext::new().build().await;
+    *scx.extends.shared_subscription_mut().await = Box::new(shared::RoundRobin::default());
     let stats = Arc::new(BrokerStats::default());
     if !extensions.is_empty() {
         hooks::register(Hooks { extensions: extensions.clone(), scx: scx.clone(), stats: stats.clone() }).await;

@@ -14,7 +14,7 @@ use host_harness::bindings::{Client, Message, Property, PropertyValue, Subscript
 use host_harness::protocol::delivery::Held;
 use rmqtt::codec::v5::PublishProperties;
 use rmqtt::session::Session;
-use rmqtt::types::{Publish, QoS, Subscribe};
+use rmqtt::types::{Publish, QoS, SharedGroup, Subscribe};
 
 /// The user property that carries stored ids: `<extension>:<id>`.
 pub const STORED_ID: &str = "x-offline-id";
@@ -42,8 +42,19 @@ pub fn client(session: &Session) -> Client {
     }
 }
 
+/// A subscription as the contract names it: a shared one as `$share/<group>/<filter>` (rmqtt
+/// keeps the group apart).
 pub fn subscription(subscribe: &Subscribe) -> Subscription {
-    Subscription { filter: subscribe.topic_filter.to_string(), qos: subscribe.opts.qos().value() }
+    let filter = filter(&subscribe.topic_filter, subscribe.opts.shared_group());
+    Subscription { filter, qos: subscribe.opts.qos().value() }
+}
+
+/// The filter as subscribed: `$share/<group>/<filter>` for a shared subscription.
+pub fn filter(topic_filter: &str, group: Option<&SharedGroup>) -> String {
+    match group {
+        Some(group) => format!("$share/{group}/{topic_filter}"),
+        None => topic_filter.to_owned(),
+    }
 }
 
 /// The stored id `extension` gave `publish`, if any.

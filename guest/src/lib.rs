@@ -313,6 +313,8 @@ impl Guest for Extension {
         for rule in firing(&config, Hookpoint::SessionSubscribed, Some(filter)) {
             let started = Instant::now();
             let result = match &rule.action {
+                // MQTT sends no retained messages to a new shared subscription.
+                Action::Function(Function::RetainLookup) if topic::shared(filter).is_some() => continue,
                 Action::Function(Function::RetainLookup) => retain::lookup(&rule.pool, filter).map(|found| {
                     let rows = found.len() as u64;
                     retained.extend(found);
@@ -482,7 +484,9 @@ impl Guest for Extension {
             let started = Instant::now();
             let result = match (&rule.action, message.id) {
                 (Action::Function(Function::MessageAcked), Some(id)) => {
-                    acked::advance(&rule.pool, &client.clientid, id, &positions)
+                    let opts =
+                        |filter: &str| config.rules.fetch_rule(filter).map(|(_, o)| o.clone()).unwrap_or_default();
+                    acked::advance(&rule.pool, &client.clientid, id, &positions, opts)
                 }
                 (Action::Sql(statements), _) => {
                     action::run(&Conn::Pool(&rule.pool), statements, std::slice::from_ref(&event))

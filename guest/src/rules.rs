@@ -137,7 +137,9 @@ pub enum OnError {
 
 impl Rule {
     /// Whether this rule fires for an event about `topic` (a filter or a topic name).
+    /// A shared subscription (`$share/<group>/<filter>`) counts as its filter.
     pub fn fires_for(&self, topic: &str) -> bool {
+        let topic = topic::shared(topic).map_or(topic, |(_, filter)| filter);
         self.topic.as_deref().is_none_or(|filter| topic::matches(filter, topic))
     }
 }

@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use crate::bindings::{Client, Describe, HookError, Message, Property, PropertyValue, PublishOutcome, Subscription};
 use crate::engine::{Instance, Runtime};
 use crate::host::{Host, Sources};
-use crate::protocol::delivery::{Connection, Deliveries, Live};
+use crate::protocol::delivery::{Connection, Deliveries, Live, Refetch};
 
 /// One input line.
 #[derive(Debug, Deserialize)]
@@ -332,11 +332,12 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                 // Unacked deliveries are simply forgotten: the position did not move past them,
                 // so they come again on the next subscription (at least once).
                 if let Some(session) = self.sessions.remove(&clientid) {
-                    self.deliveries.disconnected(&session.connection, session.kept);
+                    let returned = self.deliveries.disconnected(&session.connection, session.kept);
                     if session.kept {
                         let auto_ack = session.subscriptions.iter().map(|(f, (_, auto))| (f.clone(), *auto)).collect();
                         self.kept.insert(clientid.clone(), auto_ack);
                     }
+                    self.return_to_groups(returned).await?;
                 }
                 self.host
                     .call(async |i| i.client_disconnected(&client, reason.as_deref().unwrap_or("normal")).await)
@@ -365,8 +366,9 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     return failed(format!("{clientid} is not subscribed to {topic}"));
                 }
                 let (client, connection) = (session.client.clone(), session.connection.clone());
-                self.deliveries.unsubscribed(&connection, &topic);
+                let returned = self.deliveries.unsubscribed(&connection, &topic);
                 self.host.call(async |i| i.session_unsubscribed(&client, &topic).await).await??;
+                self.return_to_groups(returned).await?;
             }
             Event::MessagePublish { clientid, topic, qos, retain, payload, payload_base64, properties } => {
                 let payload = match (payload, payload_base64) {
@@ -400,6 +402,16 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
 
     fn session(&mut self, clientid: &str) -> Result<&mut Session, Stop> {
         self.sessions.get_mut(clientid).ok_or_else(|| Stop::Failed(format!("client {clientid} is not connected")))
+    }
+
+    /// Members of share groups fetch what another member left unacked.
+    async fn return_to_groups(&mut self, members: Vec<Refetch>) -> Result<(), Stop> {
+        for (member, filter, qos) in members {
+            let Some(session) = self.sessions.get(&member.clientid) else { continue };
+            let auto_ack = session.subscriptions.get(&filter).is_none_or(|(_, auto)| *auto);
+            self.backlog(&member.clientid, Subscription { filter, qos }, auto_ack, false).await?;
+        }
+        Ok(())
     }
 
     async fn subscribe(&mut self, clientid: &str, subscription: Subscription, auto_ack: bool) -> Result<(), Stop> {
@@ -492,7 +504,19 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         self.emit(published).await?;
 
         // Live routing: each online client once, at the highest QoS among its matching filters;
-        // the protocol counts the delivery for each of them.
+        // the protocol counts the delivery for each of them. A share group's message goes to one
+        // of its members, in turn.
+        let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (clientid, session) in &self.sessions {
+            for filter in session.subscriptions.keys() {
+                if mqtt_topic::shared(filter).is_some() && mqtt_topic::matches(filter, &message.topic) {
+                    groups.entry(filter).or_default().push(clientid);
+                }
+            }
+        }
+        let turn = self.published as usize;
+        let chosen: Vec<(&str, &str)> =
+            groups.iter().map(|(filter, members)| (*filter, members[turn % members.len()])).collect();
         let receivers: Vec<(String, u8, bool)> = self
             .sessions
             .iter()
@@ -501,6 +525,9 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     .subscriptions
                     .iter()
                     .filter(|(filter, _)| mqtt_topic::matches(filter, &message.topic))
+                    .filter(|(filter, _)| {
+                        mqtt_topic::shared(filter).is_none() || chosen.contains(&(filter.as_str(), clientid.as_str()))
+                    })
                     .collect();
                 let (qos, auto_ack) = matching.iter().map(|(_, options)| **options).max()?;
                 Some((clientid.clone(), qos, auto_ack))

@@ -68,10 +68,10 @@ enum Step {
         count: Option<usize>,
         ack: bool,
     },
-    /// Over the whole scenario, the client got each of `all` at least once, and each of
-    /// `at_most_once` at most once.
+    /// Over the whole scenario, the clients together (the members of a share group, or one
+    /// client) got each of `all` at least once, and each of `at_most_once` at most once.
     Got {
-        clientid: String,
+        clients: Vec<String>,
         all: Vec<Delivery>,
         at_most_once: Vec<Delivery>,
     },
@@ -222,7 +222,8 @@ fn step(mut value: Value) -> Result<Step, String> {
     }
     if let Some(got) = expect.get("got") {
         let list = |key: &str| got.get(key).map(deliveries).unwrap_or(Ok(Vec::new()));
-        return Ok(Step::Got { clientid, all: list("all")?, at_most_once: list("at_most_once")? });
+        let clients = clientid.split(',').map(str::to_owned).collect();
+        return Ok(Step::Got { clients, all: list("all")?, at_most_once: list("at_most_once")? });
     }
     Err("expect: receives, takes, got or refused".into())
 }
@@ -366,8 +367,10 @@ pub async fn run<T: Target>(scenario: &Scenario, database: &Database, target: &m
                 let got = target.deliveries(clientid, count).await.map_err(|e| at(format!("{clientid}: {e}")))?;
                 take(target, clientid, got, false, &mut taken).await.map_err(at)?;
             }
-            Step::Got { clientid, all, at_most_once } => {
-                let got: Vec<&Delivery> = taken.get(clientid).into_iter().flatten().map(|r| &r.delivery).collect();
+            Step::Got { clients, all, at_most_once } => {
+                let clientid = clients.join(",");
+                let got: Vec<&Delivery> =
+                    clients.iter().flat_map(|c| taken.get(c).into_iter().flatten()).map(|r| &r.delivery).collect();
                 let missing: Vec<&str> = all.iter().filter(|d| !got.contains(d)).map(|d| d.0.as_str()).collect();
                 if !missing.is_empty() {
                     return Err(at(format!("{clientid} never got {missing:?}")));

@@ -68,6 +68,7 @@ scenarios!(
     persistent_session,
     persistent_restart,
     session_expiry,
+    shared_subscriptions,
 );
 
 #[test]

@@ -174,3 +174,52 @@ async fn unsubscribe_rule_forgets_the_position() {
     let positions: i64 = db.client().await.query_one("SELECT count(*) FROM mqtt_acked", &[]).await.unwrap().get(0);
     assert_eq!(positions, 1, "the re-subscription made a new one");
 }
+
+/// A share group's position: members ack out of order, the mark moves only over what is acked
+/// without a gap (a message of another topic is no gap), and a fetch passes over what was acked
+/// above the mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_groups_mark_moves_only_over_acks_without_a_gap() {
+    let db = TestDb::create("share_group_mark").await;
+    let host = db.host(&db.rules(&offline_rules(""))).await;
+    let group = "$share/g/t/#";
+    let position = async || -> (i64, Vec<i64>) {
+        let row = db
+            .client()
+            .await
+            .query_one(
+                "SELECT mid, coalesce(acked, '{}') FROM mqtt_acked WHERE clientid = '$share/g' AND topic = 't/#'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    let events = lines(&[
+        connect("w1"),
+        subscribe("w1", group, 1),
+        disconnect("w1"),
+        publish("p", "t/a", 1, "one"),
+        publish("p", "x", 1, "other"),
+        publish("p", "t/a", 1, "two"),
+        publish("p", "t/a", 1, "three"),
+        publish("p", "t/a", 1, "four"),
+        // w1 gets the group's backlog and acks 4, then 3: 1 is not acked, the mark stays.
+        connect("w1"),
+        subscribe_manual_ack("w1", group, 1),
+        ack("w1", 5),
+        ack("w1", 4),
+    ]);
+    let output = replay(&host, &events).await;
+    assert!(errors(&output).is_empty(), "{output:?}");
+    assert_eq!(deliveries(&output), pairs(&[("w1", "one"), ("w1", "two"), ("w1", "three"), ("w1", "four")]));
+    assert_eq!(position().await, (0, vec![5, 4]), "acked above the mark, the mark below 1");
+    // Another member (w1's connection is gone) gets what the group has not acked: 1 and 3.
+    let events = lines(&[connect("w2"), subscribe_manual_ack("w2", group, 1), ack("w2", 3)]);
+    let output = replay(&host, &events).await;
+    assert_eq!(deliveries(&output), pairs(&[("w2", "one"), ("w2", "two")]));
+    assert_eq!(position().await, (0, vec![5, 4, 3]));
+    let output = replay(&host, &lines(&[connect("w2"), subscribe_manual_ack("w2", group, 1), ack("w2", 1)])).await;
+    assert_eq!(deliveries(&output), pairs(&[("w2", "one")]));
+    assert_eq!(position().await, (5, vec![]), "over 1, the other topic's 2, and 3 to 5");
+}

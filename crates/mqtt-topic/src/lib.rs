@@ -6,10 +6,27 @@
 //! assert!(mqtt_topic::matches("sensors/+/temp", "sensors/hall/temp"));
 //! assert!(mqtt_topic::matches("sensors/#", "sensors"));
 //! assert!(!mqtt_topic::matches("#", "$SYS/uptime"));
+//! assert_eq!(mqtt_topic::shared("$share/workers/jobs/#"), Some(("workers", "jobs/#")));
+//! assert!(mqtt_topic::matches("$share/workers/jobs/#", "jobs/1"));
 //! ```
 
-/// Checks a topic filter (what a client subscribes to): `+` and `#` fill whole levels, `#` only last.
+/// A shared subscription's filter, `$share/<group>/<filter>` (MQTT 5, and brokers accept it from
+/// 3.1.1 clients too): its group and the filter that selects topics.
+pub fn shared(filter: &str) -> Option<(&str, &str)> {
+    filter.strip_prefix("$share/")?.split_once('/')
+}
+
+/// Checks a topic filter (what a client subscribes to): `+` and `#` fill whole levels, `#` only
+/// last; a shared subscription names a group (no wildcard in it) and a filter.
 pub fn validate_filter(filter: &str) -> Result<(), String> {
+    if filter == "$share" || filter.starts_with("$share/") {
+        return match shared(filter) {
+            Some((group, rest)) if !group.is_empty() && !group.contains(['+', '#']) && !rest.is_empty() => {
+                validate_filter(rest)
+            }
+            _ => Err(format!("shared subscription `{filter}`: `$share/<group>/<filter>`, a group without wildcards")),
+        };
+    }
     if filter.is_empty() {
         return Err("a topic filter must not be empty".into());
     }
@@ -32,8 +49,9 @@ pub fn has_wildcard(filter: &str) -> bool {
 }
 
 /// Whether `topic` matches `filter` by the MQTT rules. A topic starting with `$` is not matched
-/// by a filter starting with a wildcard.
+/// by a filter starting with a wildcard. A shared subscription matches what its filter matches.
 pub fn matches(filter: &str, topic: &str) -> bool {
+    let filter = shared(filter).map_or(filter, |(_, filter)| filter);
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
@@ -54,6 +72,18 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_subscriptions_name_a_group_and_a_filter() {
+        assert_eq!(shared("$share/g/a/+/c"), Some(("g", "a/+/c")));
+        assert_eq!(shared("a/b"), None);
+        assert!(validate_filter("$share/g/#").is_ok());
+        for bad in ["$share", "$share/g", "$share//a", "$share/+/a", "$share/g/a/#/b"] {
+            assert!(validate_filter(bad).is_err(), "{bad}");
+        }
+        assert!(matches("$share/g/a/#", "a/b"));
+        assert!(!matches("$share/g/a/#", "b"));
+    }
 
     #[test]
     fn matching_follows_the_mqtt_rules() {

@@ -6,6 +6,14 @@
 //! host says which positions an ack may move; see on_message_acked). Because publishers take the
 //! commit-order lock, ids become visible in order, so nothing below a position can still appear
 //! later.
+//!
+//! A shared subscription (`$share/<group>/<filter>`) reads its group's position instead, one per
+//! (group, filter) whichever member subscribes, kept in `mqtt_acked` under the client id
+//! `$share/<group>`. Members ack out of order, so a group position is a mark (`mid`: every
+//! message of the filter up to it was acked by some member) and the ids acked above it
+//! (`acked`); a fetch passes over both (see on_message_acked).
+
+use std::borrow::Cow;
 
 use crate::bindings::broker::extension::sql::{self, Value};
 use crate::bindings::broker::extension::types::Message;
@@ -31,6 +39,23 @@ const POSITION: &str = "INSERT INTO mqtt_acked (clientid, topic, topic_re, mid) 
                         ON CONFLICT (clientid, topic) DO UPDATE SET topic_re = excluded.topic_re, updated = now() \
                         RETURNING mid";
 
+/// Whose read position a subscription reads and moves.
+pub struct Reader<'a> {
+    /// The client id, or `$share/<group>` for a shared subscription.
+    pub owner: Cow<'a, str>,
+    /// The filter that selects topics (without `$share/<group>/`).
+    pub filter: &'a str,
+    pub shared: bool,
+}
+
+/// The reader of `subscription` (the filter as subscribed) for `clientid`.
+pub fn reader<'a>(clientid: &'a str, subscription: &'a str) -> Reader<'a> {
+    match topic::shared(subscription) {
+        Some((group, filter)) => Reader { owner: Cow::Owned(format!("$share/{group}")), filter, shared: true },
+        None => Reader { owner: Cow::Borrowed(clientid), filter: subscription, shared: false },
+    }
+}
+
 /// Where the next page starts: the last id handed out. It names no rule: the rule in force
 /// when the next page is asked for serves it (see `Rules::fetch_rule`). The host treats it as
 /// opaque.
@@ -54,12 +79,14 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
-/// The first page for a (new) subscription, and the position it starts after.
+/// The first page for a (new) subscription, and the position it starts after. A share group's
+/// first subscription sets the group's position.
 pub fn first_page(pool: &str, opts: &OfflineOpts, clientid: &str, filter: &str) -> Result<(i64, Page), sql::Error> {
+    let reader = reader(clientid, filter);
     let params = [
-        db::text(clientid),
-        db::text(filter),
-        Value::Text(topic::filter_regex(filter)),
+        db::text(&reader.owner),
+        db::text(reader.filter),
+        Value::Text(topic::filter_regex(reader.filter)),
         Value::Boolean(opts.first_fetch == FirstFetch::Earliest),
     ];
     let position = sql::query(pool, POSITION, &params)?;
@@ -72,7 +99,8 @@ pub fn first_page(pool: &str, opts: &OfflineOpts, clientid: &str, filter: &str) 
 const STORED_POSITION: &str = "SELECT mid FROM mqtt_acked WHERE clientid = $1 AND topic = $2";
 
 pub fn stored_position(pool: &str, clientid: &str, filter: &str) -> Result<Option<Cursor>, sql::Error> {
-    let position = sql::query(pool, STORED_POSITION, &[db::text(clientid), db::text(filter)])?;
+    let reader = reader(clientid, filter);
+    let position = sql::query(pool, STORED_POSITION, &[db::text(&reader.owner), db::text(reader.filter)])?;
     match position.rows.first() {
         Some(row) => Ok(Some(Cursor { after_id: db::int64(row, 0)? })),
         None => Ok(None),
@@ -124,12 +152,18 @@ pub fn page(pool: &str, opts: &OfflineOpts, filter: &str, cursor: Cursor) -> Res
     Ok(Page { messages, next })
 }
 
-/// The unread messages of `filter` after `cursor` (unexpired, within time_range), the first
-/// `limit` by id.
+/// The unread messages of `filter` after `cursor` (unexpired, within time_range, and for a
+/// shared subscription not acked by the group), the first `limit` by id.
 fn candidates(opts: &OfflineOpts, filter: &str, cursor: &Cursor, limit: u32) -> Query {
     let candidates = format!("SELECT * FROM mqtt_msg WHERE id > $1{}", rows::NOT_EXPIRED);
     let mut query = Query::new(&candidates, vec![Value::Int64(cursor.after_id)]);
-    topic::push_match(&mut query, filter);
+    let reader = reader("", filter);
+    topic::push_match(&mut query, reader.filter);
+    if reader.shared {
+        query
+            .bind(" AND id <> ALL (coalesce((SELECT acked FROM mqtt_acked WHERE clientid = ?", db::text(&reader.owner))
+            .bind(" AND topic = ?), '{}'))", db::text(reader.filter));
+    }
     if let Some(secs) = opts.time_range_secs {
         query.bind(" AND arrived >= now() - ?::float8 * interval '1 second'", Value::Float64(secs as f64));
     }

@@ -4,6 +4,9 @@
 //! updates per round instead of one durable UPDATE per message. What reaches this writer has
 //! passed the ack gates of `delivery`: each ack names the filters whose positions it may move.
 //!
+//! A shared subscription's acks are not coalesced: its group's position records each one (the
+//! group's members ack out of order), so each is written.
+//!
 //! The price is the usual one of at-least-once: a broker that dies with acks not yet written
 //! delivers those messages again. A client's pending acks are written before its next
 //! subscription fetches, so a reconnecting client does not see them again.
@@ -21,10 +24,13 @@ const AT_ONCE: usize = 16;
 /// One `message-acked` call: the client, the message, the filters whose positions move to it.
 type Ack = (Client, Message, Vec<String>);
 
+/// What a pending ack is kept under: client id, filter, and for a shared subscription the id.
+type Pending = (String, String, Option<i64>);
+
 pub struct AckWriter {
     host: Arc<Host>,
-    /// The newest ack per (client id, subscription filter).
-    pending: Mutex<HashMap<(String, String), (Client, Message)>>,
+    /// The newest ack per (client id, subscription filter), and every ack of a shared one.
+    pending: Mutex<HashMap<Pending, (Client, Message)>>,
     wake: Notify,
     /// Held while a round is written, so that a flush waits for acks already taken.
     writing: tokio::sync::Mutex<()>,
@@ -53,7 +59,8 @@ impl AckWriter {
     pub fn push(&self, client: Client, message: Message, filters: Vec<String>) {
         let mut pending = self.pending.lock().unwrap();
         for filter in filters {
-            let key = (client.clientid.clone(), filter);
+            let each = mqtt_topic::shared(&filter).is_some().then_some(message.id).flatten();
+            let key = (client.clientid.clone(), filter, each);
             if pending.get(&key).is_none_or(|(_, queued)| queued.id < message.id) {
                 pending.insert(key, (client.clone(), message.clone()));
             }
@@ -75,9 +82,9 @@ impl AckWriter {
     /// Writes everything pending of the clients `which` selects; false if there was nothing.
     async fn write_pending(&self, which: impl Fn(&str) -> bool) -> bool {
         let _writing = self.writing.lock().await;
-        let taken: Vec<((String, String), (Client, Message))> = {
+        let taken: Vec<(Pending, (Client, Message))> = {
             let mut pending = self.pending.lock().unwrap();
-            let keys: Vec<_> = pending.keys().filter(|(c, _)| which(c)).cloned().collect();
+            let keys: Vec<_> = pending.keys().filter(|(c, _, _)| which(c)).cloned().collect();
             keys.into_iter().filter_map(|k| pending.remove_entry(&k)).collect()
         };
         if taken.is_empty() {
@@ -85,7 +92,7 @@ impl AckWriter {
         }
         // One call per (client, message): its filters together.
         let mut round: HashMap<(String, Option<i64>), Ack> = HashMap::new();
-        for ((clientid, filter), (client, message)) in taken {
+        for ((clientid, filter, _), (client, message)) in taken {
             round.entry((clientid, message.id)).or_insert_with(|| (client, message, Vec::new())).2.push(filter);
         }
         self.write(round.into_values().collect()).await;

@@ -28,6 +28,13 @@
 //!   deduped against the pages by stored id, so each message reaches the client once, whichever
 //!   of the two stores had it. Resends of what was in flight (MQTT DUP) go as MQTT requires and
 //!   count as outstanding, so no page sends them again.
+//! - **Shared subscriptions: the group's claim.** A subscription `$share/<group>/<filter>` reads
+//!   its group's position (one per group and filter). The broker gives each live message to one
+//!   member; a member's backlog pages skip what another member of the group has outstanding
+//!   (delivered, not acked), so two members fetching at once never both get a message. Its acks
+//!   pass one by one, at once: the group's position records each and moves its mark only over
+//!   what is acked without a gap (the guest's), so no gate holds them. What a member leaves
+//!   unacked goes back to the group: another member still here fetches again.
 //!
 //! One [`Deliveries`] per extension: ids are the extension's own.
 
@@ -82,12 +89,116 @@ pub struct Deliveries<P> {
     /// The subscriptions (filter, QoS) of sessions the broker kept after their client left, by
     /// client id: what a resumed session fetches again.
     kept: Mutex<HashMap<String, Vec<(String, u8)>>>,
+    /// What each share group's members have (see [`Groups`]). Locked after `clients`, never
+    /// before.
+    groups: Mutex<Groups>,
 }
 
 impl<P> Default for Deliveries<P> {
     fn default() -> Self {
-        Deliveries { clients: Mutex::new(HashMap::new()), kept: Mutex::new(HashMap::new()) }
+        Deliveries {
+            clients: Mutex::new(HashMap::new()),
+            kept: Mutex::new(HashMap::new()),
+            groups: Mutex::new(Groups::default()),
+        }
     }
+}
+
+/// A member of a share group that fetches the group's backlog again (what another member left
+/// unacked): its connection, the subscription's filter, and its QoS.
+pub type Refetch = (Connection, String, u8);
+
+fn is_shared(filter: &str) -> bool {
+    mqtt_topic::shared(filter).is_some()
+}
+
+/// Acked ids a share group remembers at most ([`Group::acked`]).
+const GROUP_ACKED_REMEMBERED: usize = 10_000;
+
+/// The share groups' claims, by subscription filter (`$share/<group>/<filter>`), while a member
+/// is here.
+#[derive(Default)]
+struct Groups(HashMap<String, Group>);
+
+#[derive(Default)]
+struct Group {
+    /// Stored ids members have outstanding (delivered, not acked), and which member has each.
+    claims: HashMap<i64, Connection>,
+    /// Ids members acked lately: a page fetched before the group's position recorded them (the
+    /// acks are written in the background) must not send them again. The lowest go first.
+    acked: BTreeSet<i64>,
+}
+
+impl Groups {
+    /// Whether `id` is the group's already for a member other than `connection`: another member
+    /// has it outstanding, or a member acked it.
+    fn taken(&self, filter: &str, id: i64, connection: &Connection) -> bool {
+        self.0.get(filter).is_some_and(|g| g.acked.contains(&id) || g.claims.get(&id).is_some_and(|c| c != connection))
+    }
+
+    /// `connection` has `id` outstanding through `filter`, if that is a shared subscription.
+    fn claim(&mut self, filter: &str, id: i64, connection: &Connection) {
+        if is_shared(filter) {
+            self.0.entry(filter.to_owned()).or_default().claims.insert(id, connection.clone());
+        }
+    }
+
+    fn acked(&mut self, filter: &str, id: i64) {
+        let group = self.0.entry(filter.to_owned()).or_default();
+        group.claims.remove(&id);
+        group.acked.insert(id);
+        while group.acked.len() > GROUP_ACKED_REMEMBERED {
+            group.acked.pop_first();
+        }
+    }
+
+    /// Lost on the way: the member will fetch it again.
+    fn unclaim(&mut self, filter: &str, id: i64) {
+        if let Some(group) = self.0.get_mut(filter) {
+            group.claims.remove(&id);
+        }
+    }
+
+    /// Drops the claims of `connection` (it left): true if it had any.
+    fn drop_claims(&mut self, filter: &str, connection: &Connection) -> bool {
+        let Some(group) = self.0.get_mut(filter) else { return false };
+        let before = group.claims.len();
+        group.claims.retain(|_, c| c != connection);
+        group.claims.len() < before
+    }
+
+    /// The shared subscriptions of `left` that no client has any more are forgotten.
+    fn forget_unused<P>(&mut self, clients: &HashMap<String, ClientState<P>>, left: &[&String]) {
+        for filter in left {
+            if !clients.values().any(|s| s.subscriptions.contains_key(*filter)) {
+                self.0.remove(*filter);
+            }
+        }
+    }
+}
+
+/// Another member of each share group `connection` left unacked messages in fetches again:
+/// one that is here, fetching already (then once more) or live (then it starts).
+fn return_to_groups<P>(
+    clients: &mut HashMap<String, ClientState<P>>,
+    filters: &[String],
+    connection: &Connection,
+) -> Vec<Refetch> {
+    let mut start = Vec::new();
+    for filter in filters {
+        let member = clients
+            .iter_mut()
+            .filter(|(clientid, _)| **clientid != connection.clientid)
+            .find_map(|(clientid, s)| Some((clientid, s.since, s.subscriptions.get_mut(filter)?)));
+        if let Some((clientid, since, sub)) = member {
+            sub.refetch = true;
+            if !sub.fetching {
+                sub.fetching = true;
+                start.push((Connection { clientid: clientid.clone(), since }, filter.clone(), sub.qos));
+            }
+        }
+    }
+    start
 }
 
 struct ClientState<P> {
@@ -195,6 +306,11 @@ impl<P: Held> Deliveries<P> {
         };
         if let Some(old) = old {
             old.progress.notify_waiters();
+            let gone = Connection { clientid: connection.clientid.clone(), since: old.since };
+            let mut groups = self.groups.lock().unwrap();
+            for filter in old.subscriptions.keys() {
+                groups.drop_claims(filter, &gone);
+            }
         }
         let restored = if resumed { had } else { Vec::new() };
         for (filter, qos) in &restored {
@@ -207,12 +323,21 @@ impl<P: Held> Deliveries<P> {
     }
 
     /// The connection ended. With `kept` (the broker keeps the session for the client's return),
-    /// its subscriptions are remembered for [`Deliveries::connected`].
-    pub fn disconnected(&self, connection: &Connection, kept: bool) {
+    /// its subscriptions are remembered for [`Deliveries::connected`]. What its shared
+    /// subscriptions left unacked goes back to their groups: returns the members that fetch it.
+    pub fn disconnected(&self, connection: &Connection, kept: bool) -> Vec<Refetch> {
         let mut clients = self.clients.lock().unwrap();
+        let mut start = Vec::new();
         if clients.get(&connection.clientid).is_some_and(|s| s.since == connection.since) {
             let state = clients.remove(&connection.clientid).expect("present");
             state.progress.notify_waiters();
+            let mut groups = self.groups.lock().unwrap();
+            let shared: Vec<&String> = state.subscriptions.keys().filter(|f| is_shared(f)).collect();
+            let left: Vec<String> =
+                shared.iter().filter(|f| groups.drop_claims(f, connection)).map(|f| (*f).clone()).collect();
+            groups.forget_unused(&clients, &shared);
+            drop(groups);
+            start = return_to_groups(&mut clients, &left, connection);
             let mut sessions = self.kept.lock().unwrap();
             if kept {
                 let subscriptions = state.subscriptions.iter().map(|(f, sub)| (f.clone(), sub.qos)).collect();
@@ -221,6 +346,7 @@ impl<P: Held> Deliveries<P> {
                 sessions.remove(&connection.clientid);
             }
         }
+        start
     }
 
     /// The session the broker kept for `clientid` ended (it expired): returns the filters of its
@@ -251,9 +377,24 @@ impl<P: Held> Deliveries<P> {
     }
 
     /// The subscription went away. What is held stays for the client's other subscriptions
-    /// ([`Deliveries::release`] lets go of what none of them matches).
-    pub fn unsubscribed(&self, connection: &Connection, filter: &str) {
-        self.with(connection, |s| s.subscriptions.remove(filter));
+    /// ([`Deliveries::release`] lets go of what none of them matches). What a shared subscription
+    /// left unacked goes back to its group: returns the member that fetches it.
+    pub fn unsubscribed(&self, connection: &Connection, filter: &str) -> Vec<Refetch> {
+        let mut clients = self.clients.lock().unwrap();
+        let Some(s) = clients.get_mut(&connection.clientid).filter(|s| s.since == connection.since) else {
+            return Vec::new();
+        };
+        if s.subscriptions.remove(filter).is_none() || !is_shared(filter) {
+            return Vec::new();
+        }
+        let mut groups = self.groups.lock().unwrap();
+        let returned = groups.drop_claims(filter, connection);
+        groups.forget_unused(&clients, &[&filter.to_owned()]);
+        drop(groups);
+        if !returned {
+            return Vec::new();
+        }
+        return_to_groups(&mut clients, &[filter.to_owned()], connection)
     }
 
     /// A page slice of `filter`'s backlog is about to be forwarded. Returns, for each message,
@@ -265,6 +406,7 @@ impl<P: Held> Deliveries<P> {
     pub fn forward_page(&self, connection: &Connection, filter: &str, page: &[Message]) -> Option<Vec<bool>> {
         self.with(connection, |s| {
             let mut subscription = s.subscriptions.remove(filter)?;
+            let mut groups = self.groups.lock().unwrap();
             let mut decisions = Vec::with_capacity(page.len());
             for message in page {
                 let Some(id) = message.id else {
@@ -282,10 +424,13 @@ impl<P: Held> Deliveries<P> {
                     }
                     // Goes, unless a delivery of it is still unacked (this subscription's own: a
                     // resend, a live copy before a repeated SUBSCRIBE; or another's).
+                    // Another member of the share group has it: the group's, not this one's.
+                    Entry::Vacant(_) if groups.taken(filter, id, connection) => false,
                     Entry::Vacant(_) => {
                         let outstanding = subscription.unacked.contains(&id)
                             || s.subscriptions.values().any(|other| other.unacked.contains(&id));
                         subscription.unacked.insert(id);
+                        groups.claim(filter, id, connection);
                         !outstanding
                     }
                 };
@@ -380,10 +525,15 @@ impl<P: Held> Deliveries<P> {
             // What does not fit in this slice waits for the next call.
             s.held.extend(ready.split_off(ready.len().min(FORWARD_AT_ONCE)));
             let mut out = Vec::new();
+            let mut groups = self.groups.lock().unwrap();
             for (id, publish) in ready {
                 let mut wanted = false;
                 for (filter, sub) in subscriptions.iter_mut() {
-                    if mqtt_topic::matches(filter, publish.topic()) && !sub.has(id) {
+                    if mqtt_topic::matches(filter, publish.topic())
+                        && !sub.has(id)
+                        && !groups.taken(filter, id, connection)
+                    {
+                        groups.claim(filter, id, connection);
                         sub.unacked.insert(id);
                         wanted = true;
                     }
@@ -408,9 +558,11 @@ impl<P: Held> Deliveries<P> {
     pub fn hold(&self, connection: &Connection, id: i64, live: Live<'_, P>) -> bool {
         self.with(connection, |s| {
             let topic = live.topic;
+            let mut groups = self.groups.lock().unwrap();
             if live.resend {
                 for (filter, sub) in s.subscriptions.iter_mut() {
                     if mqtt_topic::matches(filter, topic) && !sub.acked.contains_key(&id) {
+                        groups.claim(filter, id, connection);
                         sub.unacked.insert(id);
                     }
                 }
@@ -427,12 +579,16 @@ impl<P: Held> Deliveries<P> {
             if matching().any(|(_, sub)| sub.has(id)) {
                 return true;
             }
+            // A message another member of a share group has outstanding is the group's already.
+            let mut wanted = false;
             for (filter, sub) in s.subscriptions.iter_mut() {
-                if mqtt_topic::matches(filter, topic) {
+                if mqtt_topic::matches(filter, topic) && !groups.taken(filter, id, connection) {
+                    groups.claim(filter, id, connection);
                     sub.unacked.insert(id);
+                    wanted = true;
                 }
             }
-            false
+            !wanted && s.subscriptions.keys().any(|filter| mqtt_topic::matches(filter, topic))
         })
         .unwrap_or(false)
     }
@@ -452,10 +608,12 @@ impl<P: Held> Deliveries<P> {
     pub fn lost(&self, connection: &Connection, id: i64, topic: &str) -> Vec<(String, u8)> {
         self.with(connection, |s| {
             let mut start = Vec::new();
+            let mut groups = self.groups.lock().unwrap();
             for (filter, sub) in s.subscriptions.iter_mut() {
                 if !(sub.unacked.remove(&id) || mqtt_topic::matches(filter, topic)) {
                     continue;
                 }
+                groups.unclaim(filter, id);
                 sub.stop = Some(sub.stop.map_or(id, |stop| stop.min(id)));
                 sub.refetch = true;
                 if !sub.fetching {
@@ -475,7 +633,19 @@ impl<P: Held> Deliveries<P> {
         self.with(connection, |s| {
             let message = Arc::new(message);
             let mut passed: Vec<(Arc<Message>, Vec<String>)> = Vec::new();
+            let mut groups = self.groups.lock().unwrap();
             for (filter, sub) in s.subscriptions.iter_mut() {
+                // A share group's position records each ack: it passes at once.
+                if is_shared(filter) {
+                    if sub.unacked.remove(&id) {
+                        groups.acked(filter, id);
+                        match passed.iter_mut().find(|(m, _)| m.id == message.id) {
+                            Some((_, filters)) => filters.push(filter.clone()),
+                            None => passed.push((message.clone(), vec![filter.clone()])),
+                        }
+                    }
+                    continue;
+                }
                 if sub.unacked.remove(&id) {
                     sub.acked.insert(id, message.clone());
                 }
@@ -821,5 +991,32 @@ mod tests {
         assert_eq!(page(&deliveries, &back, "t", [3, 4]), [false, true]);
         assert_eq!(ack(&deliveries, &back, 4, "t"), [], "3 is outstanding");
         assert_eq!(ack(&deliveries, &back, 3, "t"), [(4, vec!["t".to_owned()])]);
+    }
+
+    #[test]
+    fn share_group_members_never_both_send_a_message_and_what_one_leaves_goes_to_another() {
+        let deliveries = Deliveries::default();
+        let (w1, w2) = (Connection { clientid: "w1".into(), since: 1 }, Connection { clientid: "w2".into(), since: 2 });
+        let group = "$share/g/t/#";
+        for member in [&w1, &w2] {
+            deliveries.connected(member, false);
+            deliveries.subscribed(member, group, 1);
+        }
+        // Both fetched the same first page: w1 sends it first, w2 sends none of it.
+        assert_eq!(page(&deliveries, &w1, group, 1..=3), [true; 3]);
+        assert_eq!(page(&deliveries, &w2, group, 1..=3), [false; 3]);
+        assert_eq!(page(&deliveries, &w2, group, 4..=5), [true; 2]);
+        // Acks pass one by one, whatever is unacked below them; an acked one is not sent again.
+        assert_eq!(ack(&deliveries, &w1, 3, "t/p"), [(3, vec![group.to_owned()])]);
+        assert_eq!(ack(&deliveries, &w2, 5, "t/p"), [(5, vec![group.to_owned()])]);
+        assert_eq!(page(&deliveries, &w2, group, [3]), [false], "the group acked it");
+        // Live: w2 gets 6 from the broker.
+        go_live(&deliveries, &w2, group);
+        assert!(!hold(&deliveries, &w2, 6, "t/p"));
+        // w1 leaves with 1 and 2 unacked: w2 fetches the group's backlog again, and gets them.
+        assert_eq!(deliveries.disconnected(&w1, false), [(w2.clone(), group.to_owned(), 1)]);
+        assert_eq!(page(&deliveries, &w2, group, [1, 2, 4, 6]), [true, true, false, false], "4 and 6 are w2's already");
+        // Its acks pass at once too.
+        assert_eq!(ack(&deliveries, &w2, 1, "t/p"), [(1, vec![group.to_owned()])]);
     }
 }
