@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 use crate::bindings::{Client, Describe, HookError, Message, Property, PropertyValue, PublishOutcome, Subscription};
 use crate::engine::{Instance, Runtime};
 use crate::host::{Host, Sources};
-use crate::protocol::delivery::{Connection, Deliveries, Live, Refetch};
+use crate::protocol::delivery::{Connection, Deliveries, FetchEnd, Live, Refetch};
 
 /// One input line.
 #[derive(Debug, Deserialize)]
@@ -436,6 +436,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             let call = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
             self.host.fetch(&client, &subscription, None, call).await??
         } else {
+            self.deliveries.refetching(&connection, filter);
             let call = async |i: &mut Instance| i.session_resume(&client, &subscription).await;
             self.host.fetch(&client, &subscription, None, call).await??
         };
@@ -447,20 +448,27 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         // so nothing live arrives meanwhile; the protocol still says what a page may send (not
         // what the client already has from another subscription).
         loop {
-            let decisions = self.deliveries.forward_page(&connection, filter, &page.messages).unwrap_or_default();
-            for (message, go) in page.messages.into_iter().zip(decisions) {
-                if go {
-                    let qos = message.qos.min(subscription.qos);
-                    self.deliver(clientid, message, qos, auto_ack).await?;
-                    self.deliveries.forwarded_gone(&connection);
+            loop {
+                let decisions = self.deliveries.forward_page(&connection, filter, &page.messages).unwrap_or_default();
+                for (message, go) in page.messages.into_iter().zip(decisions) {
+                    if go {
+                        let qos = message.qos.min(subscription.qos);
+                        self.deliver(clientid, message, qos, auto_ack).await?;
+                        self.deliveries.forwarded_gone(&connection);
+                    }
                 }
+                let Some(cursor) = page.next else { break };
+                let next = async |i: &mut Instance| i.session_fetch_next(&client, &subscription, &cursor).await;
+                page = self.host.fetch(&client, &subscription, Some(&cursor), next).await??;
             }
-            let Some(cursor) = page.next else { break };
-            let next = async |i: &mut Instance| i.session_fetch_next(&client, &subscription, &cursor).await;
-            page = self.host.fetch(&client, &subscription, Some(&cursor), next).await??;
+            // Once more from the stored position when something was returned to it meanwhile.
+            if self.deliveries.fetch_end(&connection, filter) != FetchEnd::Refetch {
+                return Ok(());
+            }
+            self.deliveries.refetching(&connection, filter);
+            let call = async |i: &mut Instance| i.session_resume(&client, &subscription).await;
+            page = self.host.fetch(&client, &subscription, None, call).await??;
         }
-        self.deliveries.fetch_end(&connection, filter);
-        Ok(())
     }
 
     async fn publish(

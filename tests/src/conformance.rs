@@ -543,7 +543,10 @@ impl Target for Harness {
     }
 
     async fn event(&mut self, event: &Value) -> Result<Outcome, String> {
-        let output = self.send(&event.to_string()).await?;
+        // A crash is a disconnect to the harness.
+        let mut line = event.clone();
+        line.as_object_mut().map(|o| o.remove("abrupt"));
+        let output = self.send(&line.to_string()).await?;
         let clientid = event["clientid"].as_str().unwrap_or_default().to_owned();
         match event["event"].as_str() {
             Some("client.connected") if !self.connected.contains(&clientid) => self.connected.push(clientid),
@@ -648,6 +651,8 @@ enum MqttClient {
 
 struct Connection {
     client: MqttClient,
+    /// The task that runs the client's event loop (and owns its socket).
+    events: tokio::task::JoinHandle<()>,
     incoming: mpsc::UnboundedReceiver<Incoming>,
     /// Received and not taken yet.
     queue: VecDeque<Received<Packet>>,
@@ -693,7 +698,7 @@ impl Mqtt {
         let manual = Arc::new(AtomicBool::new(false));
         let (tx, incoming) = mpsc::unbounded_channel();
         let port = self.broker.port;
-        let client = match self.version {
+        let (client, events) = match self.version {
             Version::V311 => {
                 let mut options = rumqttc::MqttOptions::new(clientid, "127.0.0.1", port);
                 options.set_clean_session(clean_start).set_manual_acks(true).set_keep_alive(Duration::from_secs(30));
@@ -701,8 +706,8 @@ impl Mqtt {
                     options.set_credentials(user, "");
                 }
                 let (client, event_loop) = rumqttc::AsyncClient::new(options, 1000);
-                tokio::spawn(v311_events(event_loop, client.clone(), manual.clone(), tx));
-                MqttClient::V311(client)
+                let events = tokio::spawn(v311_events(event_loop, client.clone(), manual.clone(), tx));
+                (MqttClient::V311(client), events)
             }
             Version::V5 => {
                 let mut options = rumqttc::v5::MqttOptions::new(clientid, "127.0.0.1", port);
@@ -712,11 +717,11 @@ impl Mqtt {
                     options.set_credentials(user, "");
                 }
                 let (client, event_loop) = rumqttc::v5::AsyncClient::new(options, 1000);
-                tokio::spawn(v5_events(event_loop, client.clone(), manual.clone(), tx));
-                MqttClient::V5(client)
+                let events = tokio::spawn(v5_events(event_loop, client.clone(), manual.clone(), tx));
+                (MqttClient::V5(client), events)
             }
         };
-        let mut connection = Connection { client, incoming, queue: VecDeque::new(), manual, closed: false };
+        let mut connection = Connection { client, events, incoming, queue: VecDeque::new(), manual, closed: false };
         if let Incoming::ConnAck { refused: Some(why) } =
             connection.until(|i| matches!(i, Incoming::ConnAck { .. })).await?
         {
@@ -938,7 +943,11 @@ impl Target for Mqtt {
             }
             "client.disconnected" => {
                 let mut connection = self.clients.remove(&clientid).ok_or(format!("{clientid} is not connected"))?;
-                if !connection.closed {
+                if event["abrupt"] == true {
+                    // The connection drops without DISCONNECT: the client crashed.
+                    connection.events.abort();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                } else if !connection.closed {
                     connection.round_trip().await?;
                     let _ = match &connection.client {
                         MqttClient::V311(client) => client.disconnect().await.map_err(|e| e.to_string()),

@@ -69,6 +69,7 @@ scenarios!(
     persistent_restart,
     session_expiry,
     shared_subscriptions,
+    shared_members_leaving,
 );
 
 #[test]
