@@ -259,7 +259,7 @@ impl Hooks {
         for extension in self.extensions.iter() {
             let start = extension.deliveries.subscribed(&connection(session), &subscription.filter, subscription.qos);
             // Its acks so far first: the fetch starts from the position they leave.
-            extension.acks.flush(&client.clientid).await;
+            extension.acks.flush(&client.clientid, &subscription.filter).await;
             let call = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
             let first = extension.fetch(&client, &subscription, None, call).await;
             if !start {
@@ -375,7 +375,7 @@ async fn send_backlog(
                 if !deliveries.settled(&connection, filter).await {
                     return;
                 }
-                extension.acks.flush(&client.clientid).await;
+                extension.acks.flush(&client.clientid, filter).await;
                 deliveries.refetching(&connection, filter);
                 let call = async |i: &mut Instance| i.session_resume(&client, subscription).await;
                 let resumed = extension.fetch(&client, subscription, None, call).await;

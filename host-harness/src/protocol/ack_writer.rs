@@ -9,7 +9,8 @@
 //!
 //! The price is the usual one of at-least-once: a broker that dies with acks not yet written
 //! delivers those messages again. A client's pending acks are written before its next
-//! subscription fetches, so a reconnecting client does not see them again.
+//! subscription fetches, so a reconnecting client does not see them again; a share group's, before
+//! any member's fetch.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,7 +49,7 @@ impl AckWriter {
         tokio::spawn(async move {
             loop {
                 worker.wake.notified().await;
-                while worker.write_pending(|_| true).await {}
+                while worker.write_pending(|_, _| true).await {}
             }
         });
         writer
@@ -74,17 +75,21 @@ impl AckWriter {
         self.pending.lock().unwrap().len()
     }
 
-    /// Writes `clientid`'s pending acks now (after the round being written, if any).
-    pub async fn flush(&self, clientid: &str) {
-        self.write_pending(|c| c == clientid).await;
+    /// Writes now (after the round being written, if any) the acks a fetch of `filter` by
+    /// `clientid` must find written: the client's own, and for a shared subscription those of
+    /// every member of the group.
+    pub async fn flush(&self, clientid: &str, filter: &str) {
+        let shared = mqtt_topic::shared(filter).is_some();
+        self.write_pending(|c, f| c == clientid || (shared && f == filter)).await;
     }
 
-    /// Writes everything pending of the clients `which` selects; false if there was nothing.
-    async fn write_pending(&self, which: impl Fn(&str) -> bool) -> bool {
+    /// Writes everything pending that `which` selects (by client id and filter); false if
+    /// there was nothing.
+    async fn write_pending(&self, which: impl Fn(&str, &str) -> bool) -> bool {
         let _writing = self.writing.lock().await;
         let taken: Vec<(Pending, (Client, Message))> = {
             let mut pending = self.pending.lock().unwrap();
-            let keys: Vec<_> = pending.keys().filter(|(c, _, _)| which(c)).cloned().collect();
+            let keys: Vec<_> = pending.keys().filter(|(c, f, _)| which(c, f)).cloned().collect();
             keys.into_iter().filter_map(|k| pending.remove_entry(&k)).collect()
         };
         if taken.is_empty() {
@@ -111,6 +116,6 @@ impl AckWriter {
 
     /// Writes every pending ack now (a shutdown).
     pub async fn flush_all(&self) {
-        while self.write_pending(|_| true).await {}
+        while self.write_pending(|_, _| true).await {}
     }
 }
