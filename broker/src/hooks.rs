@@ -153,7 +153,9 @@ impl Handler for Hooks {
                 );
                 return (false, Some(HookResult::PublishAclResult(PublishAclResult(refused))));
             }
-            Parameter::MessageExpiryCheck(session, from, publish) if !from.is_system() => {
+            // Our own forwards (a backlog, released messages) were counted when they went; a
+            // resend of one (DUP, a resumed session) is counted again, as any resend.
+            Parameter::MessageExpiryCheck(session, from, publish) if !from.is_system() || publish.dup => {
                 // Held back behind a backlog (the broker drops it here, the backlog sends it
                 // later), or already sent by one.
                 for extension in self.extensions.iter() {

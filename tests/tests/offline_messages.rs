@@ -222,4 +222,20 @@ async fn a_share_groups_mark_moves_only_over_acks_without_a_gap() {
     let output = replay(&host, &lines(&[connect("w2"), subscribe_manual_ack("w2", group, 1), ack("w2", 1)])).await;
     assert_eq!(deliveries(&output), pairs(&[("w2", "one")]));
     assert_eq!(position().await, (5, vec![]), "over 1, the other topic's 2, and 3 to 5");
+    // A client calling itself `$share/g` neither reads nor moves the group's position.
+    publish_more_and_try_as_the_group(&host).await;
+    assert_eq!(position().await, (5, vec![]));
+}
+
+async fn publish_more_and_try_as_the_group(host: &host_harness::Host) {
+    let events = lines(&[
+        publish("p", "t/a", 1, "five"),
+        connect("$share/g"),
+        subscribe("$share/g", "t/#", 1),
+        disconnect("$share/g"),
+        connect("$share/g"),
+        subscribe("$share/g", "t/#", 1),
+    ]);
+    let output = replay(host, &events).await;
+    assert_eq!(deliveries(&output), pairs(&[]), "{output:?}");
 }

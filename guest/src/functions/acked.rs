@@ -50,7 +50,7 @@ pub fn advance(
     for filter in shared {
         moved += group_acked(pool, &opts(filter), filter, stored_id)?;
     }
-    if own.is_empty() {
+    if own.is_empty() || fetch::reserved(clientid) {
         return Ok(moved);
     }
     let filters = serde_json::to_string(&own).unwrap_or_default();

@@ -48,6 +48,18 @@ pub struct Reader<'a> {
     pub shared: bool,
 }
 
+/// Whether `clientid` looks like a share group's position: such a client has no position of its
+/// own (it would read and move the group's).
+pub fn reserved(clientid: &str) -> bool {
+    let reserved = clientid.starts_with("$share/");
+    if reserved {
+        crate::warn(&format!(
+            "client id `{clientid}` is reserved for share groups' positions: it gets no offline messages"
+        ));
+    }
+    reserved
+}
+
 /// The reader of `subscription` (the filter as subscribed) for `clientid`.
 pub fn reader<'a>(clientid: &'a str, subscription: &'a str) -> Reader<'a> {
     match topic::shared(subscription) {
@@ -83,6 +95,9 @@ pub struct Page {
 /// first subscription sets the group's position.
 pub fn first_page(pool: &str, opts: &OfflineOpts, clientid: &str, filter: &str) -> Result<(i64, Page), sql::Error> {
     let reader = reader(clientid, filter);
+    if !reader.shared && reserved(clientid) {
+        return Ok((0, Page { messages: Vec::new(), next: None }));
+    }
     let params = [
         db::text(&reader.owner),
         db::text(reader.filter),
@@ -100,6 +115,9 @@ const STORED_POSITION: &str = "SELECT mid FROM mqtt_acked WHERE clientid = $1 AN
 
 pub fn stored_position(pool: &str, clientid: &str, filter: &str) -> Result<Option<Cursor>, sql::Error> {
     let reader = reader(clientid, filter);
+    if !reader.shared && reserved(clientid) {
+        return Ok(None);
+    }
     let position = sql::query(pool, STORED_POSITION, &[db::text(&reader.owner), db::text(reader.filter)])?;
     match position.rows.first() {
         Some(row) => Ok(Some(Cursor { after_id: db::int64(row, 0)? })),
