@@ -543,9 +543,12 @@ impl Target for Harness {
     }
 
     async fn event(&mut self, event: &Value) -> Result<Outcome, String> {
-        // A crash is a disconnect to the harness.
+        // A crash is a disconnect to the harness; a resumed subscription acks as it did.
         let mut line = event.clone();
-        line.as_object_mut().map(|o| o.remove("abrupt"));
+        if let Some(o) = line.as_object_mut() {
+            o.remove("abrupt");
+            o.remove("manual_acks");
+        }
         let output = self.send(&line.to_string()).await?;
         let clientid = event["clientid"].as_str().unwrap_or_default().to_owned();
         match event["event"].as_str() {
@@ -695,7 +698,7 @@ impl Mqtt {
         let username = event["username"].as_str();
         let clean_start = event["clean_start"].as_bool().unwrap_or(true);
         let session_expiry = event["session_expiry"].as_u64().map(|s| s as u32).or((!clean_start).then_some(3600));
-        let manual = Arc::new(AtomicBool::new(false));
+        let manual = Arc::new(AtomicBool::new(event["manual_acks"] == true));
         let (tx, incoming) = mpsc::unbounded_channel();
         let port = self.broker.port;
         let (client, events) = match self.version {
