@@ -196,10 +196,7 @@ impl Handler for Hooks {
                             continue;
                         };
                         for (filter, qos) in restart {
-                            let (scx, extension, session) = (self.scx.clone(), extension.clone(), session.clone());
-                            tokio::spawn(async move {
-                                send_backlog(&scx, &extension, &session, &Subscription { filter, qos }, None).await;
-                            });
+                            resume_backlog(&self.scx, extension, &session, filter, qos);
                         }
                     }
                 }
@@ -222,11 +219,8 @@ impl Hooks {
         let mut restored = Vec::new();
         for extension in self.extensions.iter() {
             for (filter, qos) in extension.deliveries.connected(&connection(session), resumed) {
-                let (scx, extension, session) = (self.scx.clone(), extension.clone(), session.clone());
                 restored.push(filter.clone());
-                tokio::spawn(async move {
-                    send_backlog(&scx, &extension, &session, &Subscription { filter, qos }, None).await;
-                });
+                resume_backlog(&self.scx, extension, session, filter, qos);
             }
             stored.extend(extension.client_connected(&client).await);
         }
@@ -292,10 +286,7 @@ impl Hooks {
                 continue;
             }
             tracing::debug!(extension = extension.name, clientid = member.clientid, filter, "returned to the group");
-            let (scx, extension) = (self.scx.clone(), extension.clone());
-            tokio::spawn(async move {
-                send_backlog(&scx, &extension, &session, &Subscription { filter, qos }, None).await;
-            });
+            resume_backlog(&self.scx, extension, &session, filter, qos);
         }
     }
 
@@ -423,6 +414,14 @@ async fn send_backlog(
     }
     tracing::debug!(clientid = client.clientid, filter, "backlog sent");
     release_held(scx, extension, session).await;
+}
+
+/// Sends `filter`'s backlog again from its stored position, in a task of its own.
+fn resume_backlog(scx: &ServerContext, extension: &Arc<Extension>, session: &Session, filter: String, qos: u8) {
+    let (scx, extension, session) = (scx.clone(), extension.clone(), session.clone());
+    tokio::spawn(async move {
+        send_backlog(&scx, &extension, &session, &Subscription { filter, qos }, None).await;
+    });
 }
 
 async fn fetch_failed(scx: &ServerContext, extension: &Extension, session: &Session, filter: &str) {

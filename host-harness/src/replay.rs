@@ -16,7 +16,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::bindings::{Client, Describe, HookError, Message, Property, PropertyValue, PublishOutcome, Subscription};
+use crate::bindings::{
+    Client, Describe, FetchPage, HookError, Message, Property, PropertyValue, PublishOutcome, Subscription,
+};
 use crate::engine::{Instance, Runtime};
 use crate::host::{Host, Sources};
 use crate::protocol::delivery::{Connection, Deliveries, FetchEnd, Live, Refetch};
@@ -436,9 +438,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             let call = async |i: &mut Instance| i.session_subscribed(&client, &subscription).await;
             self.host.fetch(&client, &subscription, None, call).await??
         } else {
-            self.deliveries.refetching(&connection, filter);
-            let call = async |i: &mut Instance| i.session_resume(&client, &subscription).await;
-            self.host.fetch(&client, &subscription, None, call).await??
+            self.resume(&client, &connection, &subscription).await?
         };
         if !start {
             // Its backlog is going out already.
@@ -465,10 +465,20 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             if self.deliveries.fetch_end(&connection, filter) != FetchEnd::Refetch {
                 return Ok(());
             }
-            self.deliveries.refetching(&connection, filter);
-            let call = async |i: &mut Instance| i.session_resume(&client, &subscription).await;
-            page = self.host.fetch(&client, &subscription, None, call).await??;
+            page = self.resume(&client, &connection, &subscription).await?;
         }
+    }
+
+    /// The backlog's first page again from the stored position.
+    async fn resume(
+        &mut self,
+        client: &Client,
+        connection: &Connection,
+        subscription: &Subscription,
+    ) -> Result<FetchPage, Stop> {
+        self.deliveries.refetching(connection, &subscription.filter);
+        let call = async |i: &mut Instance| i.session_resume(client, subscription).await;
+        Ok(self.host.fetch(client, subscription, None, call).await??)
     }
 
     async fn publish(

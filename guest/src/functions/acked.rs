@@ -8,6 +8,7 @@ use crate::functions::Builtin;
 use crate::functions::fetch::{self, Cursor};
 use crate::hookpoint::Hookpoint;
 use crate::rules::{Function, OfflineOpts};
+use crate::topic;
 
 /// `on_message_acked`: move a subscriber's read position to an acked message.
 pub const ON_MESSAGE_ACKED: Builtin =
@@ -45,7 +46,7 @@ pub fn advance(
     filters: &[String],
     opts: impl Fn(&str) -> OfflineOpts,
 ) -> Result<u64, sql::Error> {
-    let (shared, own): (Vec<&String>, Vec<&String>) = filters.iter().partition(|f| fetch::reader("", f).shared);
+    let (shared, own): (Vec<&String>, Vec<&String>) = filters.iter().partition(|f| topic::shared(f).is_some());
     let mut moved = 0;
     for filter in shared {
         moved += group_acked(pool, &opts(filter), filter, stored_id)?;

@@ -167,18 +167,30 @@ impl Groups {
         group.claims.len() < before
     }
 
-    /// The shared subscriptions of `left` that no client has any more are forgotten.
-    fn forget_unused<P>(&mut self, clients: &HashMap<String, ClientState<P>>, left: &[&String]) {
-        for filter in left {
-            if !clients.values().any(|s| s.subscriptions.contains_key(*filter)) {
-                self.0.remove(*filter);
+    /// `connection` no longer has the subscriptions `filters`. For each shared one, its claims
+    /// go; a group no client subscribes to any more is forgotten; and where it left messages
+    /// unacked, another member fetches again: one that is here, fetching already (then once
+    /// more) or live (then it starts). Returns the members that start.
+    fn leave<'a, P>(
+        &mut self,
+        clients: &mut HashMap<String, ClientState<P>>,
+        filters: impl IntoIterator<Item = &'a String>,
+        connection: &Connection,
+    ) -> Vec<Refetch> {
+        let mut returned = Vec::new();
+        for filter in filters.into_iter().filter(|f| is_shared(f)) {
+            if self.drop_claims(filter, connection) {
+                returned.push(filter.clone());
+            }
+            if !clients.values().any(|s| s.subscriptions.contains_key(filter)) {
+                self.0.remove(filter);
             }
         }
+        return_to_groups(clients, &returned, connection)
     }
 }
 
-/// Another member of each share group `connection` left unacked messages in fetches again:
-/// one that is here, fetching already (then once more) or live (then it starts).
+/// Another member of each share group in `filters` fetches again (see [`Groups::leave`]).
 fn return_to_groups<P>(
     clients: &mut HashMap<String, ClientState<P>>,
     filters: &[String],
@@ -300,9 +312,10 @@ impl<P: Held> Deliveries<P> {
             acked: BTreeSet::new(),
         };
         // A connection that takes over one still open has the subscriptions of that one.
-        let had = match &old {
-            Some(old) => old.subscriptions.iter().map(|(filter, sub)| (filter.clone(), sub.qos)).collect(),
-            None => kept.unwrap_or_default(),
+        let restored = match (&old, resumed) {
+            (_, false) => Vec::new(),
+            (Some(old), true) => old.subscriptions.iter().map(|(filter, sub)| (filter.clone(), sub.qos)).collect(),
+            (None, true) => kept.unwrap_or_default(),
         };
         if let Some(old) = old {
             old.progress.notify_waiters();
@@ -312,7 +325,6 @@ impl<P: Held> Deliveries<P> {
                 groups.drop_claims(filter, &gone);
             }
         }
-        let restored = if resumed { had } else { Vec::new() };
         for (filter, qos) in &restored {
             state
                 .subscriptions
@@ -331,13 +343,7 @@ impl<P: Held> Deliveries<P> {
         if clients.get(&connection.clientid).is_some_and(|s| s.since == connection.since) {
             let state = clients.remove(&connection.clientid).expect("present");
             state.progress.notify_waiters();
-            let mut groups = self.groups.lock().unwrap();
-            let shared: Vec<&String> = state.subscriptions.keys().filter(|f| is_shared(f)).collect();
-            let left: Vec<String> =
-                shared.iter().filter(|f| groups.drop_claims(f, connection)).map(|f| (*f).clone()).collect();
-            groups.forget_unused(&clients, &shared);
-            drop(groups);
-            start = return_to_groups(&mut clients, &left, connection);
+            start = self.groups.lock().unwrap().leave(&mut clients, state.subscriptions.keys(), connection);
             let mut sessions = self.kept.lock().unwrap();
             if kept {
                 let subscriptions = state.subscriptions.iter().map(|(f, sub)| (f.clone(), sub.qos)).collect();
@@ -384,17 +390,10 @@ impl<P: Held> Deliveries<P> {
         let Some(s) = clients.get_mut(&connection.clientid).filter(|s| s.since == connection.since) else {
             return Vec::new();
         };
-        if s.subscriptions.remove(filter).is_none() || !is_shared(filter) {
+        if s.subscriptions.remove(filter).is_none() {
             return Vec::new();
         }
-        let mut groups = self.groups.lock().unwrap();
-        let returned = groups.drop_claims(filter, connection);
-        groups.forget_unused(&clients, &[&filter.to_owned()]);
-        drop(groups);
-        if !returned {
-            return Vec::new();
-        }
-        return_to_groups(&mut clients, &[filter.to_owned()], connection)
+        self.groups.lock().unwrap().leave(&mut clients, [&filter.to_owned()], connection)
     }
 
     /// A page slice of `filter`'s backlog is about to be forwarded. Returns, for each message,
