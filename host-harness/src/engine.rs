@@ -83,12 +83,26 @@ impl Runtime {
             }
         }
         let component = Component::new(&self.engine, bytes)?;
-        std::fs::create_dir_all(dir)?;
-        let partial = path.with_extension("partial");
-        std::fs::write(&partial, component.serialize()?)?;
-        std::fs::rename(&partial, &path)?;
+        // The cache only saves time: a host that cannot write it runs all the same.
+        if let Err(e) = component.serialize().map_err(anyhow::Error::from).and_then(|b| store_compiled(dir, &path, &b)) {
+            tracing::warn!("not cached: {}: {e:#}", path.display());
+        }
         Ok(component)
     }
+}
+
+/// Writes a compiled component into the cache. Several hosts may share a cache directory and
+/// compile the same module at once (the broker tests start brokers side by side), so each writes
+/// a file of its own and renames it into place: the rename is atomic, and the last one wins with
+/// the same bytes.
+fn store_compiled(dir: &Path, path: &Path, compiled: &[u8]) -> anyhow::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    std::fs::create_dir_all(dir)?;
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = path.with_extension(format!("partial-{}-{write}", std::process::id()));
+    std::fs::write(&partial, compiled)?;
+    std::fs::rename(&partial, path).inspect_err(|_| drop(std::fs::remove_file(&partial)))?;
+    Ok(())
 }
 
 /// A compiled guest, ready to instantiate cheaply.
@@ -368,5 +382,29 @@ impl Instance {
             .broker_extension_hooks()
             .call_tick(armed(&mut self.store, self.deadline, &mut self.called, Hook::Tick))
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_compiled;
+
+    /// Hosts sharing a cache directory write the same compilation at once; none of them fails.
+    #[test]
+    fn hosts_writing_one_cache_entry_at_once_all_succeed() {
+        let dir = std::env::temp_dir().join(format!("engine-cache-{}", std::process::id()));
+        let path = dir.join("module.cwasm");
+        let writers: Vec<_> = (0..8)
+            .map(|_| {
+                let (dir, path) = (dir.clone(), path.clone());
+                std::thread::spawn(move || (0..200).try_for_each(|_| store_compiled(&dir, &path, &[7; 4096])))
+            })
+            .collect();
+        for writer in writers {
+            writer.join().unwrap().expect("writing the cache");
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), [7; 4096]);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no partial file is left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
