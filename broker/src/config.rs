@@ -17,12 +17,10 @@
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
-use host_harness::host::Sources;
-use host_harness::protocol::group_commit::Batching;
-use host_harness::sandbox::Limits;
+use host_harness::adapter::address_or_off;
+pub use host_harness::adapter::{BatchConfig, ExtensionConfig, HttpConfig, SandboxConfig, TlsConfig};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,30 +57,6 @@ pub struct BrokerConfig {
     pub watch: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExtensionConfig {
-    /// Names the extension in logs and in the stored-id property; the module's file stem when
-    /// absent.
-    pub name: Option<String>,
-    pub module: PathBuf,
-    pub rules: PathBuf,
-}
-
-/// MQTT over TLS (rustls).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub listen: SocketAddr,
-    /// The server's certificate chain (PEM), leaf first.
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
-    /// With it, a client must present a certificate this CA (PEM) signed; without, clients
-    /// present none.
-    pub client_ca: Option<PathBuf>,
-}
-
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
@@ -92,13 +66,6 @@ pub struct AuthConfig {
     /// `username:hash` lines as Mosquitto's `mosquitto_passwd` writes them. A client that sends
     /// a username must send its password. Read again on SIGHUP.
     pub password_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Where `/metrics` (Prometheus text) and `/health` are served.
-    pub listen: SocketAddr,
 }
 
 /// The MQTT side of the listener: flow control and sizes.
@@ -121,38 +88,6 @@ pub struct MqttConfig {
     pub max_queue: usize,
 }
 
-/// Group commit: publishes from all clients are handed to `message-publish` in batches.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchConfig {
-    /// A batch closes when it holds this many messages...
-    #[serde(default = "default_max_messages")]
-    pub max_messages: usize,
-    /// ...or when nothing more is queued; with a linger, this many microseconds after its first
-    /// message arrived. While batches are being stored the next one fills up, so under load
-    /// batches grow by themselves without a linger. tokio's timers tick in milliseconds: any
-    /// linger costs at least one.
-    #[serde(default)]
-    pub linger_us: u64,
-    /// Batches being stored at once.
-    #[serde(default = "default_in_flight")]
-    pub in_flight: usize,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SandboxConfig {
-    /// Time one hook call may take, SQL waits included, in milliseconds.
-    #[serde(default = "default_call_timeout_ms")]
-    pub call_timeout_ms: u64,
-    /// Memory one extension instance may use, in MiB.
-    #[serde(default = "default_memory_mib")]
-    pub memory_mib: usize,
-    /// Instances of each extension that may run calls at once.
-    #[serde(default = "default_max_instances")]
-    pub max_instances: usize,
-}
-
 impl BrokerConfig {
     /// Reads and checks the file at `path`; relative paths in it become relative to its folder.
     pub fn load(path: &Path) -> anyhow::Result<BrokerConfig> {
@@ -168,20 +103,11 @@ impl BrokerConfig {
         if config.mqtt.max_queue < slices {
             anyhow::bail!("{}: mqtt.max_queue must be at least {slices} (two slices of a backlog)", path.display());
         }
-        // A guest holds a batch of publishes, or a backlog page, in its memory: the largest message
-        // must fit many times over, or it would be accepted and then trap every fetch.
-        let memory = (config.sandbox.memory_mib as u64) << 20;
-        let largest = u64::from(config.mqtt.max_packet_size);
-        if memory < GUEST_MEMORY_PER_PACKET * largest {
-            anyhow::bail!(
-                "{}: sandbox.memory_mib = {} cannot hold the largest message mqtt.max_packet_size = {} allows: \
-                 give the guest at least {} MiB, or accept smaller packets",
-                path.display(),
-                config.sandbox.memory_mib,
-                largest,
-                (GUEST_MEMORY_PER_PACKET * largest).div_ceil(1 << 20)
-            );
-        }
+        // A guest holds a batch of publishes, or a backlog page, in its memory.
+        config
+            .sandbox
+            .check_holds(config.mqtt.max_packet_size, "mqtt.max_packet_size")
+            .with_context(|| format!("{}", path.display()))?;
         if config.listen.is_none() && config.tls.is_none() {
             anyhow::bail!("{}: `listen = \"off\"` and no [tls]: no client could connect", path.display());
         }
@@ -207,63 +133,12 @@ impl BrokerConfig {
     }
 }
 
-/// Guest memory per byte of the largest packet: a backlog page (`max_returned_bytes`, 4 MiB by
-/// default, plus one message past it) and its copy on the way out, with room to spare.
-pub const GUEST_MEMORY_PER_PACKET: u64 = 8;
-
-impl SandboxConfig {
-    /// The payload bytes a publish batch may hold: an eighth of the guest's memory.
-    pub fn batch_bytes(&self) -> usize {
-        (self.memory_mib << 20) / 8
-    }
-}
-
 impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             max_inflight: default_max_inflight(),
             max_packet_size: default_max_packet_size(),
             max_queue: default_max_queue(),
-        }
-    }
-}
-
-impl ExtensionConfig {
-    pub fn sources(&self) -> Sources {
-        Sources { module: self.module.clone(), rules: self.rules.clone() }
-    }
-}
-
-impl BatchConfig {
-    /// How the host library's group commit forms batches of at most `max_bytes` of payload.
-    pub fn batching(&self, max_bytes: usize) -> Batching {
-        Batching {
-            max_messages: self.max_messages,
-            max_bytes,
-            linger: Duration::from_micros(self.linger_us),
-            in_flight: self.in_flight,
-        }
-    }
-}
-
-impl SandboxConfig {
-    pub fn limits(&self) -> Limits {
-        Limits { call_timeout: Duration::from_millis(self.call_timeout_ms), memory_bytes: self.memory_mib << 20 }
-    }
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        BatchConfig { max_messages: default_max_messages(), linger_us: 0, in_flight: default_in_flight() }
-    }
-}
-
-impl Default for SandboxConfig {
-    fn default() -> Self {
-        SandboxConfig {
-            call_timeout_ms: default_call_timeout_ms(),
-            memory_mib: default_memory_mib(),
-            max_instances: default_max_instances(),
         }
     }
 }
@@ -275,16 +150,6 @@ fn default_listen() -> Option<SocketAddr> {
     Some(([127, 0, 0, 1], 1883).into())
 }
 
-/// An address, or `"off"`.
-fn address_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    if text == "off" {
-        return Ok(None);
-    }
-    text.parse()
-        .map(Some)
-        .map_err(|_| serde::de::Error::custom(format!("`{text}` is neither an address (host:port) nor \"off\"")))
-}
 fn default_tick_seconds() -> u64 {
     5
 }
@@ -296,21 +161,6 @@ fn default_max_packet_size() -> u32 {
 }
 fn default_max_queue() -> usize {
     1000
-}
-fn default_max_messages() -> usize {
-    256
-}
-fn default_in_flight() -> usize {
-    2
-}
-fn default_call_timeout_ms() -> u64 {
-    10_000
-}
-fn default_memory_mib() -> usize {
-    64
-}
-fn default_max_instances() -> usize {
-    host_harness::host::DEFAULT_MAX_INSTANCES
 }
 
 #[cfg(test)]

@@ -5,19 +5,22 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use host_harness::Instance;
-use host_harness::bindings::{Describe, FetchPage, PublishOutcome, Subscription};
+use host_harness::adapter::{self, Outbox};
+use host_harness::bindings::{Describe, FetchPage, Message, PublishOutcome, Subscription};
+use host_harness::wire;
 use rmqtt::codec::v5::PublishAckReason;
 use rmqtt::context::ServerContext;
 use rmqtt::hook::{Handler, HookResult, Parameter, ReturnType, Type};
 use rmqtt::session::Session;
 use rmqtt::types::{
     ConnectInfo, From, Id, Message as SessionMessage, Publish, PublishAclResult, PublishResult, QoS, Reason, Subscribe,
+    Tx,
 };
 
-use crate::extension::Extension;
+use crate::Extension;
 use crate::message::{self, Routed, STORE_FAILED};
 use crate::stats::BrokerStats;
-use host_harness::protocol::delivery::{Connection, FORWARD_AT_ONCE, FetchEnd, Live, Refetch};
+use host_harness::protocol::delivery::{Connection, Live, Refetch};
 use host_harness::protocol::exactly_once::Sent;
 
 /// The hook types [`Hooks`] handles.
@@ -55,7 +58,7 @@ pub async fn register(hooks: Hooks) {
 /// the ACL check turns into a refusal.
 fn record_outcome(publish: &mut Publish, extension: &Extension, outcome: PublishOutcome) {
     match outcome {
-        PublishOutcome::Stored(id) => message::attach_stored_id(publish, &extension.name, id),
+        PublishOutcome::Stored(id) => wire::attach_stored_id(publish, &extension.name, id),
         PublishOutcome::NotStored => {}
         PublishOutcome::Failed(e) => {
             tracing::warn!(extension = extension.name, topic = %publish.topic, "not stored: {}", e.describe());
@@ -161,7 +164,7 @@ impl Handler for Hooks {
                 for extension in self.extensions.iter() {
                     let keep = || Routed((*publish).clone());
                     let live = Live { topic: &publish.topic, resend: publish.dup, keep: &keep };
-                    if let Some(id) = message::stored_id(publish, &extension.name)
+                    if let Some(id) = wire::stored_id(publish, &extension.name)
                         && extension.deliveries.hold(&connection(session), id, live)
                     {
                         return (false, Some(HookResult::MessageExpiry));
@@ -182,7 +185,7 @@ impl Handler for Hooks {
                     // Lost on the way (a full queue): left to the database, the subscriptions it
                     // concerns catch up from their positions. Expired messages are meant to be
                     // skipped, and held-back ones come later.
-                    if let Some(id) = message::stored_id(publish, &extension.name)
+                    if let Some(id) = wire::stored_id(publish, &extension.name)
                         && publish.qos != QoS::AtMostOnce
                         && !matches!(reason, Reason::MessageExpiration)
                     {
@@ -268,8 +271,8 @@ impl Hooks {
                 match first {
                     Some(first) => send_backlog(&scx, &extension, &session, &subscription, Some(first)).await,
                     None => {
-                        extension.deliveries.fetch_failed(&connection(&session), &subscription.filter);
-                        release_held(&scx, &extension, &session).await;
+                        let Some(outbox) = SessionOutbox::of(&scx, &session, &extension).await else { return };
+                        adapter::fetch_failed(&extension, &connection(&session), &subscription.filter, &outbox).await;
                     }
                 }
             });
@@ -315,7 +318,7 @@ impl Hooks {
     async fn message_delivered(&self, session: &Session, from: &From, publish: &Publish) {
         let client = message::client(session);
         for extension in self.extensions.iter() {
-            let id = message::stored_id(publish, &extension.name);
+            let id = wire::stored_id(publish, &extension.name);
             if is_from(from, extension) {
                 extension.deliveries.forwarded_gone(&connection(session));
             }
@@ -330,7 +333,7 @@ impl Hooks {
     async fn message_acked(&self, session: &Session, from: &From, publish: &Publish) {
         let client = message::client(session);
         for extension in self.extensions.iter() {
-            let Some(id) = message::stored_id(publish, &extension.name) else { continue };
+            let Some(id) = wire::stored_id(publish, &extension.name) else { continue };
             let acked = message::to_message(publish, &from.id.client_id, Some(id));
             for (message, filters) in extension.deliveries.acked(&connection(session), id, acked) {
                 tracing::debug!(clientid = client.clientid, id = message.id, ?filters, "ack passed");
@@ -340,11 +343,33 @@ impl Hooks {
     }
 }
 
-/// Sends one subscription's backlog to the session, page by page, each slice once the previous
-/// one has left the broker (rmqtt's session queue drops what does not fit). With `first`, the
-/// pages start there (a SUBSCRIBE); without, or when the subscription let messages go meanwhile,
-/// they start again from the stored position once what it delivered is acked and written. Then
-/// the subscription is live, and the messages held back for the client meanwhile are released.
+/// A session's queue in rmqtt, as the adapter loops send to it: our messages come "from" the
+/// extension.
+struct SessionOutbox {
+    tx: Tx,
+    from: From,
+}
+
+impl SessionOutbox {
+    /// None if the session has gone.
+    async fn of(scx: &ServerContext, session: &Session, extension: &Extension) -> Option<SessionOutbox> {
+        let tx = scx.extends.shared().await.entry(session.id.clone()).tx()?;
+        Some(SessionOutbox { tx, from: from_extension(session, extension) })
+    }
+}
+
+impl Outbox<Routed> for SessionOutbox {
+    fn send_stored(&self, message: &Message, qos: u8, extension: &str) -> bool {
+        let publish = message::to_publish(message, qos, extension);
+        self.tx.unbounded_send(SessionMessage::Forward(self.from.clone(), publish)).is_ok()
+    }
+
+    fn send_held(&self, Routed(publish): Routed) -> bool {
+        self.tx.unbounded_send(SessionMessage::Forward(self.from.clone(), publish)).is_ok()
+    }
+}
+
+/// Sends a subscription's backlog (from `first`, or from its stored position) to the session.
 async fn send_backlog(
     scx: &ServerContext,
     extension: &Extension,
@@ -352,68 +377,9 @@ async fn send_backlog(
     subscription: &Subscription,
     first: Option<FetchPage>,
 ) {
-    let connection = connection(session);
+    let Some(outbox) = SessionOutbox::of(scx, session, extension).await else { return };
     let client = message::client(session);
-    let deliveries = &extension.deliveries;
-    let filter = &subscription.filter;
-    let Some(tx) = scx.extends.shared().await.entry(session.id.clone()).tx() else { return };
-    let from = from_extension(session, extension);
-    let forward = |publish: Publish| tx.unbounded_send(SessionMessage::Forward(from.clone(), publish)).is_ok();
-
-    let mut first = first;
-    'fetch: loop {
-        let mut page = match first.take() {
-            Some(page) => page,
-            None => {
-                if !deliveries.settled(&connection, filter).await {
-                    return;
-                }
-                extension.acks.flush(&client.clientid, filter).await;
-                deliveries.refetching(&connection, filter);
-                let call = async |i: &mut Instance| i.session_resume(&client, subscription).await;
-                let resumed = extension.fetch(&client, subscription, None, call).await;
-                match resumed {
-                    Some(page) => page,
-                    None => return fetch_failed(scx, extension, session, filter).await,
-                }
-            }
-        };
-        loop {
-            tracing::debug!(clientid = client.clientid, filter, messages = page.messages.len(), "backlog page");
-            BrokerStats::add(&extension.backlog_pages);
-            // In slices: a page may be bigger than the session's queue (`max_returned_count`).
-            for slice in page.messages.chunks(FORWARD_AT_ONCE) {
-                let Some(decisions) = deliveries.forward_page(&connection, filter, slice) else { return };
-                for (message, _) in slice.iter().zip(decisions).filter(|(_, go)| *go) {
-                    let qos = message.qos.min(subscription.qos);
-                    if !forward(message::to_publish(message, qos, &extension.name)) {
-                        return;
-                    }
-                }
-                if !deliveries.sent(&connection).await {
-                    return;
-                }
-                // Something it delivered was let go: fetch again from the position now, so
-                // that what it acks meanwhile is not held behind the loss for long.
-                if deliveries.refetch_wanted(&connection, filter) {
-                    continue 'fetch;
-                }
-            }
-            let Some(cursor) = page.next.take() else { break };
-            let next = async |i: &mut Instance| i.session_fetch_next(&client, subscription, &cursor).await;
-            match extension.fetch(&client, subscription, Some(&cursor), next).await {
-                Some(next) => page = next,
-                None => return fetch_failed(scx, extension, session, filter).await,
-            }
-        }
-        match deliveries.fetch_end(&connection, filter) {
-            FetchEnd::Refetch => continue,
-            FetchEnd::Live => break,
-            FetchEnd::Gone => return,
-        }
-    }
-    tracing::debug!(clientid = client.clientid, filter, "backlog sent");
-    release_held(scx, extension, session).await;
+    adapter::send_backlog(extension, &connection(session), &client, subscription, first, &outbox).await;
 }
 
 /// Sends `filter`'s backlog again from its stored position, in a task of its own.
@@ -424,29 +390,8 @@ fn resume_backlog(scx: &ServerContext, extension: &Arc<Extension>, session: &Ses
     });
 }
 
-async fn fetch_failed(scx: &ServerContext, extension: &Extension, session: &Session, filter: &str) {
-    extension.deliveries.fetch_failed(&connection(session), filter);
-    release_held(scx, extension, session).await;
-}
-
-/// Forwards the held-back messages that may go now, slice by slice.
+/// Forwards the held-back messages that may go now.
 async fn release_held(scx: &ServerContext, extension: &Extension, session: &Session) {
-    let connection = connection(session);
-    let Some(tx) = scx.extends.shared().await.entry(session.id.clone()).tx() else { return };
-    let from = from_extension(session, extension);
-    loop {
-        let held = extension.deliveries.release(&connection);
-        if held.is_empty() {
-            return;
-        }
-        tracing::debug!(clientid = %session.id.client_id, held = held.len(), "release");
-        for Routed(publish) in held {
-            if tx.unbounded_send(SessionMessage::Forward(from.clone(), publish)).is_err() {
-                return;
-            }
-        }
-        if !extension.deliveries.sent(&connection).await {
-            return;
-        }
-    }
+    let Some(outbox) = SessionOutbox::of(scx, session, extension).await else { return };
+    adapter::release_held(extension, &connection(session), &outbox).await;
 }

@@ -1,20 +1,14 @@
-//! The HTTP endpoint (`[http] listen`, off by default): `GET /metrics`, Prometheus text of the
-//! extensions' metrics and the broker's own; `GET /health`, 200 when every extension's pools
-//! reach their databases, 503 with the reason otherwise. A few lines of HTTP/1.1 over tokio:
-//! two read-only paths need no web framework.
+//! `/metrics` and `/health` of the broker (`host_harness::http` serves them): the extensions'
+//! metrics and the broker's own counters and gauges.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::Context;
-use host_harness::metrics::{Metrics, family, label, prometheus};
+use host_harness::adapter;
+use host_harness::metrics::family;
 use rmqtt::context::ServerContext;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
-use crate::extension::Extension;
+use crate::Extension;
 use crate::stats::BrokerStats;
 
 /// What `/metrics` and `/health` report on.
@@ -25,139 +19,35 @@ pub struct Observed {
     pub stats: Arc<BrokerStats>,
 }
 
-/// A request's head larger than this is refused: the two paths need a few dozen bytes.
-const MAX_HEAD: usize = 8 << 10;
-/// A client gets this long to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// `/health` waits this long for each pool's `SELECT 1`.
-const HEALTH_PATIENCE: Duration = Duration::from_secs(2);
+impl host_harness::http::Observed for Observed {
+    async fn health(&self) -> Result<(), String> {
+        adapter::health(&self.extensions).await
+    }
 
-/// Binds `listen` (an error names the address) and serves it from a task of its own.
-pub async fn start(listen: SocketAddr, observed: Observed) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("[http] listen = {listen}"))?;
-    println!("broker: metrics on http://{listen}/metrics, health on http://{listen}/health");
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let observed = observed.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &observed).await {
-                            tracing::debug!("http: {e:#}");
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("http: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
+    fn metrics(&self) -> String {
+        let mut out = adapter::metrics(&self.extensions);
+        let stats = &self.stats;
+        let gauges = [
+            ("mqtt_broker_connections", "Client connections open.", self.scx.connections.count() as u64),
+            ("mqtt_broker_sessions", "Sessions, connected or kept.", self.scx.sessions.count() as u64),
+        ];
+        for (name, help, value) in gauges {
+            family(&mut out, name, help, "gauge");
+            let _ = writeln!(out, "{name} {value}");
         }
-    });
-    Ok(())
-}
-
-async fn answer(mut stream: TcpStream, observed: &Observed) -> anyhow::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await.context("request too slow")? {
-        Ok(head) => head,
-        Err(e) => {
-            let response =
-                "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-            let _ = stream.write_all(response.as_bytes()).await;
-            return Err(e);
+        let counters = [
+            ("mqtt_broker_messages_received_total", "PUBLISH packets received from clients.", &stats.received),
+            ("mqtt_broker_messages_delivered_total", "Messages delivered to clients.", &stats.delivered),
+            (
+                "mqtt_broker_publishes_refused_total",
+                "Publishes refused because they could not be stored.",
+                &stats.refused,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            family(&mut out, name, help, "counter");
+            let _ = writeln!(out, "{name} {}", BrokerStats::read(counter));
         }
-    };
-    let request_line = head.lines().next().unwrap_or_default();
-    let (method, target) = match request_line.split_whitespace().collect::<Vec<_>>().as_slice() {
-        [method, target, _] => (*method, *target),
-        _ => ("", ""),
-    };
-    // A query string (Prometheus's `params`) changes nothing here.
-    let path = target.split('?').next().unwrap_or_default();
-    let (status, content_type, body) = match (method, path) {
-        ("", _) => ("400 Bad Request", "text/plain", "not an HTTP request\n".to_owned()),
-        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(observed)),
-        ("GET" | "HEAD", "/health") => match health(observed).await {
-            Ok(()) => ("200 OK", "text/plain", "ok\n".to_owned()),
-            Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
-        },
-        (_, "/metrics" | "/health") => ("405 Method Not Allowed", "text/plain", "GET or HEAD\n".to_owned()),
-        _ => ("404 Not Found", "text/plain", "/metrics or /health\n".to_owned()),
-    };
-    let allow = if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" };
-    // HEAD: the length GET would have, no body.
-    let length = body.len();
-    let body = if method == "HEAD" { "" } else { body.as_str() };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n{allow}Connection: close\r\n\r\n{body}"
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await?;
-    Ok(())
-}
-
-/// Reads up to the blank line that ends a request's head.
-async fn read_head(stream: &mut TcpStream) -> anyhow::Result<String> {
-    let mut head = Vec::new();
-    let mut buffer = [0u8; 1024];
-    // The blank line ends it, with or without carriage returns.
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let read = stream.read(&mut buffer).await?;
-        anyhow::ensure!(read > 0, "closed before the end of the request");
-        head.extend_from_slice(&buffer[..read]);
-        anyhow::ensure!(head.len() <= MAX_HEAD, "request head over {MAX_HEAD} bytes");
+        out
     }
-    Ok(String::from_utf8_lossy(&head).into_owned())
-}
-
-async fn health(observed: &Observed) -> Result<(), String> {
-    for extension in observed.extensions.iter() {
-        extension
-            .host
-            .check_pools(HEALTH_PATIENCE)
-            .await
-            .map_err(|why| format!("extension {}: {why}", extension.name))?;
-    }
-    Ok(())
-}
-
-fn metrics(observed: &Observed) -> String {
-    let named: Vec<(&str, &Metrics)> =
-        observed.extensions.iter().map(|e| (e.name.as_str(), e.host.metrics())).collect();
-    let mut out = prometheus(&named);
-    let stats = &observed.stats;
-    let gauges = [
-        ("mqtt_broker_connections", "Client connections open.", observed.scx.connections.count() as u64),
-        ("mqtt_broker_sessions", "Sessions, connected or kept.", observed.scx.sessions.count() as u64),
-    ];
-    for (name, help, value) in gauges {
-        family(&mut out, name, help, "gauge");
-        let _ = writeln!(out, "{name} {value}");
-    }
-    let counters = [
-        ("mqtt_broker_messages_received_total", "PUBLISH packets received from clients.", &stats.received),
-        ("mqtt_broker_messages_delivered_total", "Messages delivered to clients.", &stats.delivered),
-        ("mqtt_broker_publishes_refused_total", "Publishes refused because they could not be stored.", &stats.refused),
-    ];
-    for (name, help, counter) in counters {
-        family(&mut out, name, help, "counter");
-        let _ = writeln!(out, "{name} {}", BrokerStats::read(counter));
-    }
-    type PerExtension = (&'static str, &'static str, &'static str, fn(&Extension) -> u64);
-    let per_extension: [PerExtension; 3] = [
-        ("mqtt_broker_backlog_pages_total", "Backlog pages sent to subscribers.", "counter", |e| {
-            BrokerStats::read(&e.backlog_pages)
-        }),
-        ("mqtt_broker_held_messages", "Live stored messages held back behind backlogs.", "gauge", |e| {
-            e.deliveries.held() as u64
-        }),
-        ("mqtt_broker_pending_acks", "Acks waiting to be written.", "gauge", |e| e.acks.pending() as u64),
-    ];
-    for (name, help, kind, value) in per_extension {
-        family(&mut out, name, help, kind);
-        for extension in observed.extensions.iter() {
-            let _ = writeln!(out, "{name}{{extension=\"{}\"}} {}", label(&extension.name), value(extension));
-        }
-    }
-    out
 }

@@ -5,14 +5,12 @@
 //! - [`config`]: the broker's TOML file.
 //! - [`auth`]: who may connect (a `mosquitto_passwd` file, anonymous access).
 //! - [`http`]: `/metrics` and `/health`; [`stats`]: the broker's own counters.
-//! - [`extension`]: one loaded extension: its host, publish queue and delivery state.
 //! - [`hooks`]: rmqtt's hooks driving the host library's delivery protocol (`host_harness::protocol`:
 //!   backlogs before live messages, ack gates, group commit, the ack writer, QoS 2 resends).
 //! - [`message`]: rmqtt's types to the contract's and back.
 
 pub mod auth;
 pub mod config;
-pub mod extension;
 pub mod hooks;
 pub mod http;
 pub mod message;
@@ -24,20 +22,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use host_harness::Runtime;
-use host_harness::reload::{forward_sighup, watch_files};
+use host_harness::adapter;
 use rmqtt::context::ServerContext;
 use rmqtt::net::Builder;
 use rmqtt::server::MqttServer;
-use tokio::sync::mpsc;
 
 use crate::auth::Authenticator;
 use crate::config::{BrokerConfig, MqttConfig};
-use crate::extension::Extension;
 use crate::hooks::Hooks;
 use crate::stats::BrokerStats;
 
-/// Housekeeping calls in a row at most, per extension and tick.
-const TICK_ROUNDS: usize = 100;
+/// An extension as the broker runs it (`host_harness::adapter`): live messages held back as
+/// rmqtt routes them.
+pub type Extension = host_harness::adapter::LoadedExtension<message::Routed>;
 
 /// Loads the extensions (applying the schema first if `migrate`), then serves MQTT clients
 /// until the process ends.
@@ -65,33 +62,15 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     register.start().await;
     if let Some(http) = &config.http {
         let observed = http::Observed { scx: scx.clone(), extensions: extensions.clone(), stats };
-        http::start(http.listen, observed).await?;
+        host_harness::http::start("broker", http.listen, observed).await?;
     }
 
-    let (reload, mut reloads) = mpsc::unbounded_channel();
-    forward_sighup(reload.clone())?;
-    if config.watch {
-        let sources: Vec<_> = extensions.iter().map(|e| e.sources.clone()).collect();
-        watch_files(&sources, reload);
-    }
-    let (reloading, ticking, reload_scx) = (extensions.clone(), extensions.clone(), scx.clone());
-    tokio::spawn(async move {
-        while let Some(why) = reloads.recv().await {
-            for extension in reloading.iter() {
-                extension.reload(&runtime, &why).await;
-            }
-            authenticator.reload(&why, &reload_scx).await;
-        }
-    });
-    let period = Duration::from_secs(config.tick_seconds.max(1));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(period).await;
-            for extension in ticking.iter() {
-                extension.tick(TICK_ROUNDS).await;
-            }
-        }
-    });
+    let reload_scx = scx.clone();
+    adapter::spawn_reloads(runtime, extensions.clone(), config.watch, move |why| {
+        let (authenticator, scx) = (authenticator.clone(), reload_scx.clone());
+        Box::pin(async move { authenticator.reload(&why, &scx).await })
+    })?;
+    adapter::spawn_ticks(extensions.clone(), Duration::from_secs(config.tick_seconds.max(1)));
 
     let mut server = MqttServer::new(scx.clone());
     if let Some(listen) = config.listen {
@@ -127,7 +106,7 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     let server = server.build();
     tokio::select! {
         served = server.run() => served?,
-        signal = shutdown_signal() => shutdown(&scx, &extensions, signal?).await,
+        signal = adapter::shutdown_signal("broker") => shutdown(&scx, &extensions, signal?).await,
     }
     Ok(())
 }
@@ -166,26 +145,6 @@ pub(crate) async fn disconnect_clients(scx: &ServerContext, which: impl Fn(&rmqt
         let _ = entry.kick(true, true, true).await;
     }
     ids.len()
-}
-
-/// Waits for SIGTERM or SIGINT and names it.
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    // A second signal ends the process at once.
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        eprintln!("broker: second signal, exiting now");
-        std::process::exit(1);
-    });
-    Ok(name)
 }
 
 /// How long a shutdown waits for publishes being stored.

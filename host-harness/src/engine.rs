@@ -84,7 +84,8 @@ impl Runtime {
         }
         let component = Component::new(&self.engine, bytes)?;
         // The cache only saves time: a host that cannot write it runs all the same.
-        if let Err(e) = component.serialize().map_err(anyhow::Error::from).and_then(|b| store_compiled(dir, &path, &b)) {
+        if let Err(e) = component.serialize().map_err(anyhow::Error::from).and_then(|b| store_compiled(dir, &path, &b))
+        {
             tracing::warn!("not cached: {}: {e:#}", path.display());
         }
         Ok(component)

@@ -24,11 +24,13 @@
 //! What else an adapter calls, event by event, and the delivery protocol it drives
 //! ([`protocol`]): README, "Implementing a host".
 
+pub mod adapter;
 pub mod bindings;
 pub mod command;
 pub mod config;
 pub mod engine;
 pub mod host;
+pub mod http;
 mod log;
 pub mod metrics;
 pub mod postgres;
@@ -39,6 +41,7 @@ pub mod sandbox;
 pub mod schema;
 pub mod sql;
 mod state;
+pub mod wire;
 
 pub use engine::{ExtensionModule, Hook, Instance, Runtime};
 pub use host::Host;
