@@ -9,7 +9,7 @@ export PGPORT ?= 15432
 
 HOSTILE := target/wasm32-wasip2/guest/hostile_guest.wasm
 
-.PHONY: prerequisites build guest test-guests host broker pg-up pg-down run test bench clean
+.PHONY: prerequisites build guest test-guests host broker proxy mosquitto-up mosquitto-down pg-up pg-down run test bench clean
 
 build: guest host
 
@@ -38,6 +38,18 @@ host:
 broker: guest host pg-up
 	target/release/broker --config examples/broker.toml --migrate
 
+## The proxy with the example extension and rules (examples/proxy.toml) on the local PostgreSQL,
+## in front of a throwaway Mosquitto on 127.0.0.1:1885 (scripts/mosquitto.sh), listening on
+## 127.0.0.1:1884 until Ctrl-C. `make mosquitto-down` stops the Mosquitto.
+proxy: guest host pg-up mosquitto-up
+	target/release/proxy --config examples/proxy.toml --migrate
+
+mosquitto-up: prerequisites
+	scripts/mosquitto.sh up
+
+mosquitto-down:
+	scripts/mosquitto.sh down
+
 ## A throwaway PostgreSQL under target/pg, on 127.0.0.1:$(PGPORT).
 pg-up: prerequisites
 	scripts/pg.sh up
@@ -62,5 +74,5 @@ bench: guest host pg-up
 	sync
 	target/release/bench $(BENCH_ARGS)
 
-clean: pg-down
+clean: pg-down mosquitto-down
 	rm -rf target

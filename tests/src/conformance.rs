@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-use crate::mqtt::{BrokerProcess, Launcher, PATIENCE, QUIET, free_port};
+use crate::mqtt::{BrokerProcess, Launcher, Mosquitto, PATIENCE, QUIET, free_port};
 use crate::{OwnCluster, TestDb, guest_wasm};
 
 /// One scenario file.
@@ -668,6 +668,8 @@ struct Connection {
 /// A broker (or proxy) process, driven by real MQTT clients (rumqttc), one per client id.
 pub struct Mqtt {
     broker: BrokerProcess,
+    /// The Mosquitto a proxy is in front of (dropped after the proxy).
+    upstream: Option<Mosquitto>,
     /// How it was started, for a restart: its node name and extra configuration.
     node: String,
     extra: String,
@@ -683,7 +685,17 @@ impl Mqtt {
         let http = free_port();
         let extra = format!("[http]\nlisten = \"127.0.0.1:{http}\"\n");
         let broker = Launcher::new(binary("broker")).start_with(name, rules, &extra).await;
-        Mqtt { broker, node: name.to_owned(), extra, http, version, clients: HashMap::new() }
+        Mqtt { broker, upstream: None, node: name.to_owned(), extra, http, version, clients: HashMap::new() }
+    }
+
+    /// The proxy (`target/release/proxy`) with `rules`, in front of a Mosquitto of its own.
+    pub async fn proxy(name: &str, rules: &str, version: Version) -> Mqtt {
+        let http = free_port();
+        let extra = format!("[http]\nlisten = \"127.0.0.1:{http}\"\n");
+        let mosquitto = Mosquitto::start(name, "").await;
+        let broker = Launcher::proxy(binary("proxy"), mosquitto.port).start_with(name, rules, &extra).await;
+        let upstream = Some(mosquitto);
+        Mqtt { broker, upstream, node: name.to_owned(), extra, http, version, clients: HashMap::new() }
     }
 
     fn connection(&mut self, clientid: &str) -> Result<&mut Connection, String> {
@@ -1062,13 +1074,20 @@ impl Target for Mqtt {
         Err("the broker did not reload in time".into())
     }
 
-    /// SIGTERM, then the same broker again on the same port.
+    /// SIGTERM, then the same broker again on the same port. A proxy's Mosquitto restarts with
+    /// it: the broker behind it forgets its sessions as ours does.
     async fn restart(&mut self) -> Result<(), String> {
         self.clients.clear();
         self.broker.signal("TERM");
         self.broker.exit_code().await;
         let rules = std::fs::read_to_string(&self.broker.rules).map_err(|e| e.to_string())?;
-        let launcher = Launcher::new(binary("broker"));
+        let launcher = match &mut self.upstream {
+            Some(mosquitto) => {
+                mosquitto.restart().await;
+                Launcher::proxy(binary("proxy"), mosquitto.port)
+            }
+            None => Launcher::new(binary("broker")),
+        };
         self.broker = launcher.start_on(self.broker.port, &self.node, &rules, &self.extra).await;
         Ok(())
     }

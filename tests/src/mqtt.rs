@@ -1,5 +1,5 @@
-//! A real broker process on a real PostgreSQL database, and real MQTT clients (rumqttc): for
-//! the broker's tests and benchmarks.
+//! A real broker (or proxy) process on a real PostgreSQL database, a real Mosquitto behind the
+//! proxy, and real MQTT clients (rumqttc): for the broker's and the proxy's tests and benchmarks.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -17,9 +17,11 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 pub const QUIET: Duration = Duration::from_millis(700);
 
 /// Starts broker processes from one binary (`env!("CARGO_BIN_EXE_broker")` in the broker's
-/// tests).
+/// tests), or proxy processes in front of a Mosquitto ([`Launcher::proxy`]).
 pub struct Launcher {
     binary: PathBuf,
+    /// A proxy's: the port of the broker it connects its clients on to.
+    upstream: Option<u16>,
 }
 
 /// A broker process; killed when dropped.
@@ -41,7 +43,12 @@ pub fn scratch(name: &str) -> PathBuf {
 
 impl Launcher {
     pub fn new(binary: impl AsRef<Path>) -> Launcher {
-        Launcher { binary: binary.as_ref().to_owned() }
+        Launcher { binary: binary.as_ref().to_owned(), upstream: None }
+    }
+
+    /// Proxies (`binary`) in front of the broker listening on `upstream`.
+    pub fn proxy(binary: impl AsRef<Path>, upstream: u16) -> Launcher {
+        Launcher { binary: binary.as_ref().to_owned(), upstream: Some(upstream) }
     }
 
     /// Starts a broker named `node` with `rules` (written to its own rules file).
@@ -88,9 +95,12 @@ impl Launcher {
             }
             None => config += "extension = []\n",
         }
-        // Anonymous clients, unless the test says who may connect.
-        if !extra.contains("[auth]") {
-            config += "[auth]\nallow_anonymous = true\n";
+        match self.upstream {
+            // Who may connect is the upstream broker's to say.
+            Some(upstream) => config += &format!("[upstream]\naddress = \"127.0.0.1:{upstream}\"\n"),
+            // Anonymous clients, unless the test says who may connect.
+            None if !extra.contains("[auth]") => config += "[auth]\nallow_anonymous = true\n",
+            None => {}
         }
         config += extra;
         let config_path = dir.join("broker.toml");
@@ -148,6 +158,70 @@ impl BrokerProcess {
             assert!(Instant::now() < deadline, "the broker did not exit");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// A Mosquitto broker (Debian's `mosquitto`) on a local port, with its own configuration file:
+/// what the proxy's tests put behind it. Killed when dropped.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    /// Its configuration, for a restart.
+    config: PathBuf,
+}
+
+impl Mosquitto {
+    /// Starts one named `name`, anonymous clients allowed unless `extra` (configuration lines)
+    /// says otherwise.
+    pub async fn start(name: &str, extra: &str) -> Mosquitto {
+        let dir = scratch(&format!("mosquitto-{name}"));
+        let port = free_port();
+        let anonymous = if extra.contains("allow_anonymous") { "" } else { "allow_anonymous true\n" };
+        // No persistence: a restart forgets every session, as a broker restart does. No limit on
+        // queued messages: at the default 1000 Mosquitto drops QoS 1/2 messages silently.
+        let config = dir.join("mosquitto.conf");
+        let text = format!(
+            "listener {port} 127.0.0.1\n{anonymous}persistence false\nmax_queued_messages 0\n\
+             set_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n"
+        );
+        std::fs::write(&config, text).unwrap();
+        Mosquitto::spawn(port, config).await
+    }
+
+    async fn spawn(port: u16, config: PathBuf) -> Mosquitto {
+        // Debian puts it in /usr/sbin, which a user's PATH may not have.
+        let binary = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+            .into_iter()
+            .find(|path| Path::new(path).exists())
+            .unwrap_or("mosquitto");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary} (Debian package mosquitto; `make prerequisites`): {e}"));
+        let ready = Instant::now() + PATIENCE;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(Instant::now() < ready, "mosquitto did not start listening on {port}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Mosquitto { child, port, config }
+    }
+
+    /// Stops it (SIGTERM) and starts it again on the same port: its sessions are gone.
+    pub async fn restart(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+        let restarted = Mosquitto::spawn(self.port, self.config.clone()).await;
+        *self = restarted;
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

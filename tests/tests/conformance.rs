@@ -1,6 +1,7 @@
 //! The conformance suite (`tests/conformance/*.jsonl`, run by `integration_tests::conformance`)
 //! against every host through its real interface: the harness through its JSON lines, the broker
-//! through MQTT 3.1.1 and MQTT 5 client connections. One test per scenario and host.
+//! and the proxy (in front of Mosquitto) through MQTT 3.1.1 and MQTT 5 client connections. One
+//! test per scenario and host.
 
 use integration_tests::conformance::{self, Database, Harness, Mqtt, Scenario, Version};
 
@@ -29,6 +30,20 @@ async fn broker(name: &str, version: Version) {
     conformance::run(&scenario, &database, &mut broker).await.unwrap_or_else(|e| panic!("broker, {host}: {e}"));
 }
 
+async fn proxy(name: &str, version: Version) {
+    let scenario = Scenario::load(name);
+    let host = format!("proxy-{}", version.host());
+    // What the broker cannot do over a version (MQTT 3.1.1 has no session expiry), the proxy cannot either.
+    if let Some(why) = scenario.not_supported_by(&host).or(scenario.not_supported_by(version.host())) {
+        println!("{name}: not supported by the proxy over {}: {why}", version.host());
+        return;
+    }
+    let id = format!("conformance_{name}_{}", host.replace(['-', '.'], "_"));
+    let database = Database::for_scenario(&scenario, &id).await;
+    let mut proxy = Mqtt::proxy(&id, &database.rules(&scenario.rules), version).await;
+    conformance::run(&scenario, &database, &mut proxy).await.unwrap_or_else(|e| panic!("{host}: {e}"));
+}
+
 macro_rules! scenarios {
     ($($name:ident),* $(,)?) => {
         mod harness {
@@ -47,6 +62,18 @@ macro_rules! scenarios {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 super::broker(stringify!($name), super::Version::V5).await
+            })*
+        }
+        mod proxy_mqtt_3_1_1 {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::proxy(stringify!($name), super::Version::V311).await
+            })*
+        }
+        mod proxy_mqtt_5 {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::proxy(stringify!($name), super::Version::V5).await
             })*
         }
         const SCENARIOS: &[&str] = &[$(stringify!($name)),*];

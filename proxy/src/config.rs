@@ -1,0 +1,155 @@
+//! The proxy's configuration file (TOML). Paths in it are relative to the file's folder. The
+//! keys it shares with the broker's file mean the same (`host_harness::adapter`).
+//!
+//! ```toml
+//! node = "proxy1@127.0.0.1"
+//! listen = "127.0.0.1:1884"
+//!
+//! [upstream]
+//! address = "127.0.0.1:1883"
+//!
+//! [[extension]]
+//! module = "../target/wasm32-wasip2/guest/guest.wasm"
+//! rules = "rules.conf"
+//! ```
+
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::path::Path;
+
+use anyhow::Context;
+use host_harness::adapter::address_or_off;
+pub use host_harness::adapter::{BatchConfig, ExtensionConfig, HttpConfig, SandboxConfig, TlsConfig};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// This node's name: `${node}` in the rules.
+    #[serde(default = "default_node")]
+    pub node: String,
+    /// Where MQTT clients connect over plain TCP; `"off"` for no plain listener (TLS only).
+    #[serde(default = "default_listen", deserialize_with = "address_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// A TLS listener, beside the plain one or instead of it.
+    pub tls: Option<TlsConfig>,
+    /// The broker every client is connected on to.
+    pub upstream: UpstreamConfig,
+    /// `/metrics` and `/health` over HTTP; off when absent.
+    pub http: Option<HttpConfig>,
+    /// The extensions, each a module with its rules, in order. `extension = []` makes a proxy
+    /// that stores nothing (for comparisons).
+    #[serde(rename = "extension")]
+    pub extensions: Vec<ExtensionConfig>,
+    #[serde(default)]
+    pub mqtt: ProxyMqttConfig,
+    #[serde(default)]
+    pub publish_batch: BatchConfig,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    /// Seconds between housekeeping calls (`tick`: expiry and retention).
+    #[serde(default = "default_tick_seconds")]
+    pub tick_seconds: u64,
+    /// Reload when a module or rules file changes (SIGHUP always reloads).
+    #[serde(default)]
+    pub watch: bool,
+}
+
+/// `[upstream]`: the MQTT 5 broker behind the proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `host:port` of its plain MQTT listener.
+    pub address: String,
+}
+
+/// `[mqtt]`: flow control and sizes towards clients.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyMqttConfig {
+    /// QoS 1/2 messages the proxy has unacknowledged towards an MQTT 3.1.1 client (which has no
+    /// Receive Maximum of its own); an MQTT 5 client's Receive Maximum, if lower, wins. The
+    /// broker's deliveries and the proxy's own (backlogs) share it.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: NonZeroU16,
+    /// The largest MQTT packet accepted from a client, in bytes.
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: u32,
+}
+
+impl Default for ProxyMqttConfig {
+    fn default() -> Self {
+        ProxyMqttConfig { max_inflight: default_max_inflight(), max_packet_size: default_max_packet_size() }
+    }
+}
+
+impl ProxyConfig {
+    /// Reads and checks the file at `path`; relative paths in it become relative to its folder.
+    pub fn load(path: &Path) -> anyhow::Result<ProxyConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut config: ProxyConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        if config.extensions.is_empty() {
+            tracing::warn!("{}: no [[extension]]: a plain MQTT proxy, nothing is stored", path.display());
+        }
+        if config.publish_batch.max_messages == 0 {
+            anyhow::bail!("{}: publish_batch.max_messages must be at least 1", path.display());
+        }
+        config
+            .sandbox
+            .check_holds(config.mqtt.max_packet_size, "mqtt.max_packet_size")
+            .with_context(|| format!("{}", path.display()))?;
+        if config.listen.is_none() && config.tls.is_none() {
+            anyhow::bail!("{}: `listen = \"off\"` and no [tls]: no client could connect", path.display());
+        }
+        let folder = path.parent().unwrap_or(Path::new("."));
+        for extension in &mut config.extensions {
+            extension.module = folder.join(&extension.module);
+            extension.rules = folder.join(&extension.rules);
+        }
+        if let Some(tls) = &mut config.tls {
+            tls.cert = folder.join(&tls.cert);
+            tls.key = folder.join(&tls.key);
+            tls.client_ca = tls.client_ca.as_ref().map(|ca| folder.join(ca));
+        }
+        Ok(config)
+    }
+}
+
+fn default_node() -> String {
+    "proxy@127.0.0.1".into()
+}
+fn default_listen() -> Option<SocketAddr> {
+    Some(([127, 0, 0, 1], 1884).into())
+}
+fn default_tick_seconds() -> u64 {
+    5
+}
+fn default_max_inflight() -> NonZeroU16 {
+    NonZeroU16::new(128).expect("not zero")
+}
+fn default_max_packet_size() -> u32 {
+    1 << 20
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str, text: &str) -> Result<ProxyConfig, String> {
+        let dir = std::env::temp_dir().join(format!("proxy-config-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxy.toml");
+        std::fs::write(&path, text).unwrap();
+        ProxyConfig::load(&path).map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn a_proxy_without_an_upstream_or_a_listener_is_refused_naming_what_is_missing() {
+        let error = load("no-upstream", "extension = []\n").unwrap_err();
+        assert!(error.contains("missing field `upstream`"), "{error}");
+        let error = load("off", "extension = []\nlisten = \"off\"\n[upstream]\naddress = \"127.0.0.1:1883\"\n");
+        assert!(error.unwrap_err().contains("no client could connect"));
+        let config = load("ok", "extension = []\n[upstream]\naddress = \"127.0.0.1:1883\"\n").unwrap();
+        assert_eq!(config.mqtt.max_inflight.get(), 128);
+    }
+}
