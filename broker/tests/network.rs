@@ -2,47 +2,16 @@
 //! `mosquitto_passwd`, and the HTTP endpoint (`/metrics`, `/health`); real clients
 //! (`mosquitto_pub`/`mosquitto_sub`, rumqttc 3.1.1 and 5) against the real broker.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use integration_tests::OwnCluster;
 use integration_tests::http::{get, sample};
 use integration_tests::mqtt::{Launcher, Mqtt, PATIENCE, database, free_port, scratch};
-use rumqttc::{ConnectReturnCode, ConnectionError, MqttOptions, QoS};
+use integration_tests::network::{certificates, connect_v3, connect_v5, file, mosquitto_passwd, run};
+use rumqttc::{ConnectReturnCode, MqttOptions, QoS};
 
 fn broker() -> Launcher {
     Launcher::new(env!("CARGO_BIN_EXE_broker"))
-}
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e} (scripts/prerequisites.sh installs it)"))
-}
-
-fn script(args: &[&str]) {
-    let certs = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/certs.sh");
-    let output = run(certs, args);
-    assert!(output.status.success(), "certs.sh {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
-
-/// A test CA with a server and a client certificate, and a second CA (`rogue`) that nobody
-/// trusts, with a client certificate of its own.
-fn certificates(name: &str) -> PathBuf {
-    let dir = scratch(&format!("certs-{name}"));
-    let d = dir.to_str().unwrap();
-    script(&["ca", d, "ca"]);
-    script(&["cert", d, "ca", "server"]);
-    script(&["cert", d, "ca", "client"]);
-    script(&["ca", d, "rogue"]);
-    script(&["cert", d, "rogue", "rogue-client"]);
-    dir
-}
-
-fn file(dir: &Path, name: &str) -> String {
-    dir.join(name).display().to_string()
 }
 
 /// `mosquitto_pub` one QoS 1 message over TLS; whether the broker took it.
@@ -98,42 +67,6 @@ async fn tls_clients_that_trust_the_ca_connect_and_untrusted_certificates_are_re
     let (rogue_cert, rogue_key) = (file(&certs, "rogue-client.crt"), file(&certs, "rogue-client.key"));
     assert!(tls_publish(mutual_port, &ca, Some((&rogue_cert, &rogue_key)), "rogue").is_err(), "an untrusted client");
     assert!(tls_publish(mutual_port, &ca, None, "none").is_err(), "no client certificate");
-}
-
-/// How a 3.1.1 CONNECT with these credentials ends.
-async fn connect_v3(port: u16, credentials: Option<(&str, &str)>) -> Result<(), ConnectReturnCode> {
-    let mut options = MqttOptions::new("auth-v3", "127.0.0.1", port);
-    if let Some((user, password)) = credentials {
-        options.set_credentials(user, password);
-    }
-    let (_client, mut event_loop) = rumqttc::AsyncClient::new(options, 10);
-    match tokio::time::timeout(PATIENCE, event_loop.poll()).await.expect("an answer in time") {
-        Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(_))) => Ok(()),
-        Err(ConnectionError::ConnectionRefused(code)) => Err(code),
-        other => panic!("{other:?}"),
-    }
-}
-
-/// How an MQTT 5 CONNECT with these credentials ends.
-async fn connect_v5(
-    port: u16,
-    credentials: Option<(&str, &str)>,
-) -> Result<(), rumqttc::v5::mqttbytes::v5::ConnectReturnCode> {
-    let mut options = rumqttc::v5::MqttOptions::new("auth-v5", "127.0.0.1", port);
-    if let Some((user, password)) = credentials {
-        options.set_credentials(user, password);
-    }
-    let (_client, mut event_loop) = rumqttc::v5::AsyncClient::new(options, 10);
-    match tokio::time::timeout(PATIENCE, event_loop.poll()).await.expect("an answer in time") {
-        Ok(rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::ConnAck(_))) => Ok(()),
-        Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => Err(code),
-        other => panic!("{other:?}"),
-    }
-}
-
-fn mosquitto_passwd(args: &[&str]) {
-    let output = run("mosquitto_passwd", args);
-    assert!(output.status.success(), "mosquitto_passwd {args:?}: {}", String::from_utf8_lossy(&output.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

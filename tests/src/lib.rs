@@ -7,6 +7,7 @@ pub mod conformance;
 pub mod fake_sql;
 pub mod http;
 pub mod mqtt;
+pub mod network;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -1,0 +1,305 @@
+//! The proxy in front of a real Mosquitto (Debian's `mosquitto`), on a real PostgreSQL, with
+//! real clients (rumqttc 3.1.1 and 5, `mosquitto_pub`/`mosquitto_sub`): what the conformance
+//! suite does not say because only a proxy has it (the broker's own authentication, packet ids on
+//! two connections, the broker's restarts, several proxies on one broker).
+
+use std::time::Duration;
+
+use integration_tests::mqtt::{BrokerProcess, Launcher, Mosquitto, Mqtt, PATIENCE, database, free_port, payloads, v5};
+use integration_tests::network::{certificates, connect_v3, connect_v5, file, mosquitto_passwd, run};
+use integration_tests::{TestDb, mqtt::scratch};
+use rumqttc::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Mosquitto (with `mosquitto` configuration lines) and a proxy in front of it (with `extra`
+/// TOML lines).
+struct Stack {
+    proxy: BrokerProcess,
+    mosquitto: Mosquitto,
+}
+
+impl Stack {
+    async fn start(name: &str, rules: &str, mosquitto: &str, extra: &str) -> Stack {
+        let mosquitto = Mosquitto::start(name, mosquitto).await;
+        let proxy = Launcher::proxy(env!("CARGO_BIN_EXE_proxy"), mosquitto.port).start_with(name, rules, extra).await;
+        Stack { proxy, mosquitto }
+    }
+}
+
+async fn stored_count(db: &TestDb) -> i64 {
+    db.client().await.query_one("select count(*) from mqtt_msg", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_passwords_apply_and_a_refusal_reaches_the_client_with_the_brokers_reason() {
+    let passwords = scratch("proxy-auth").join("passwd");
+    let path = passwords.to_str().unwrap();
+    mosquitto_passwd(&["-c", "-b", path, "alice", "secret"]);
+    let (_db, rules) = database("proxy_auth", "").await;
+    let mosquitto = format!("allow_anonymous false\npassword_file {path}\n");
+    let stack = Stack::start("proxy-auth", &rules, &mosquitto, "").await;
+    let (proxy, direct) = (stack.proxy.port, stack.mosquitto.port);
+
+    assert_eq!(connect_v3(proxy, Some(("alice", "secret"))).await, Ok(()));
+    assert_eq!(connect_v5(proxy, Some(("alice", "secret"))).await, Ok(()));
+    // Refused as Mosquitto refuses a client connected to it directly.
+    for credentials in [Some(("alice", "wrong")), Some(("mallory", "secret")), None] {
+        let refused = connect_v3(proxy, credentials).await;
+        assert!(refused.is_err(), "{credentials:?}");
+        assert_eq!(refused, connect_v3(direct, credentials).await, "3.1.1, {credentials:?}");
+        let refused = connect_v5(proxy, credentials).await;
+        assert!(refused.is_err(), "{credentials:?}");
+        assert_eq!(refused, connect_v5(direct, credentials).await, "5, {credentials:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_get_their_backlog_through_the_proxy() {
+    let certs = certificates("proxy-tls");
+    let (_db, rules) = database("proxy_tls", "").await;
+    let tls_port = free_port();
+    let tls = format!(
+        "[tls]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        file(&certs, "server.crt"),
+        file(&certs, "server.key")
+    );
+    let _stack = Stack::start("proxy-tls", &rules, "", &tls).await;
+    let (ca, port) = (file(&certs, "ca.crt"), tls_port.to_string());
+    let common = ["-h", "127.0.0.1", "-p", &port, "--cafile", &ca, "-q", "1"];
+    let sub = [&common[..], &["-i", "tls-sub", "-c", "-t", "tls/#"]].concat();
+    let first = run("mosquitto_sub", &[&sub[..], &["-W", "1"]].concat());
+    assert!(String::from_utf8_lossy(&first.stderr).contains("Timed out"), "{first:?}");
+    let published = run("mosquitto_pub", &[&common[..], &["-t", "tls/t", "-m", "over tls"]].concat());
+    assert!(published.status.success(), "{published:?}");
+    let back = run("mosquitto_sub", &[&sub[..], &["-C", "1", "-W", "10"]].concat());
+    assert_eq!(String::from_utf8_lossy(&back.stdout), "over tls\n", "{back:?}");
+    let rogue = file(&certs, "rogue.crt");
+    let untrusted = run("mosquitto_pub", &["-h", "127.0.0.1", "-p", &port, "--cafile", &rogue, "-t", "t", "-m", "x"]);
+    assert!(!untrusted.status.success(), "a client that does not trust the proxy's certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_cannot_forge_a_stored_id() {
+    let (db, rules) = database("proxy_forged", "").await;
+    let stack = Stack::start("proxy-forged", &rules, "", "").await;
+    let (subscriber, mut events) = v5::connect(stack.proxy.port, "s5").await;
+    subscriber.subscribe("t", v5::QoS::AtLeastOnce).await.unwrap();
+    v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
+    let (publisher, mut acks) = v5::connect(stack.proxy.port, "p5").await;
+    let forged = v5::PublishProperties {
+        user_properties: vec![("x-offline-id".into(), "offline:999999".into()), ("a".into(), "b".into())],
+        ..Default::default()
+    };
+    publisher.publish_with_properties("t", v5::QoS::AtLeastOnce, false, "hello", forged).await.unwrap();
+    v5::until(&mut acks, |p| matches!(p, v5::Packet::PubAck(_))).await;
+    let v5::Packet::Publish(message) = v5::until(&mut events, |p| matches!(p, v5::Packet::Publish(_))).await else {
+        unreachable!()
+    };
+    let stored: i64 = db.client().await.query_one("select max(id) from mqtt_msg", &[]).await.unwrap().get(0);
+    let properties = message.properties.expect("properties").user_properties;
+    assert_eq!(
+        properties,
+        [("a".to_owned(), "b".to_owned()), ("x-offline-id".to_owned(), format!("offline:{stored}"))]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_2_goes_through_both_ways_once_from_the_backlog_and_live() {
+    let (_db, rules) = database("proxy_qos2", "").await;
+    let stack = Stack::start("proxy-qos2", &rules, "", "").await;
+    let port = stack.proxy.port;
+    let mut subscriber = Mqtt::connect(port, "q2-sub", false).await;
+    subscriber.subscribe("q2/#", QoS::ExactlyOnce).await;
+    subscriber.disconnect().await;
+    let mut publisher = Mqtt::connect(port, "q2-pub", false).await;
+    for i in 0..20 {
+        publisher.client.publish("q2/t", QoS::ExactlyOnce, false, format!("b{i}")).await.unwrap();
+        publisher.until(|i| matches!(i, rumqttc::Incoming::PubComp(_))).await.expect("PUBCOMP");
+    }
+    let mut subscriber = Mqtt::connect(port, "q2-sub", false).await;
+    subscriber.subscribe("q2/#", QoS::ExactlyOnce).await;
+    for i in 0..10 {
+        publisher.client.publish("q2/t", QoS::ExactlyOnce, false, format!("l{i}")).await.unwrap();
+    }
+    let got = payloads(&subscriber.receive(30).await);
+    let expected: Vec<String> = (0..20).map(|i| format!("b{i}")).chain((0..10).map(|i| format!("l{i}"))).collect();
+    assert_eq!(got, expected);
+    assert_eq!(payloads(&subscriber.quiet().await), Vec::<String>::new(), "nothing twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_deliveries_and_the_backlog_share_the_clients_receive_maximum() {
+    let (_db, rules) = database("proxy_window", "").await;
+    let stack = Stack::start("proxy-window", &rules, "", "").await;
+    let port = stack.proxy.port;
+    Mqtt::subscribe_and_leave(port, "w", "w/#").await;
+    let mut publisher = Mqtt::connect(port, "w-pub", false).await;
+    for i in 0..15 {
+        publisher.publish("w/t", QoS::AtLeastOnce, &format!("b{i}")).await;
+    }
+    // Receive Maximum 1: one message at a time, whoever sends it.
+    let (client, mut events) = v5::connect_with(port, "w", |o| {
+        o.set_receive_maximum(Some(1)).set_manual_acks(true);
+    })
+    .await;
+    client.subscribe("w/#", v5::QoS::AtLeastOnce).await.unwrap();
+    let live = tokio::spawn(async move {
+        for i in 0..15 {
+            publisher.publish("w/t", QoS::AtLeastOnce, &format!("l{i}")).await;
+        }
+    });
+    let mut got = Vec::new();
+    while got.len() < 30 {
+        let v5::Packet::Publish(message) = v5::until(&mut events, |p| matches!(p, v5::Packet::Publish(_))).await else {
+            unreachable!()
+        };
+        got.push(String::from_utf8_lossy(&message.payload).into_owned());
+        // Nothing else comes before this one is acked.
+        let early = tokio::time::timeout(Duration::from_millis(60), async {
+            loop {
+                if let Some(v5::Packet::Publish(p)) = events.recv().await {
+                    return p;
+                }
+            }
+        });
+        if let Ok(extra) = early.await {
+            panic!("{:?} came while {:?} was unacked", extra.payload, got.last());
+        }
+        client.ack(&message).await.unwrap();
+    }
+    live.await.unwrap();
+    let mut sorted = got.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 30, "each once: {got:?}");
+    let backlog: Vec<_> = got.iter().filter(|p| p.starts_with('b')).cloned().collect();
+    assert_eq!(backlog, (0..15).map(|i| format!("b{i}")).collect::<Vec<_>>(), "the backlog in order");
+}
+
+/// A 3.1.1 CONNECT for `clientid` (clean session, keep-alive 60 s).
+fn connect_packet(clientid: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, clientid.len() as u8];
+    body.extend_from_slice(clientid.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_packet_closes_that_client_only() {
+    let (_db, rules) = database("proxy_malformed", "").await;
+    let stack = Stack::start("proxy-malformed", &rules, "", "").await;
+    let port = stack.proxy.port;
+    let mut bystander = Mqtt::connect(port, "bystander", false).await;
+    bystander.subscribe("m/#", QoS::AtLeastOnce).await;
+    for garbage in [&[0xF0u8, 0x00][..], &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F], &connect_packet("again")] {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        socket.write_all(&connect_packet("bad")).await.unwrap();
+        let mut connack = [0u8; 4];
+        socket.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
+        socket.write_all(garbage).await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(PATIENCE, socket.read_to_end(&mut rest)).await;
+        assert!(matches!(closed, Ok(Ok(_)) | Ok(Err(_))), "{garbage:?}: the proxy closes the connection");
+    }
+    let mut publisher = Mqtt::connect(port, "m-pub", false).await;
+    publisher.publish("m/t", QoS::AtLeastOnce, "still here").await;
+    assert_eq!(payloads(&bystander.receive(1).await), ["still here"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_in_front_of_one_broker_share_the_database() {
+    let (_db, rules) = database("proxy_two", "").await;
+    let mosquitto = Mosquitto::start("proxy-two", "").await;
+    let launcher = Launcher::proxy(env!("CARGO_BIN_EXE_proxy"), mosquitto.port);
+    let (a, b) = (launcher.start("proxy-two-a", &rules).await, launcher.start("proxy-two-b", &rules).await);
+    // Offline messages: published through one proxy, read back through the other.
+    Mqtt::subscribe_and_leave(a.port, "roamer", "two/#").await;
+    let mut publisher = Mqtt::connect(b.port, "two-pub", false).await;
+    for i in 0..5 {
+        publisher.publish("two/t", QoS::AtLeastOnce, &format!("o{i}")).await;
+    }
+    let mut roamer = Mqtt::connect(b.port, "roamer", false).await;
+    roamer.subscribe("two/#", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&roamer.receive(5).await), ["o0", "o1", "o2", "o3", "o4"]);
+    // Live messages: the broker routes them between the proxies' clients.
+    let mut online = Mqtt::connect(a.port, "online", false).await;
+    online.subscribe("two/#", QoS::AtLeastOnce).await;
+    publisher.publish("two/t", QoS::AtLeastOnce, "live").await;
+    assert_eq!(payloads(&online.receive(1).await), ["live"]);
+    assert_eq!(payloads(&roamer.receive(1).await), ["live"]);
+    assert_eq!(payloads(&roamer.quiet().await), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_proxy_loses_no_publish_it_acknowledged() {
+    let (db, rules) = database("proxy_killed", "").await;
+    let mut stack = Stack::start("proxy-killed", &rules, "", "").await;
+    let port = stack.proxy.port;
+    Mqtt::subscribe_and_leave(port, "k-sub", "k/#").await;
+    let mut publisher = Mqtt::connect(port, "k-pub", false).await;
+    let acked = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0..100_000 {
+            if publisher.try_publish("k/t", QoS::AtLeastOnce, false, &format!("{i}")).await.is_err() {
+                break;
+            }
+            acked.push(i);
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stack.proxy.signal("KILL");
+    let acked = acked.await.unwrap();
+    assert!(acked.len() > 10, "the stream was running: {} acked", acked.len());
+    let rows = db.client().await.query("select payload from mqtt_msg", &[]).await.unwrap();
+    let stored: std::collections::HashSet<String> =
+        rows.iter().map(|r| String::from_utf8_lossy(r.get::<_, &[u8]>(0)).into_owned()).collect();
+    let lost: Vec<_> = acked.iter().filter(|i| !stored.contains(&i.to_string())).collect();
+    assert!(lost.is_empty(), "acknowledged and not stored: {lost:?}");
+    // Back up, the subscriber gets every acknowledged one.
+    stack.proxy = Launcher::proxy(env!("CARGO_BIN_EXE_proxy"), stack.mosquitto.port)
+        .start_on(port, "proxy-killed", &std::fs::read_to_string(&stack.proxy.rules).unwrap(), "")
+        .await;
+    let mut subscriber = Mqtt::connect(port, "k-sub", false).await;
+    subscriber.subscribe("k/#", QoS::AtLeastOnce).await;
+    let got = payloads(&subscriber.receive(stored.len()).await);
+    assert!(acked.iter().all(|i| got.contains(&i.to_string())));
+    assert_eq!(stored_count(&db).await as usize, stored.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_disconnects_the_clients_and_they_recover_with_nothing_acknowledged_lost() {
+    let (_db, rules) = database("proxy_broker_restart", "").await;
+    let mut stack = Stack::start("proxy-broker-restart", &rules, "", "").await;
+    let port = stack.proxy.port;
+    Mqtt::subscribe_and_leave(port, "r-sub", "r/#").await;
+    let mut publisher = Mqtt::connect(port, "r-pub", false).await;
+    publisher.publish("r/t", QoS::AtLeastOnce, "before").await;
+    stack.mosquitto.restart().await;
+    publisher.until(|_| false).await.expect_err("the publisher is disconnected");
+    let mut publisher = Mqtt::connect(port, "r-pub", false).await;
+    publisher.publish("r/t", QoS::AtLeastOnce, "after").await;
+    let mut subscriber = Mqtt::connect(port, "r-sub", false).await;
+    subscriber.subscribe("r/#", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&subscriber.receive(2).await), ["before", "after"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_reproduce_the_seed_flow_through_the_proxy() {
+    let (_db, rules) = database("proxy_seed", "").await;
+    let stack = Stack::start("proxy-seed", &rules, "", "").await;
+    let port = stack.proxy.port.to_string();
+    let sub = ["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-i", "seed-sub", "-c", "-q", "1", "-t", "seed/#"];
+    let first = run("mosquitto_sub", &[&sub[..], &["-W", "1"]].concat());
+    assert!(String::from_utf8_lossy(&first.stderr).contains("Timed out"), "{first:?}");
+    for (version, message) in [("mqttv311", "one"), ("mqttv5", "two"), ("mqttv311", "three")] {
+        let args = ["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1", "-t", "seed/a", "-m", message];
+        assert!(run("mosquitto_pub", &args).status.success());
+    }
+    let back = run("mosquitto_sub", &[&sub[..], &["-C", "3", "-W", "10"]].concat());
+    assert_eq!(String::from_utf8_lossy(&back.stdout), "one\ntwo\nthree\n", "{back:?}");
+    let again = run("mosquitto_sub", &[&sub[..], &["-W", "1"]].concat());
+    assert_eq!(String::from_utf8_lossy(&again.stdout), "", "read once");
+}
