@@ -19,7 +19,7 @@ use crate::{cpu, median, per_second};
 
 /// (publishers, messages each). Long enough for a steady state: with 100 x 100 the plain broker
 /// spent most of the run warming up and reached half its rate.
-const LOADS: [(usize, usize); 2] = [(10, 1000), (100, 1000)];
+pub const LOADS: [(usize, usize); 2] = [(10, 1000), (100, 1000)];
 const SUBSCRIBERS: usize = 100;
 const BACKLOG: usize = 1000;
 
@@ -33,27 +33,28 @@ fn launcher() -> Launcher {
 
 /// More broker configuration (TOML) for the runs with the extension, from `BENCH_BROKER_CONFIG`
 /// (e.g. `[publish_batch]` settings), to compare settings.
-fn extra() -> String {
+pub fn extra() -> String {
     std::env::var("BENCH_BROKER_CONFIG").unwrap_or_default().replace("\\n", "\n")
 }
 
-struct Publishing {
-    rate: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// CPU microseconds per message: the clients (this process), the broker, PostgreSQL.
-    cpu_us: [f64; 3],
+pub struct Publishing {
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// CPU microseconds per message: the clients (this process), each server, PostgreSQL.
+    pub cpu_us: Vec<f64>,
     /// CPU time of all three over the wall time of the cores: how close the machine was to full.
-    busy: f64,
+    pub busy: f64,
 }
 
-/// `publishers` connections at once, each publishing `each` QoS 1 messages in turn.
-async fn publish_load(broker: &BrokerProcess, publishers: usize, each: usize, tag: &str) -> Publishing {
+/// `publishers` connections at once to `port`, each publishing `each` QoS 1 messages in turn;
+/// the CPU of the `servers` (process ids) is measured.
+pub async fn publish_load(port: u16, servers: &[u32], publishers: usize, each: usize, tag: &str) -> Publishing {
     let mut clients = Vec::new();
     for p in 0..publishers {
-        clients.push(Mqtt::connect(broker.port, &format!("{tag}-pub-{p}"), false).await);
+        clients.push(Mqtt::connect(port, &format!("{tag}-pub-{p}"), false).await);
     }
-    let cpu_before = cpu::Sample::take(broker.pid());
+    let cpu_before = cpu::Sample::take(servers);
     let started = Instant::now();
     let tasks: Vec<_> = clients
         .into_iter()
@@ -77,7 +78,7 @@ async fn publish_load(broker: &BrokerProcess, publishers: usize, each: usize, ta
     }
     let elapsed = started.elapsed();
     let messages = publishers * each;
-    let cpu_us = cpu_before.per_message_until(&cpu::Sample::take(broker.pid()), messages);
+    let cpu_us = cpu_before.per_message_until(&cpu::Sample::take(servers), messages);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let busy = cpu_us.iter().sum::<f64>() * messages as f64 / 1e6 / (elapsed.as_secs_f64() * cores);
     latencies.sort_by(f64::total_cmp);
@@ -130,7 +131,7 @@ impl Setup {
 }
 
 /// A publish rule whose filter no benchmark topic matches.
-const NO_RULE_STORES: &str = "backend.pgsql.hook.message.publish.1 = \
+pub const NO_RULE_STORES: &str = "backend.pgsql.hook.message.publish.1 = \
     {\"topic\": \"nothing/#\", \"action\": {\"function\": \"on_message_publish\"}, \"pool\": \"pool1\"}";
 
 pub async fn run(runs: usize) -> anyhow::Result<()> {
@@ -152,7 +153,8 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             let db = TestDb::create("bench_broker").await;
             for (i, setup) in Setup::ALL.into_iter().enumerate() {
                 let broker = setup.start(&launcher, &db).await?;
-                figures[i].push(publish_load(&broker, publishers, each, &format!("{run}-{i}")).await);
+                let tag = format!("{run}-{i}");
+                figures[i].push(publish_load(broker.port, &[broker.pid()], publishers, each, &tag).await);
                 peaks[i] = peaks[i].max(peak_rss_mib(&broker));
             }
         }

@@ -32,26 +32,31 @@ fn clock_ticks_per_second() -> f64 {
     unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
-/// CPU time of the bench's clients, the broker and PostgreSQL at one moment.
+/// CPU time of the bench's clients, the servers (a broker; a proxy and the broker behind it)
+/// and PostgreSQL at one moment.
 pub struct Sample {
     clients: Duration,
-    broker: Duration,
+    servers: Vec<(u32, Duration)>,
     postgres: Duration,
 }
 
 impl Sample {
-    pub fn take(broker_pid: u32) -> Sample {
-        Sample { clients: process("self"), broker: process(&broker_pid.to_string()), postgres: postgres() }
+    pub fn take(servers: &[u32]) -> Sample {
+        Sample {
+            clients: process("self"),
+            servers: servers.iter().map(|pid| (*pid, process(&pid.to_string()))).collect(),
+            postgres: postgres(),
+        }
     }
 
-    /// Microseconds of CPU per message between `self` and a later sample:
-    /// (clients, broker, PostgreSQL).
-    pub fn per_message_until(&self, later: &Sample, messages: usize) -> [f64; 3] {
-        [
-            micros_per(self.clients, later.clients, messages),
-            micros_per(self.broker, later.broker, messages),
-            micros_per(self.postgres, later.postgres, messages),
-        ]
+    /// Microseconds of CPU per message between `self` and a later sample: the clients, each
+    /// server in order, PostgreSQL.
+    pub fn per_message_until(&self, later: &Sample, messages: usize) -> Vec<f64> {
+        let servers = self.servers.iter().zip(&later.servers).map(|((_, a), (_, b))| micros_per(*a, *b, messages));
+        std::iter::once(micros_per(self.clients, later.clients, messages))
+            .chain(servers)
+            .chain([micros_per(self.postgres, later.postgres, messages)])
+            .collect()
     }
 }
 

@@ -7,6 +7,7 @@ mod cpu;
 mod fetch;
 mod hook;
 mod memory;
+mod proxy;
 mod recording;
 mod store;
 
@@ -41,6 +42,8 @@ enum Suite {
     Hook,
     /// The broker with and without the extension, over real MQTT connections.
     Broker,
+    /// The proxy in front of Mosquitto against Mosquitto directly, over real MQTT connections.
+    Proxy,
     /// The process's peak RSS, and what one more guest instance costs.
     Memory,
 }
@@ -78,6 +81,9 @@ async fn suites() -> anyhow::Result<()> {
     }
     if wanted(Suite::Broker) {
         broker::run(runs).await?;
+    }
+    if wanted(Suite::Proxy) {
+        proxy::run(runs).await?;
     }
     if wanted(Suite::Memory) {
         memory::run().await?;

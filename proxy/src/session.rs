@@ -367,6 +367,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
     /// A packet from the client. False: the session ends (DISCONNECT).
     async fn from_client(&mut self, packet: v5::Packet) -> anyhow::Result<bool> {
         match packet {
+            // Without extensions nothing is stored: forwarded at once.
+            v5::Packet::Publish(mut publish) if self.proxy.extensions.is_empty() => {
+                wire::strip_stored_ids(&mut publish);
+                self.stored(*publish, true).await?;
+            }
             v5::Packet::Publish(publish) => {
                 self.publishes.push_back(publish);
                 if self.storing.is_none() {

@@ -209,6 +209,10 @@ impl Mosquitto {
         Mosquitto { child, port, config }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops it (SIGTERM) and starts it again on the same port: its sessions are gone.
     pub async fn restart(&mut self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
