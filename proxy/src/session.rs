@@ -174,6 +174,11 @@ struct Session<Io> {
     storing: Option<Storing>,
     /// The client said DISCONNECT.
     disconnected: bool,
+    /// When the proxy last sent the broker anything: a client busy acking a backlog sends the
+    /// broker nothing, so the proxy pings it within the keep-alive itself.
+    upstream_sent: Instant,
+    /// PINGREQs of the client the broker has not answered yet.
+    pings_owed: u32,
 }
 
 impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
@@ -271,6 +276,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             publishes: VecDeque::new(),
             storing: None,
             disconnected: false,
+            upstream_sent: Instant::now(),
+            pings_owed: 0,
         };
         session.connected(resumed).await?;
         Ok(Some(session))
@@ -321,6 +328,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
     async fn run(&mut self) -> anyhow::Result<()> {
         let patience = (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
         let mut deadline = patience.map(|p| Instant::now() + p);
+        let upstream_ping = (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 500));
         loop {
             tokio::select! {
                 packet = self.client_io.next() => {
@@ -360,6 +368,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                     self.store_next();
                 }
                 _ = sleep_until(deadline) => bail!("keep-alive: nothing from the client for 1.5 times {} s", self.keep_alive),
+                _ = sleep_until(upstream_ping.map(|p| self.upstream_sent + p)) => self.to_upstream(v5::Packet::PingRequest).await?,
             }
         }
     }
@@ -383,7 +392,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             v5::Packet::PublishComplete(ack) => {
                 if let Some(delivery) = self.to_client.release(ack.packet_id) {
                     if let Origin::Broker(Some(upstream_id)) = delivery.origin {
-                        self.upstream.send(v5::Packet::PublishComplete(translate::ack2(upstream_id))).await?;
+                        self.to_upstream(v5::Packet::PublishComplete(translate::ack2(upstream_id))).await?;
                     }
                     self.send_waiting().await?;
                 }
@@ -391,7 +400,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             v5::Packet::PublishRelease(mut release) => match self.client_rel.get(&release.packet_id) {
                 Some(upstream_id) => {
                     release.packet_id = *upstream_id;
-                    self.upstream.send(v5::Packet::PublishRelease(release)).await?;
+                    self.to_upstream(v5::Packet::PublishRelease(release)).await?;
                 }
                 // A PUBREL for a publish the broker never saw (refused, or from before a
                 // reconnection): completed here.
@@ -407,15 +416,18 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 }
                 let client_id = unsubscribe.packet_id;
                 unsubscribe.packet_id = self.upstream_id(Request::Unsubscribe { client_id })?;
-                self.upstream.send(v5::Packet::Unsubscribe(unsubscribe)).await?;
+                self.to_upstream(v5::Packet::Unsubscribe(unsubscribe)).await?;
             }
-            v5::Packet::PingRequest => self.upstream.send(v5::Packet::PingRequest).await?,
+            v5::Packet::PingRequest => {
+                self.pings_owed += 1;
+                self.to_upstream(v5::Packet::PingRequest).await?
+            },
             v5::Packet::Disconnect(disconnect) => {
                 if let Some(expiry) = disconnect.session_expiry_interval_secs {
                     self.session_expiry = expiry;
                 }
                 self.disconnected = true;
-                self.upstream.send(v5::Packet::Disconnect(disconnect)).await?;
+                self.to_upstream(v5::Packet::Disconnect(disconnect)).await?;
                 return Ok(false);
             }
             v5::Packet::Auth(_) => bail!("AUTH: extended authentication is not supported by the proxy"),
@@ -471,7 +483,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         if let Some(client_id) = publish.packet_id {
             publish.packet_id = Some(self.upstream_id(Request::Publish { client_id })?);
         }
-        self.upstream.send(v5::Packet::Publish(Box::new(publish))).await?;
+        self.to_upstream(v5::Packet::Publish(Box::new(publish))).await?;
         Ok(())
     }
 
@@ -500,11 +512,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         match (origin, qos) {
             (Origin::Broker(Some(upstream_id)), QoS::ExactlyOnce) => {
                 self.upstream_rel.insert(upstream_id, packet_id);
-                self.upstream.send(v5::Packet::PublishReceived(translate::ack(upstream_id))).await?;
+                self.to_upstream(v5::Packet::PublishReceived(translate::ack(upstream_id))).await?;
             }
             (Origin::Broker(Some(upstream_id)), _) => {
                 self.to_client.release(packet_id);
-                self.upstream.send(v5::Packet::PublishAck(translate::ack(upstream_id))).await?;
+                self.to_upstream(v5::Packet::PublishAck(translate::ack(upstream_id))).await?;
                 self.send_waiting().await?;
             }
             (_, QoS::ExactlyOnce) => self.to_client(v5::Packet::PublishRelease(translate::ack2(packet_id))).await?,
@@ -556,7 +568,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                     self.to_client(v5::Packet::PublishRelease(release)).await?;
                 }
                 // A delivery the proxy answered itself (held back: it goes from the database).
-                None => self.upstream.send(v5::Packet::PublishComplete(translate::ack2(release.packet_id))).await?,
+                None => self.to_upstream(v5::Packet::PublishComplete(translate::ack2(release.packet_id))).await?,
             },
             v5::Packet::SubscribeAck(mut ack) => {
                 if let Some(Request::Subscribe { client_id, filters, starts }) = self.to_upstream.release(ack.packet_id)
@@ -571,7 +583,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                     self.to_client(v5::Packet::UnsubscribeAck(ack)).await?;
                 }
             }
-            v5::Packet::PingResponse => self.to_client(v5::Packet::PingResponse).await?,
+            // The answer to the client's PINGREQ goes to it; to the proxy's own, nowhere.
+            v5::Packet::PingResponse => {
+                if self.pings_owed > 0 {
+                    self.pings_owed -= 1;
+                    self.to_client(v5::Packet::PingResponse).await?;
+                }
+            }
             v5::Packet::Disconnect(disconnect) => {
                 tracing::info!(clientid = self.client.clientid, reason = ?disconnect.reason_code, "the broker disconnected the client");
                 self.to_client(v5::Packet::Disconnect(disconnect)).await?;
@@ -592,10 +610,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             if extension.deliveries.hold(&self.connection, id, live) {
                 match (publish.qos, publish.packet_id) {
                     (QoS::AtLeastOnce, Some(id)) => {
-                        self.upstream.send(v5::Packet::PublishAck(translate::ack(id))).await?
+                        self.to_upstream(v5::Packet::PublishAck(translate::ack(id))).await?
                     }
                     (QoS::ExactlyOnce, Some(id)) => {
-                        self.upstream.send(v5::Packet::PublishReceived(translate::ack(id))).await?
+                        self.to_upstream(v5::Packet::PublishReceived(translate::ack(id))).await?
                     }
                     _ => {}
                 }
@@ -695,7 +713,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             options.retain_handling = v5::RetainHandling::NoAtSubscribe;
         }
         packet.packet_id = self.upstream_id(Request::Subscribe { client_id, filters, starts })?;
-        self.upstream.send(v5::Packet::Subscribe(packet)).await?;
+        self.to_upstream(v5::Packet::Subscribe(packet)).await?;
         Ok(())
     }
 
@@ -771,6 +789,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 adapter::release_held(&proxy.extensions[index], &connection, &outbox).await;
             });
         }
+    }
+
+    async fn to_upstream(&mut self, packet: v5::Packet) -> anyhow::Result<()> {
+        self.upstream_sent = Instant::now();
+        self.upstream.send(packet).await.context("writing to the broker")
     }
 
     async fn to_client(&mut self, packet: v5::Packet) -> anyhow::Result<()> {

@@ -303,3 +303,84 @@ async fn mosquitto_clients_reproduce_the_seed_flow_through_the_proxy() {
     let again = run("mosquitto_sub", &[&sub[..], &["-W", "1"]].concat());
     assert_eq!(String::from_utf8_lossy(&again.stdout), "", "read once");
 }
+
+/// A 3.1.1 client written out by hand: it sends exactly what a test says, and nothing on its
+/// own (rumqttc and libmosquitto send PINGREQs on their own schedules).
+struct RawClient(tokio::net::TcpStream);
+
+impl RawClient {
+    async fn connect(port: u16, clientid: &str, keep_alive: u8) -> RawClient {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut packet = connect_packet(clientid);
+        packet[11] = keep_alive;
+        socket.write_all(&packet).await.unwrap();
+        let mut connack = [0u8; 4];
+        socket.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
+        RawClient(socket)
+    }
+
+    async fn subscribe(&mut self, filter: &str) {
+        let mut packet = vec![0x82, (5 + filter.len()) as u8, 0, 1, 0, filter.len() as u8];
+        packet.extend_from_slice(filter.as_bytes());
+        packet.push(1);
+        self.0.write_all(&packet).await.unwrap();
+    }
+
+    /// The next PUBLISH (QoS 1): its packet id and payload; None when the connection closed.
+    async fn publish(&mut self) -> Option<(u16, String)> {
+        loop {
+            let mut kind = [0u8; 1];
+            self.0.read_exact(&mut kind).await.ok()?;
+            let (mut length, mut shift) = (0usize, 0);
+            loop {
+                let mut byte = [0u8; 1];
+                self.0.read_exact(&mut byte).await.ok()?;
+                length += usize::from(byte[0] & 0x7F) << shift;
+                shift += 7;
+                if byte[0] & 0x80 == 0 {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; length];
+            self.0.read_exact(&mut body).await.ok()?;
+            if kind[0] >> 4 != 3 {
+                continue; // SUBACK, PINGRESP
+            }
+            let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let id = u16::from_be_bytes([body[2 + topic], body[3 + topic]]);
+            return Some((id, String::from_utf8_lossy(&body[4 + topic..]).into_owned()));
+        }
+    }
+
+    async fn puback(&mut self, id: u16) {
+        let [high, low] = id.to_be_bytes();
+        self.0.write_all(&[0x40, 2, high, low]).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_busy_acking_a_long_backlog_keeps_its_broker_connection() {
+    let (_db, rules) = database("proxy_keepalive", "").await;
+    let stack = Stack::start("proxy-keepalive", &rules, "", "").await;
+    let port = stack.proxy.port;
+    Mqtt::subscribe_and_leave(port, "slow", "ka/#").await;
+    let mut publisher = Mqtt::connect(port, "ka-pub", false).await;
+    for i in 0..100 {
+        publisher.publish("ka/t", QoS::AtLeastOnce, &format!("b{i}")).await;
+    }
+    // Keep-alive 1 s: Mosquitto closes a connection it hears nothing on for 1.5 s (it looks
+    // every few seconds: a client silent for 5.4 s was closed at keep-alive 2). The client sends
+    // only PUBACKs for 10 s, which the proxy does not pass on (the backlog is its own).
+    let mut slow = RawClient::connect(port, "slow", 1).await;
+    slow.subscribe("ka/#").await;
+    for i in 0..100 {
+        let (id, payload) = slow.publish().await.expect("connected");
+        assert_eq!(payload, format!("b{i}"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        slow.puback(id).await;
+    }
+    publisher.publish("ka/t", QoS::AtLeastOnce, "live").await;
+    let live = tokio::time::timeout(PATIENCE, slow.publish()).await.expect("in time");
+    assert_eq!(live.map(|(_, payload)| payload).as_deref(), Some("live"), "the broker still routes to it");
+}
