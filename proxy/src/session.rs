@@ -49,6 +49,11 @@ use crate::Proxy;
 use crate::packet_ids::PacketIds;
 use crate::translate;
 
+/// Publishes of one client waiting to be stored, at most (see `Session::reading`).
+const QUEUED_PUBLISHES: usize = 1000;
+/// Their payload bytes, at most.
+const QUEUED_BYTES: usize = 16 << 20;
+
 /// How long a new connection may take to send its CONNECT, and the broker to answer it.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -104,21 +109,13 @@ struct Delivery {
     received: bool,
 }
 
-/// A packet the proxy sent the broker, waiting for its answer.
-enum Request {
-    /// The client's PUBLISH under its own packet id.
-    Publish {
-        client_id: NonZeroU16,
-    },
-    /// A SUBSCRIBE, the client's (answered with its SUBACK) or a stored subscription's.
-    Subscribe {
-        client_id: Option<NonZeroU16>,
-        filters: Vec<(String, u8)>,
-        starts: Vec<Vec<bool>>,
-    },
-    Unsubscribe {
-        client_id: NonZeroU16,
-    },
+/// A SUBSCRIBE the broker has not answered yet: the client's (answered with its SUBACK), or the
+/// proxy's own for stored subscriptions.
+struct Subscribing {
+    client: bool,
+    filters: Vec<(String, u8)>,
+    /// Per extension and filter: whether its backlog starts (`Deliveries::subscribed`).
+    starts: Vec<Vec<bool>>,
 }
 
 type Storing = Pin<Box<dyn Future<Output = (Box<Publish>, bool)> + Send>>;
@@ -158,12 +155,10 @@ struct Session<Io> {
     /// QoS 1/2 messages the client may have unacknowledged.
     window: usize,
     to_client: PacketIds<Delivery>,
-    to_upstream: PacketIds<Request>,
+    /// The SUBSCRIBEs the broker has not answered, by packet id.
+    subscribing: HashMap<NonZeroU16, Subscribing>,
     /// Client-facing QoS 1/2 messages waiting for the window.
     waiting: VecDeque<(Origin, Publish)>,
-    /// QoS 2 from the client: its packet id → the upstream packet id, between the broker's PUBREC
-    /// and its PUBCOMP.
-    client_rel: HashMap<NonZeroU16, NonZeroU16>,
     /// QoS 2 to the client: the broker's packet id → the client's, between the client's PUBREC
     /// and its PUBCOMP.
     upstream_rel: HashMap<NonZeroU16, NonZeroU16>,
@@ -172,8 +167,11 @@ struct Session<Io> {
     /// The client's publishes not yet stored, in order; the one being stored.
     publishes: VecDeque<Box<Publish>>,
     storing: Option<Storing>,
-    /// The client said DISCONNECT.
-    disconnected: bool,
+    /// The client's DISCONNECT.
+    disconnected: Option<v5::Disconnect>,
+    /// Payload bytes of `publishes`: past [`QUEUED_BYTES`] (or [`QUEUED_PUBLISHES`] publishes),
+    /// the proxy reads nothing more from the client until the store catches up.
+    queued_bytes: usize,
     /// When the proxy last sent the broker anything: a client busy acking a backlog sends the
     /// broker nothing, so the proxy pings it within the keep-alive itself.
     upstream_sent: Instant,
@@ -201,6 +199,15 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 (*connect, window)
             }
             Some(Ok(_)) => bail!("the first packet was not a CONNECT"),
+            // An empty client id with a session to keep: refused as a broker refuses it.
+            Some(Err(rmqtt_codec::error::DecodeError::InvalidClientId)) => {
+                let refused = v5::ConnectAck {
+                    reason_code: v5::ConnectAckReason::ClientIdentifierNotValid,
+                    ..Default::default()
+                };
+                send_to(&mut client_io, version, v5::Packet::ConnectAck(Box::new(refused))).await?;
+                return Ok(None);
+            }
             Some(Err(e)) => bail!("reading CONNECT: {e}"),
             None => return Ok(None),
         };
@@ -267,15 +274,15 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             session_expiry,
             window: usize::from(client_window.get()),
             to_client: Default::default(),
-            to_upstream: Default::default(),
+            subscribing: HashMap::new(),
             waiting: VecDeque::new(),
-            client_rel: HashMap::new(),
             upstream_rel: HashMap::new(),
             own,
             own_tx,
             publishes: VecDeque::new(),
             storing: None,
-            disconnected: false,
+            disconnected: None,
+            queued_bytes: 0,
             upstream_sent: Instant::now(),
             pings_owed: 0,
         };
@@ -309,7 +316,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             .map(|s| (s.filter, s.qos.min(2)))
             .collect();
         if !subscribe.is_empty() {
-            self.subscribe(None, subscribe, None).await?;
+            self.subscribe(subscribe, None).await?;
         }
         Ok(())
     }
@@ -331,7 +338,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         let upstream_ping = (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 500));
         loop {
             tokio::select! {
-                packet = self.client_io.next() => {
+                packet = self.client_io.next(), if self.reading() => {
                     let packet = match packet {
                         Some(Ok((packet, _))) => packet,
                         Some(Err(e)) => bail!("malformed packet from the client: {e}"),
@@ -367,21 +374,33 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                     self.stored(*publish, stored).await?;
                     self.store_next();
                 }
-                _ = sleep_until(deadline) => bail!("keep-alive: nothing from the client for 1.5 times {} s", self.keep_alive),
+                _ = sleep_until(deadline), if self.reading() => bail!("keep-alive: nothing from the client for 1.5 times {} s", self.keep_alive),
                 _ = sleep_until(upstream_ping.map(|p| self.upstream_sent + p)) => self.to_upstream(v5::Packet::PingRequest).await?,
             }
         }
     }
 
+    /// Whether the proxy reads from the client: not while its publishes wait to be stored past
+    /// the bounds (TCP then holds the client back).
+    fn reading(&self) -> bool {
+        self.publishes.len() < QUEUED_PUBLISHES && self.queued_bytes < QUEUED_BYTES
+    }
+
     /// A packet from the client. False: the session ends (DISCONNECT).
     async fn from_client(&mut self, packet: v5::Packet) -> anyhow::Result<bool> {
         match packet {
+            // A topic the proxy cannot read is refused before anything is stored: topic aliases
+            // are off (Topic Alias Maximum 0), and a topic name has no wildcards.
+            v5::Packet::Publish(publish) if !is_topic_name(&publish) => {
+                bail!("PUBLISH to {:?}: not a topic name (wildcards, empty, or a topic alias)", publish.topic)
+            }
             // Without extensions nothing is stored: forwarded at once.
             v5::Packet::Publish(mut publish) if self.proxy.extensions.is_empty() => {
                 wire::strip_stored_ids(&mut publish);
                 self.stored(*publish, true).await?;
             }
             v5::Packet::Publish(publish) => {
+                self.queued_bytes += publish.payload.len();
                 self.publishes.push_back(publish);
                 if self.storing.is_none() {
                     self.store_next();
@@ -397,37 +416,29 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                     self.send_waiting().await?;
                 }
             }
-            v5::Packet::PublishRelease(mut release) => match self.client_rel.get(&release.packet_id) {
-                Some(upstream_id) => {
-                    release.packet_id = *upstream_id;
-                    self.to_upstream(v5::Packet::PublishRelease(release)).await?;
-                }
-                // A PUBREL for a publish the broker never saw (refused, or from before a
-                // reconnection): completed here.
-                None => self.to_client(v5::Packet::PublishComplete(translate::ack2(release.packet_id))).await?,
-            },
+            // The client's QoS 2 exchanges are the broker's, under the client's packet ids: a
+            // PUBREL after a reconnection finds the message the broker kept in the session.
+            v5::Packet::PublishRelease(release) => self.to_upstream(v5::Packet::PublishRelease(release)).await?,
             v5::Packet::Subscribe(subscribe) => {
                 let filters = subscribe.topic_filters.iter().map(|(f, o)| (f.to_string(), o.qos.value())).collect();
-                self.subscribe(Some(subscribe.packet_id), filters, Some(subscribe)).await?;
+                self.subscribe(filters, Some(subscribe)).await?;
             }
-            v5::Packet::Unsubscribe(mut unsubscribe) => {
+            v5::Packet::Unsubscribe(unsubscribe) => {
                 for filter in &unsubscribe.topic_filters {
                     self.unsubscribed(filter).await;
                 }
-                let client_id = unsubscribe.packet_id;
-                unsubscribe.packet_id = self.upstream_id(Request::Unsubscribe { client_id })?;
                 self.to_upstream(v5::Packet::Unsubscribe(unsubscribe)).await?;
             }
             v5::Packet::PingRequest => {
                 self.pings_owed += 1;
                 self.to_upstream(v5::Packet::PingRequest).await?
-            },
+            }
+            // Forwarded once what the client published before it is (`end`).
             v5::Packet::Disconnect(disconnect) => {
                 if let Some(expiry) = disconnect.session_expiry_interval_secs {
                     self.session_expiry = expiry;
                 }
-                self.disconnected = true;
-                self.to_upstream(v5::Packet::Disconnect(disconnect)).await?;
+                self.disconnected = Some(disconnect);
                 return Ok(false);
             }
             v5::Packet::Auth(_) => bail!("AUTH: extended authentication is not supported by the proxy"),
@@ -439,6 +450,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
     /// Starts storing the next publish of the client, if any.
     fn store_next(&mut self) {
         let Some(mut publish) = self.publishes.pop_front() else { return };
+        self.queued_bytes -= publish.payload.len();
         let extensions = self.proxy.extensions.clone();
         let clientid = self.client.clientid.clone();
         self.storing = Some(Box::pin(async move {
@@ -464,7 +476,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
     }
 
     /// A publish of the client went through the extensions: forwarded upstream, or refused.
-    async fn stored(&mut self, mut publish: Publish, stored: bool) -> anyhow::Result<()> {
+    async fn stored(&mut self, publish: Publish, stored: bool) -> anyhow::Result<()> {
         if !stored {
             // Fail-closed. MQTT 3.1.1 has no negative PUBACK: the connection closes instead, and
             // the client sends the message again when it reconnects.
@@ -480,15 +492,9 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             };
             return self.to_client(refusal).await;
         }
-        if let Some(client_id) = publish.packet_id {
-            publish.packet_id = Some(self.upstream_id(Request::Publish { client_id })?);
-        }
+        // Under the client's own packet id: the broker's answers go back as they come.
         self.to_upstream(v5::Packet::Publish(Box::new(publish))).await?;
         Ok(())
-    }
-
-    fn upstream_id(&mut self, request: Request) -> anyhow::Result<NonZeroU16> {
-        self.to_upstream.allocate(request).context("all 65 535 packet ids towards the broker are in use")
     }
 
     /// The client acked a delivery (PUBACK, or PUBREC for QoS 2): the ack gate for its stored
@@ -532,36 +538,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
     async fn from_upstream(&mut self, packet: v5::Packet) -> anyhow::Result<bool> {
         match packet {
             v5::Packet::Publish(publish) => self.from_broker(*publish).await?,
-            v5::Packet::PublishAck(mut ack) => {
-                if let Some(Request::Publish { client_id }) = self.to_upstream.release(ack.packet_id) {
-                    ack.packet_id = client_id;
-                    self.to_client(v5::Packet::PublishAck(ack)).await?;
-                }
-            }
-            v5::Packet::PublishReceived(mut ack) => {
-                let failed = u8::from(ack.reason_code) >= 0x80;
-                let request = match failed {
-                    true => self.to_upstream.release(ack.packet_id),
-                    false => None,
-                };
-                let client_id = match (request, self.to_upstream.get(ack.packet_id)) {
-                    (Some(Request::Publish { client_id }), _) => client_id,
-                    (None, Some(Request::Publish { client_id })) => *client_id,
-                    _ => return Ok(true),
-                };
-                if !failed {
-                    self.client_rel.insert(client_id, ack.packet_id);
-                }
-                ack.packet_id = client_id;
-                self.to_client(v5::Packet::PublishReceived(ack)).await?;
-            }
-            v5::Packet::PublishComplete(mut complete) => {
-                if let Some(Request::Publish { client_id }) = self.to_upstream.release(complete.packet_id) {
-                    self.client_rel.remove(&client_id);
-                    complete.packet_id = client_id;
-                    self.to_client(v5::Packet::PublishComplete(complete)).await?;
-                }
-            }
+            // Answers to the client's publishes, under its packet ids.
+            v5::Packet::PublishAck(ack) => self.to_client(v5::Packet::PublishAck(ack)).await?,
+            v5::Packet::PublishReceived(ack) => self.to_client(v5::Packet::PublishReceived(ack)).await?,
+            v5::Packet::PublishComplete(complete) => self.to_client(v5::Packet::PublishComplete(complete)).await?,
             v5::Packet::PublishRelease(mut release) => match self.upstream_rel.remove(&release.packet_id) {
                 Some(client_id) => {
                     release.packet_id = client_id;
@@ -570,19 +550,12 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 // A delivery the proxy answered itself (held back: it goes from the database).
                 None => self.to_upstream(v5::Packet::PublishComplete(translate::ack2(release.packet_id))).await?,
             },
-            v5::Packet::SubscribeAck(mut ack) => {
-                if let Some(Request::Subscribe { client_id, filters, starts }) = self.to_upstream.release(ack.packet_id)
-                {
-                    ack.packet_id = client_id.unwrap_or(ack.packet_id);
-                    self.subscribed(client_id.map(|_| ack), filters, starts).await;
+            v5::Packet::SubscribeAck(ack) => {
+                if let Some(Subscribing { client, filters, starts }) = self.subscribing.remove(&ack.packet_id) {
+                    self.subscribed(client.then_some(ack), filters, starts).await;
                 }
             }
-            v5::Packet::UnsubscribeAck(mut ack) => {
-                if let Some(Request::Unsubscribe { client_id }) = self.to_upstream.release(ack.packet_id) {
-                    ack.packet_id = client_id;
-                    self.to_client(v5::Packet::UnsubscribeAck(ack)).await?;
-                }
-            }
+            v5::Packet::UnsubscribeAck(ack) => self.to_client(v5::Packet::UnsubscribeAck(ack)).await?,
             // The answer to the client's PINGREQ goes to it; to the proxy's own, nowhere.
             v5::Packet::PingResponse => {
                 if self.pings_owed > 0 {
@@ -679,13 +652,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         }
     }
 
-    /// Subscribes upstream; `reply` is the client's SUBSCRIBE (None: a stored subscription).
-    async fn subscribe(
-        &mut self,
-        client_id: Option<NonZeroU16>,
-        filters: Vec<(String, u8)>,
-        packet: Option<v5::Subscribe>,
-    ) -> anyhow::Result<()> {
+    /// Subscribes upstream: the client's SUBSCRIBE `packet`, under its packet id, or (None) the
+    /// proxy's own for stored subscriptions, under an id from the top of the range, where a
+    /// client's counter rarely is.
+    async fn subscribe(&mut self, filters: Vec<(String, u8)>, packet: Option<v5::Subscribe>) -> anyhow::Result<()> {
         // Live messages for them are held back from now on, before the broker routes any.
         let starts: Vec<Vec<bool>> = self
             .proxy
@@ -695,8 +665,9 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 filters.iter().map(|(filter, qos)| e.deliveries.subscribed(&self.connection, filter, *qos)).collect()
             })
             .collect();
+        let client = packet.is_some();
         let mut packet = packet.unwrap_or_else(|| v5::Subscribe {
-            packet_id: NonZeroU16::MIN,
+            packet_id: NonZeroU16::MAX,
             id: None,
             user_properties: Vec::new(),
             topic_filters: filters
@@ -712,7 +683,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         for (_, options) in &mut packet.topic_filters {
             options.retain_handling = v5::RetainHandling::NoAtSubscribe;
         }
-        packet.packet_id = self.upstream_id(Request::Subscribe { client_id, filters, starts })?;
+        if !client {
+            packet.packet_id = (1..=u16::MAX)
+                .rev()
+                .filter_map(NonZeroU16::new)
+                .find(|id| !self.subscribing.contains_key(id))
+                .context("all packet ids towards the broker in use")?;
+        }
+        self.subscribing.insert(packet.packet_id, Subscribing { client, filters, starts });
         self.to_upstream(v5::Packet::Subscribe(packet)).await?;
         Ok(())
     }
@@ -805,6 +783,19 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         if let Some(error) = &error {
             tracing::info!(clientid = self.client.clientid, "connection closed: {error}");
         }
+        // What the client published before it left is stored and forwarded, whatever became
+        // of the client: a stored message the broker never routed would be passed over by a
+        // live subscriber acking what came after it.
+        while let Some(storing) = self.storing.take() {
+            let (publish, stored) = storing.await;
+            if let Err(e) = self.stored(*publish, stored).await {
+                tracing::debug!(clientid = self.client.clientid, "after the connection: {e:#}");
+            }
+            self.store_next();
+        }
+        if let Some(disconnect) = self.disconnected.clone() {
+            let _ = self.to_upstream(v5::Packet::Disconnect(disconnect)).await;
+        }
         // The broker's session ends or stays as it says; the proxy's goes with it.
         let _ = self.upstream.close().await;
         let _ = self.client_io.close().await;
@@ -815,7 +806,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             }
         }
         let kept = self.session_expiry > 0;
-        let reason = match (&error, self.disconnected) {
+        let reason = match (&error, self.disconnected.is_some()) {
             (_, true) => "normal".to_owned(),
             (Some(error), false) => error.clone(),
             (None, false) => "closed".to_owned(),
@@ -827,6 +818,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         }
         self.proxy.unregister(&self.connection, &self.client, kept.then_some(self.session_expiry));
     }
+}
+
+/// Whether `publish` names its topic in full, as a topic name may (no wildcards, no NUL, no
+/// alias).
+fn is_topic_name(publish: &Publish) -> bool {
+    let alias = publish.properties.as_ref().is_some_and(|p| p.topic_alias.is_some());
+    !alias && !publish.topic.is_empty() && !publish.topic.contains(['+', '#', '\0'])
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

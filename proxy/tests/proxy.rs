@@ -305,46 +305,64 @@ async fn mosquitto_clients_reproduce_the_seed_flow_through_the_proxy() {
 }
 
 /// A 3.1.1 client written out by hand: it sends exactly what a test says, and nothing on its
-/// own (rumqttc and libmosquitto send PINGREQs on their own schedules).
+/// own (rumqttc and libmosquitto send PINGREQs on their own schedules, and never a malformed or
+/// half-finished exchange).
 struct RawClient(tokio::net::TcpStream);
 
 impl RawClient {
+    /// Connects with a clean session.
     async fn connect(port: u16, clientid: &str, keep_alive: u8) -> RawClient {
+        RawClient::connect_with(port, clientid, keep_alive, true).await.0
+    }
+
+    /// Connects; whether the broker had a session for it.
+    async fn connect_with(port: u16, clientid: &str, keep_alive: u8, clean: bool) -> (RawClient, bool) {
         let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut packet = connect_packet(clientid);
         packet[11] = keep_alive;
+        packet[9] = if clean { 0x02 } else { 0x00 };
         socket.write_all(&packet).await.unwrap();
         let mut connack = [0u8; 4];
         socket.read_exact(&mut connack).await.unwrap();
-        assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
-        RawClient(socket)
+        assert_eq!((connack[0], connack[3]), (0x20, 0), "accepted");
+        (RawClient(socket), connack[2] == 1)
+    }
+
+    async fn send(&mut self, packet: &[u8]) {
+        self.0.write_all(packet).await.unwrap();
     }
 
     async fn subscribe(&mut self, filter: &str) {
         let mut packet = vec![0x82, (5 + filter.len()) as u8, 0, 1, 0, filter.len() as u8];
         packet.extend_from_slice(filter.as_bytes());
         packet.push(1);
-        self.0.write_all(&packet).await.unwrap();
+        self.send(&packet).await;
+    }
+
+    /// The next packet: its first byte and its body; None when the connection closed.
+    async fn packet(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut kind = [0u8; 1];
+        self.0.read_exact(&mut kind).await.ok()?;
+        let (mut length, mut shift) = (0usize, 0);
+        loop {
+            let mut byte = [0u8; 1];
+            self.0.read_exact(&mut byte).await.ok()?;
+            length += usize::from(byte[0] & 0x7F) << shift;
+            shift += 7;
+            if byte[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.0.read_exact(&mut body).await.ok()?;
+        Some((kind[0], body))
     }
 
     /// The next PUBLISH (QoS 1): its packet id and payload; None when the connection closed.
     async fn publish(&mut self) -> Option<(u16, String)> {
         loop {
-            let mut kind = [0u8; 1];
-            self.0.read_exact(&mut kind).await.ok()?;
-            let (mut length, mut shift) = (0usize, 0);
-            loop {
-                let mut byte = [0u8; 1];
-                self.0.read_exact(&mut byte).await.ok()?;
-                length += usize::from(byte[0] & 0x7F) << shift;
-                shift += 7;
-                if byte[0] & 0x80 == 0 {
-                    break;
-                }
-            }
-            let mut body = vec![0u8; length];
-            self.0.read_exact(&mut body).await.ok()?;
-            if kind[0] >> 4 != 3 {
+            let (kind, body) = self.packet().await?;
+            if kind >> 4 != 3 {
                 continue; // SUBACK, PINGRESP
             }
             let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
@@ -355,8 +373,78 @@ impl RawClient {
 
     async fn puback(&mut self, id: u16) {
         let [high, low] = id.to_be_bytes();
-        self.0.write_all(&[0x40, 2, high, low]).await.unwrap();
+        self.send(&[0x40, 2, high, low]).await;
     }
+}
+
+/// A PUBLISH packet: QoS 0 without an id, else with `id`.
+fn publish_packet(topic: &str, qos: u8, id: u16, payload: &str) -> Vec<u8> {
+    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&id.to_be_bytes());
+    }
+    body.extend_from_slice(payload.as_bytes());
+    let mut packet = vec![0x30 | (qos << 1), body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos_2_publish_released_after_a_reconnection_reaches_its_subscribers() {
+    let (_db, rules) = database("proxy_qos2_resume", "").await;
+    let stack = Stack::start("proxy-qos2-resume", &rules, "", "").await;
+    let port = stack.proxy.port;
+    let mut subscriber = Mqtt::connect(port, "rel-sub", false).await;
+    subscriber.subscribe("rel/#", QoS::ExactlyOnce).await;
+    // PUBLISH, PUBREC, and the connection drops before the PUBREL.
+    let (mut publisher, _) = RawClient::connect_with(port, "rel-pub", 60, false).await;
+    publisher.send(&publish_packet("rel/t", 2, 1, "msg-A")).await;
+    assert_eq!(publisher.packet().await, Some((0x50, vec![0, 1])), "PUBREC");
+    drop(publisher);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The session resumes: the PUBREL completes the exchange the broker kept.
+    let (mut publisher, resumed) = RawClient::connect_with(port, "rel-pub", 60, false).await;
+    assert!(resumed, "the broker kept the session");
+    publisher.send(&[0x62, 2, 0, 1]).await;
+    assert_eq!(publisher.packet().await, Some((0x70, vec![0, 1])), "PUBCOMP");
+    publisher.send(&publish_packet("rel/t", 2, 1, "msg-B")).await;
+    assert_eq!(publisher.packet().await, Some((0x50, vec![0, 1])), "PUBREC");
+    publisher.send(&[0x62, 2, 0, 1]).await;
+    assert_eq!(publisher.packet().await, Some((0x70, vec![0, 1])), "PUBCOMP");
+    assert_eq!(payloads(&subscriber.receive(2).await), ["msg-A", "msg-B"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_client_published_right_before_it_left_is_stored_and_routed() {
+    let (db, rules) = database("proxy_left", "").await;
+    let stack = Stack::start("proxy-left", &rules, "", "").await;
+    let port = stack.proxy.port;
+    let mut subscriber = Mqtt::connect(port, "left-sub", false).await;
+    subscriber.subscribe("left/#", QoS::AtLeastOnce).await;
+    for (qos, payload, end) in [(1, "then DISCONNECT", true), (0, "qos 0", true), (1, "then gone", false)] {
+        let mut publisher = RawClient::connect(port, "left-pub", 60).await;
+        let mut packets = publish_packet("left/t", qos, 1, payload);
+        if end {
+            packets.extend([0xE0, 0]);
+        }
+        publisher.send(&packets).await;
+        drop(publisher);
+        assert_eq!(payloads(&subscriber.receive(1).await), [payload]);
+    }
+    assert_eq!(stored_count(&db).await, 2, "the QoS 1 messages");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_a_wildcard_or_an_alias_is_refused_before_it_is_stored() {
+    let (db, rules) = database("proxy_bad_topic", "").await;
+    let stack = Stack::start("proxy-bad-topic", &rules, "", "").await;
+    for topic in ["bad/#", "bad/+/x", ""] {
+        let mut publisher = RawClient::connect(stack.proxy.port, "bad-pub", 60).await;
+        publisher.send(&publish_packet(topic, 1, 1, "x")).await;
+        assert_eq!(publisher.packet().await, None, "{topic:?}: the connection closes without a PUBACK");
+    }
+    assert_eq!(stored_count(&db).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
