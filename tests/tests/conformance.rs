@@ -87,6 +87,7 @@ scenarios!(
     at_least_once,
     retained,
     qos0,
+    qos0_subscriber,
     database_outage,
     reload,
     expiry,

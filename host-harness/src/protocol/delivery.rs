@@ -560,7 +560,7 @@ impl<P: Held> Deliveries<P> {
             let mut groups = self.groups.lock().unwrap();
             if live.resend {
                 for (filter, sub) in s.subscriptions.iter_mut() {
-                    if mqtt_topic::matches(filter, topic) && !sub.acked.contains_key(&id) {
+                    if sub.qos > 0 && mqtt_topic::matches(filter, topic) && !sub.acked.contains_key(&id) {
                         groups.claim(filter, id, connection);
                         sub.unacked.insert(id);
                     }
@@ -579,11 +579,15 @@ impl<P: Held> Deliveries<P> {
                 return true;
             }
             // A message another member of a share group has outstanding is the group's already.
+            // A QoS 0 subscription gets it with nothing to ack (it has no backlog either): it is
+            // not outstanding there.
             let mut wanted = false;
             for (filter, sub) in s.subscriptions.iter_mut() {
                 if mqtt_topic::matches(filter, topic) && !groups.taken(filter, id, connection) {
-                    groups.claim(filter, id, connection);
-                    sub.unacked.insert(id);
+                    if sub.qos > 0 {
+                        groups.claim(filter, id, connection);
+                        sub.unacked.insert(id);
+                    }
                     wanted = true;
                 }
             }
@@ -765,6 +769,19 @@ mod tests {
 
     fn ack(deliveries: &Deliveries, connection: &Connection, id: i64, topic: &str) -> Vec<(i64, Vec<String>)> {
         passed(deliveries.acked(connection, id, stored(id, topic)))
+    }
+
+    #[tokio::test]
+    async fn a_qos_0_subscriptions_live_messages_are_not_outstanding() {
+        let (deliveries, connection) = client();
+        assert!(deliveries.subscribed(&connection, "z/#", 0));
+        assert_eq!(go_live(&deliveries, &connection, "z/#"), Vec::<i64>::new());
+        for id in 1..=100 {
+            assert!(!hold(&deliveries, &connection, id, "z/a"), "it goes");
+        }
+        // Nothing to wait for: no ack will ever come for them.
+        let settled = tokio::time::timeout(Duration::from_secs(1), deliveries.settled(&connection, "z/#"));
+        assert!(settled.await.expect("settled at once"));
     }
 
     #[test]
