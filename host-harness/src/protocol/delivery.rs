@@ -559,13 +559,18 @@ impl<P: Held> Deliveries<P> {
             let topic = live.topic;
             let mut groups = self.groups.lock().unwrap();
             if live.resend {
-                for (filter, sub) in s.subscriptions.iter_mut() {
-                    if sub.qos > 0 && mqtt_topic::matches(filter, topic) && !sub.acked.contains_key(&id) {
+                // Unless every share group it is for has it acked by another member meanwhile
+                // (the member left it unacked, it went back to the group): then once is enough.
+                let mut wanted = None;
+                for (filter, sub) in s.subscriptions.iter_mut().filter(|(f, _)| mqtt_topic::matches(f, topic)) {
+                    let elsewhere = groups.0.get(filter.as_str()).is_some_and(|g| g.acked.contains(&id));
+                    wanted = Some(wanted.unwrap_or(false) || !elsewhere);
+                    if !elsewhere && sub.qos > 0 && !sub.acked.contains_key(&id) {
                         groups.claim(filter, id, connection);
                         sub.unacked.insert(id);
                     }
                 }
-                return false;
+                return wanted == Some(false);
             }
             let matching = || s.subscriptions.iter().filter(|(filter, _)| mqtt_topic::matches(filter, topic));
             if matching().any(|(_, sub)| sub.fetching) {
@@ -1034,5 +1039,16 @@ mod tests {
         assert_eq!(page(&deliveries, &w2, group, [1, 2, 4, 6]), [true, true, false, false], "4 and 6 are w2's already");
         // Its acks pass at once too.
         assert_eq!(ack(&deliveries, &w2, 1, "t/p"), [(1, vec![group.to_owned()])]);
+        // w1 comes back to its kept session, and the broker resends what it had in flight (1):
+        // w2 acked it meanwhile, so it does not go a second time. 2 is not acked: it goes.
+        deliveries.connected(&w1, true);
+        deliveries.subscribed(&w1, group, 1);
+        go_live(&deliveries, &w1, group);
+        let resend = |id: i64| {
+            let keep = || Routed { id, topic: "t/p".into() };
+            deliveries.hold(&w1, id, Live { topic: "t/p", resend: true, keep: &keep })
+        };
+        assert!(resend(1), "the group has it");
+        assert!(!resend(2), "nobody acked it yet");
     }
 }
