@@ -61,6 +61,32 @@ pub struct ProxyConfig {
 pub struct UpstreamConfig {
     /// `host:port` of its plain MQTT listener.
     pub address: String,
+    /// Where a new subscription's retained messages come from.
+    #[serde(default)]
+    pub retained: RetainedFrom,
+    /// End a kept MQTT 5 session's subscriptions (`session-unsubscribed`: the example rules
+    /// delete their read positions) when its expiry interval passes and the client has not come
+    /// back to this proxy, as the broker ends the session. With several proxies a client may
+    /// come back through another one, which this proxy cannot see: set false there, and let
+    /// `position_idle` clean up.
+    #[serde(default = "default_true")]
+    pub expire_sessions: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Where a new subscription's retained messages come from: one place, or each would come twice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetainedFrom {
+    /// The broker's own store, as for its other clients (rules without `on_retain_lookup`).
+    #[default]
+    Broker,
+    /// The database (`on_message_retain` and `on_retain_lookup` in the rules, as with our
+    /// broker): the proxy subscribes upstream with Retain Handling 2 (send none).
+    Database,
 }
 
 /// `[mqtt]`: flow control and sizes towards clients.
@@ -150,6 +176,8 @@ mod tests {
         let error = load("off", "extension = []\nlisten = \"off\"\n[upstream]\naddress = \"127.0.0.1:1883\"\n");
         assert!(error.unwrap_err().contains("no client could connect"));
         let config = load("ok", "extension = []\n[upstream]\naddress = \"127.0.0.1:1883\"\n").unwrap();
-        assert_eq!(config.mqtt.max_inflight.get(), 128);
+        assert_eq!((config.mqtt.max_inflight.get(), config.upstream.retained), (128, RetainedFrom::Broker));
+        let error = load("retained", "extension = []\n[upstream]\naddress = \"h:1\"\nretained = \"both\"\n");
+        assert!(error.unwrap_err().contains("unknown variant `both`"));
     }
 }

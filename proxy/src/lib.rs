@@ -74,6 +74,9 @@ impl Proxy {
         // The broker expires a kept session on its own and tells nobody: the proxy keeps the
         // same time, and ends the session's subscriptions with it. (3.1.1 sessions never expire.)
         let Some(seconds) = expiry.filter(|s| *s != translate::SESSION_NEVER_EXPIRES) else { return };
+        if !self.config.upstream.expire_sessions {
+            return;
+        }
         self.expiring.lock().unwrap().insert(connection.clientid.clone(), connection.since);
         let (proxy, connection, client) = (self.clone(), connection.clone(), client.clone());
         tokio::spawn(async move {

@@ -46,6 +46,7 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
 use crate::Proxy;
+use crate::config::RetainedFrom;
 use crate::packet_ids::PacketIds;
 use crate::translate;
 
@@ -678,10 +679,12 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 })
                 .collect(),
         });
-        // Retained messages come from the database (`on_retain_lookup`), as in the broker: the
-        // broker's own would come a second time. Its store stays for its other clients.
-        for (_, options) in &mut packet.topic_filters {
-            options.retain_handling = v5::RetainHandling::NoAtSubscribe;
+        // Retained messages from the database (`on_retain_lookup`): the broker's own would come
+        // a second time. Its store stays for its other clients.
+        if self.proxy.config.upstream.retained == RetainedFrom::Database {
+            for (_, options) in &mut packet.topic_filters {
+                options.retain_handling = v5::RetainHandling::NoAtSubscribe;
+            }
         }
         if !client {
             packet.packet_id = (1..=u16::MAX)

@@ -472,3 +472,48 @@ async fn a_client_busy_acking_a_long_backlog_keeps_its_broker_connection() {
     let live = tokio::time::timeout(PATIENCE, slow.publish()).await.expect("in time");
     assert_eq!(live.map(|(_, payload)| payload).as_deref(), Some("live"), "the broker still routes to it");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_come_from_the_brokers_store_by_default_once() {
+    let (_db, rules) = database("proxy_retained", "").await;
+    let stack = Stack::start("proxy-retained", &rules, "", "retained = \"broker\"\n").await;
+    let mut publisher = Mqtt::connect(stack.proxy.port, "ret-pub", false).await;
+    publisher.try_publish("ret/t", QoS::AtLeastOnce, true, "kept").await.unwrap();
+    let mut newcomer = Mqtt::connect(stack.proxy.port, "ret-new", false).await;
+    newcomer.subscribe("ret/#", QoS::AtLeastOnce).await;
+    let got = newcomer.receive(1).await;
+    assert_eq!((payloads(&got), got[0].retain), (vec!["kept".to_owned()], true));
+    assert_eq!(payloads(&newcomer.quiet().await), Vec::<String>::new());
+}
+
+/// A v5 client "brief" with a 1 s session subscribes to `brief/#` and leaves; the session
+/// expires; `m1` is published; it comes back: what it gets.
+async fn after_session_expiry(name: &str, extra: &str) -> Vec<String> {
+    // As the example rules: an ended subscription's read position goes.
+    let unsubscribed = "backend.pgsql.hook.session.unsubscribed.1 = {\"topic\": \"#\", \"action\": {\"sql\": \
+        [\"delete from mqtt_acked where clientid = ${clientid} and topic = ${topic}\"]}, \"pool\": \"pool1\"}";
+    let (_db, rules) = database(name, unsubscribed).await;
+    let stack = Stack::start(name, &rules, "", extra).await;
+    let port = stack.proxy.port;
+    let session = |o: &mut rumqttc::v5::MqttOptions| {
+        o.set_clean_start(false).set_session_expiry_interval(Some(1));
+    };
+    let (client, mut events) = v5::connect_with(port, "brief", session).await;
+    client.subscribe("brief/#", v5::QoS::AtLeastOnce).await.unwrap();
+    v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
+    client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut publisher = Mqtt::connect(port, "brief-pub", false).await;
+    publisher.publish("brief/t", QoS::AtLeastOnce, "m1").await;
+    let mut back = Mqtt::connect(port, "brief", false).await;
+    back.subscribe("brief/#", QoS::AtLeastOnce).await;
+    payloads(&back.quiet().await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_ends_its_positions_unless_the_proxy_is_told_not_to() {
+    // The example rules delete the position: back, the client starts as a new subscriber.
+    assert_eq!(after_session_expiry("proxy_expiry_on", "").await, Vec::<String>::new());
+    // Several proxies: positions stay for position_idle to clean up.
+    assert_eq!(after_session_expiry("proxy_expiry_off", "expire_sessions = false\n").await, ["m1"]);
+}

@@ -97,7 +97,14 @@ impl Launcher {
         }
         match self.upstream {
             // Who may connect is the upstream broker's to say.
-            Some(upstream) => config += &format!("[upstream]\naddress = \"127.0.0.1:{upstream}\"\n"),
+            // Retained messages from the database, as with our broker (the rules say), unless
+            // `extra` (whose first lines are still in [upstream]) says otherwise.
+            Some(upstream) => {
+                config += &format!("[upstream]\naddress = \"127.0.0.1:{upstream}\"\n");
+                if !extra.contains("retained =") {
+                    config += "retained = \"database\"\n";
+                }
+            }
             // Anonymous clients, unless the test says who may connect.
             None if !extra.contains("[auth]") => config += "[auth]\nallow_anonymous = true\n",
             None => {}
