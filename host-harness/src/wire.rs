@@ -2,38 +2,82 @@
 //! through rmqtt, the proxy directly) and the contract's view of it.
 //!
 //! The ids an extension's store gives a message travel with it as an MQTT 5 user property,
-//! [`STORED_ID`] = `<extension>:<id>` (one per extension that stored it), so that a subscriber's
-//! PUBACK (PUBREC for QoS 2) reaches `message-acked` with them. MQTT 5 subscribers see that
-//! property; MQTT 3.1.1 packets have no properties, so 3.1.1 subscribers do not. A publisher
-//! cannot forge it: an adapter strips it from what clients publish ([`strip_stored_ids`]).
+//! [`STORED_ID`] = `<extension>:<id>:<tag>` (one per extension that stored it), so that a
+//! subscriber's PUBACK (PUBREC for QoS 2) reaches `message-acked` with them. MQTT 5 subscribers
+//! see that property; MQTT 3.1.1 packets have no properties, so 3.1.1 subscribers do not.
+//!
+//! A publisher cannot forge it. An adapter strips it from what its clients publish
+//! ([`strip_stored_ids`]); and a client of the broker behind a proxy, which the proxy never
+//! sees, cannot make one either: `<tag>` is an HMAC-SHA-256 (64 bits of it) of the extension,
+//! the id and the topic under the process's key ([`set_key`]; random unless configured, and
+//! shared by the proxies in front of one broker). A property without a valid tag is no id.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::sync::OnceLock;
+
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::PublishProperties;
+use sha2::{Digest, Sha256};
 
 use crate::bindings::{Message, Property, PropertyValue};
 
 /// The user property that carries stored ids: `<extension>:<id>`.
 pub const STORED_ID: &str = "x-offline-id";
 
-/// The stored id `extension` gave `publish`, if any.
+/// The key that tags stored ids: set once, before any id is tagged or read (the proxy's
+/// `[upstream] id_key`); a random one otherwise. Several processes that must read each other's
+/// ids (proxies in front of one broker) need the same key.
+pub fn set_key(secret: &str) {
+    let _ = KEY.set(Sha256::digest(secret.as_bytes()).into());
+}
+
+static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+
+fn key() -> &'static [u8; 32] {
+    KEY.get_or_init(|| {
+        // Seeded by the operating system's random source, per process.
+        use std::hash::{BuildHasher, Hasher};
+        let mut key = [0u8; 32];
+        for chunk in key.chunks_mut(8) {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(now_millis() as u64);
+            chunk.copy_from_slice(&hasher.finish().to_le_bytes());
+        }
+        key
+    })
+}
+
+/// HMAC-SHA-256 (RFC 2104) of `<extension>:<id>:<topic>`, its first 8 bytes in hex.
+fn tag(extension: &str, id: i64, topic: &str) -> String {
+    let key = key();
+    let pad = |byte: u8| -> Vec<u8> { (0..64).map(|i| key.get(i).copied().unwrap_or(0) ^ byte).collect() };
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(format!("{extension}:{id}:{topic}")).finalize();
+    let outer = Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize();
+    outer[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The stored id `extension` gave `publish`, if any (and if its tag is valid).
 pub fn stored_id(publish: &Publish, extension: &str) -> Option<i64> {
     user_properties(publish).find_map(|(key, value)| {
-        let (name, id) = value.rsplit_once(':')?;
-        (key == STORED_ID && name == extension).then(|| id.parse().ok()).flatten()
+        let mut parts = value.rsplitn(3, ':');
+        let (tagged, id, name) = (parts.next()?, parts.next()?, parts.next()?);
+        let id: i64 = id.parse().ok()?;
+        (key == STORED_ID && name == extension && tagged == tag(name, id, &publish.topic)).then_some(id)
     })
 }
 
 /// Records that `extension` stored `publish` under `id`.
 pub fn attach_stored_id(publish: &mut Publish, extension: &str, id: i64) {
-    push_stored_id(publish.properties.get_or_insert_with(PublishProperties::default), extension, id);
+    let topic = publish.topic.clone();
+    push_stored_id(publish.properties.get_or_insert_with(PublishProperties::default), extension, id, &topic);
 }
 
-fn push_stored_id(properties: &mut PublishProperties, extension: &str, id: i64) {
-    properties.user_properties.push((STORED_ID.into(), format!("{extension}:{id}").into()));
+fn push_stored_id(properties: &mut PublishProperties, extension: &str, id: i64, topic: &str) {
+    let value = format!("{extension}:{id}:{}", tag(extension, id, topic));
+    properties.user_properties.push((STORED_ID.into(), value.into()));
 }
 
 /// Removes stored ids from a publisher's message: a publisher cannot forge them.
@@ -113,7 +157,7 @@ pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
         }
     }
     if let Some(id) = message.id {
-        push_stored_id(&mut properties, extension, id);
+        push_stored_id(&mut properties, extension, id, &message.topic);
     }
     Publish {
         dup: false,
@@ -136,4 +180,43 @@ fn next_msgid() -> String {
     static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     let start = START.get_or_init(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_micros());
     format!("{start:x}-{}", SEQUENCE.fetch_add(1, Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(topic: &str, stored_id: Option<&str>) -> Publish {
+        Publish {
+            dup: false,
+            retain: false,
+            qos: QoS::AtLeastOnce,
+            topic: topic.into(),
+            packet_id: None,
+            payload: "x".into(),
+            properties: Some(PublishProperties {
+                user_properties: stored_id.map(|v| (STORED_ID.into(), v.into())).into_iter().collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn an_id_reads_back_only_with_its_own_tag_extension_and_topic() {
+        let mut tagged = publish("t/a", None);
+        attach_stored_id(&mut tagged, "offline", 42);
+        assert_eq!(stored_id(&tagged, "offline"), Some(42));
+        assert_eq!(stored_id(&tagged, "other"), None, "another extension's");
+        let value = wire_value(&tagged);
+        assert!(value.starts_with("offline:42:") && value.len() == "offline:42:".len() + 16, "{value}");
+        // Forged: no tag, a guessed tag, another id under the same tag, another topic.
+        for forged in ["offline:42", "offline:42:0000000000000000", &value.replace(":42:", ":43:")] {
+            assert_eq!(stored_id(&publish("t/a", Some(forged)), "offline"), None, "{forged}");
+        }
+        assert_eq!(stored_id(&publish("t/b", Some(&value)), "offline"), None, "the tag is the topic's");
+    }
+
+    fn wire_value(publish: &Publish) -> String {
+        user_properties(publish).find(|(k, _)| *k == STORED_ID).map(|(_, v)| v.to_owned()).unwrap()
+    }
 }

@@ -71,6 +71,10 @@ pub struct UpstreamConfig {
     /// `position_idle` clean up.
     #[serde(default = "default_true")]
     pub expire_sessions: bool,
+    /// The secret that tags stored ids (`host_harness::wire`), so that no client of the broker
+    /// can forge one. Proxies in front of one broker share it; absent, each proxy makes a
+    /// random one (enough for a single proxy).
+    pub id_key: Option<String>,
 }
 
 fn default_true() -> bool {

@@ -139,6 +139,9 @@ impl host_harness::http::Observed for Observed {
 /// Loads the extensions (applying the schema first if `migrate`), then serves MQTT clients
 /// until the process ends.
 pub async fn serve(config: ProxyConfig, runtime: Runtime, migrate: bool) -> anyhow::Result<()> {
+    if let Some(key) = &config.upstream.id_key {
+        host_harness::wire::set_key(key);
+    }
     let runtime = Arc::new(runtime);
     let mut extensions = Vec::new();
     for extension in &config.extensions {

@@ -97,10 +97,34 @@ async fn a_publisher_cannot_forge_a_stored_id() {
     };
     let stored: i64 = db.client().await.query_one("select max(id) from mqtt_msg", &[]).await.unwrap().get(0);
     let properties = message.properties.expect("properties").user_properties;
-    assert_eq!(
-        properties,
-        [("a".to_owned(), "b".to_owned()), ("x-offline-id".to_owned(), format!("offline:{stored}"))]
-    );
+    assert_eq!(properties.len(), 2, "{properties:?}");
+    assert_eq!(properties[0], ("a".to_owned(), "b".to_owned()));
+    assert!(properties[1].0 == "x-offline-id" && properties[1].1.starts_with(&format!("offline:{stored}:")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_the_broker_itself_cannot_forge_a_stored_id_either() {
+    let (_db, rules) = database("proxy_forged_direct", "").await;
+    let stack = Stack::start("proxy-forged-direct", &rules, "", "").await;
+    let port = stack.proxy.port;
+    let mut subscriber = Mqtt::connect(port, "fd-sub", false).await;
+    subscriber.subscribe("fd/#", QoS::AtLeastOnce).await;
+    // Connected to Mosquitto directly, past the proxy: an id far ahead, with a made-up tag.
+    let (direct, mut acks) = v5::connect(stack.mosquitto.port, "fd-direct").await;
+    let forged = v5::PublishProperties {
+        user_properties: vec![("x-offline-id".into(), "offline:999999999:0123456789abcdef".into())],
+        ..Default::default()
+    };
+    direct.publish_with_properties("fd/t", v5::QoS::AtLeastOnce, false, "forged", forged).await.unwrap();
+    v5::until(&mut acks, |p| matches!(p, v5::Packet::PubAck(_))).await;
+    assert_eq!(payloads(&subscriber.receive(1).await), ["forged"], "delivered as any message");
+    subscriber.disconnect().await;
+    // Its ack moved no read position: what is stored next comes back.
+    let mut publisher = Mqtt::connect(port, "fd-pub", false).await;
+    publisher.publish("fd/t", QoS::AtLeastOnce, "real").await;
+    let mut subscriber = Mqtt::connect(port, "fd-sub", false).await;
+    subscriber.subscribe("fd/#", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&subscriber.receive(1).await), ["real"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +237,10 @@ async fn two_proxies_in_front_of_one_broker_share_the_database() {
     let (_db, rules) = database("proxy_two", "").await;
     let mosquitto = Mosquitto::start("proxy-two", "").await;
     let launcher = Launcher::proxy(env!("CARGO_BIN_EXE_proxy"), mosquitto.port);
-    let (a, b) = (launcher.start("proxy-two-a", &rules).await, launcher.start("proxy-two-b", &rules).await);
+    // One key for both: each reads the ids the other tags.
+    let key = "id_key = \"shared secret\"\n";
+    let (a, b) =
+        (launcher.start_with("proxy-two-a", &rules, key).await, launcher.start_with("proxy-two-b", &rules, key).await);
     // Offline messages: published through one proxy, read back through the other.
     Mqtt::subscribe_and_leave(a.port, "roamer", "two/#").await;
     let mut publisher = Mqtt::connect(b.port, "two-pub", false).await;
