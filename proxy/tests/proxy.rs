@@ -544,3 +544,31 @@ async fn an_expired_session_ends_its_positions_unless_the_proxy_is_told_not_to()
     // Several proxies: positions stay for position_idle to clean up.
     assert_eq!(after_session_expiry("proxy_expiry_off", "expire_sessions = false\n").await, ["m1"]);
 }
+
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_publishing_faster_than_the_store_is_held_back_not_buffered() {
+    let (_db, rules) = database("proxy_flood", "").await;
+    let stack = Stack::start("proxy-flood", &rules, "", "").await;
+    let mut flood = RawClient::connect(stack.proxy.port, "flood", 60).await;
+    let burst: Vec<u8> = (0..64).flat_map(|_| publish_packet("flood/t", 0, 0, &"x".repeat(100))).collect();
+    // QoS 0 has no flow control: two seconds of as fast as the socket takes it.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut sent = 0usize;
+    while tokio::time::Instant::now() < until {
+        if tokio::time::timeout(Duration::from_millis(100), flood.0.write_all(&burst)).await.is_ok() {
+            sent += burst.len();
+        }
+    }
+    let rss = rss_mib(stack.proxy.pid());
+    assert!(sent > 20 << 20, "the flood ran: {} MiB sent", sent >> 20);
+    // The queue of publishes waiting for the store is bounded (16 MiB of payload): the rest
+    // waits in the client's socket.
+    assert!(rss < 200, "{rss} MiB resident after {} MiB of publishes", sent >> 20);
+}
