@@ -19,8 +19,8 @@ use std::num::NonZeroU16;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use host_harness::adapter::address_or_off;
 pub use host_harness::adapter::{BatchConfig, ExtensionConfig, HttpConfig, SandboxConfig, TlsConfig};
+use host_harness::adapter::{Served, address_or_off};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,24 +93,20 @@ impl BrokerConfig {
     pub fn load(path: &Path) -> anyhow::Result<BrokerConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut config: BrokerConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        if config.extensions.is_empty() {
-            tracing::warn!("{}: no [[extension]]: a plain MQTT broker, nothing is stored", path.display());
-        }
-        if config.publish_batch.max_messages == 0 {
-            anyhow::bail!("{}: publish_batch.max_messages must be at least 1", path.display());
-        }
         let slices = 2 * host_harness::protocol::delivery::FORWARD_AT_ONCE;
         if config.mqtt.max_queue < slices {
             anyhow::bail!("{}: mqtt.max_queue must be at least {slices} (two slices of a backlog)", path.display());
         }
-        // A guest holds a batch of publishes, or a backlog page, in its memory.
-        config
-            .sandbox
-            .check_holds(config.mqtt.max_packet_size, "mqtt.max_packet_size")
-            .with_context(|| format!("{}", path.display()))?;
-        if config.listen.is_none() && config.tls.is_none() {
-            anyhow::bail!("{}: `listen = \"off\"` and no [tls]: no client could connect", path.display());
+        Served {
+            what: "broker",
+            listen: config.listen,
+            tls: &mut config.tls,
+            extensions: &mut config.extensions,
+            batch: config.publish_batch,
+            sandbox: config.sandbox,
+            max_packet_size: config.mqtt.max_packet_size,
         }
+        .check_and_resolve(path)?;
         if !config.auth.allow_anonymous && config.auth.password_file.is_none() {
             anyhow::bail!(
                 "{}: no client could connect: give [auth] a password_file (written by mosquitto_passwd), \
@@ -119,15 +115,6 @@ impl BrokerConfig {
             );
         }
         let folder = path.parent().unwrap_or(Path::new("."));
-        for extension in &mut config.extensions {
-            extension.module = folder.join(&extension.module);
-            extension.rules = folder.join(&extension.rules);
-        }
-        if let Some(tls) = &mut config.tls {
-            tls.cert = folder.join(&tls.cert);
-            tls.key = folder.join(&tls.key);
-            tls.client_ca = tls.client_ca.as_ref().map(|ca| folder.join(ca));
-        }
         config.auth.password_file = config.auth.password_file.as_ref().map(|file| folder.join(file));
         Ok(config)
     }

@@ -112,15 +112,7 @@ impl Handler for Hooks {
             Parameter::SessionTerminated(session, Reason::SessionExpiration) => {
                 let client = message::client(session);
                 for extension in self.extensions.iter() {
-                    for filter in extension.deliveries.session_ended(&client.clientid) {
-                        tracing::debug!(
-                            extension = extension.name,
-                            clientid = client.clientid,
-                            filter,
-                            "session expired"
-                        );
-                        extension.session_unsubscribed(&client, &filter).await;
-                    }
+                    extension.session_expired(&client).await;
                 }
             }
             Parameter::SessionSubscribed(session, subscribe) => self.session_subscribed(session, subscribe).await,

@@ -40,15 +40,8 @@ pub type Extension = host_harness::adapter::LoadedExtension<message::Routed>;
 /// until the process ends.
 pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> anyhow::Result<()> {
     let runtime = Arc::new(runtime);
-    let mut extensions = Vec::new();
-    for extension in &config.extensions {
-        let loaded = Extension::load(&runtime, extension, &config.node, config.publish_batch, &config.sandbox).await?;
-        if migrate {
-            loaded.host.migrate().await?;
-        }
-        extensions.push(Arc::new(loaded));
-    }
-    let extensions = Arc::new(extensions);
+    let (node, batch, sandbox) = (&config.node, config.publish_batch, &config.sandbox);
+    let extensions = Arc::new(Extension::load_all(&runtime, &config.extensions, node, batch, sandbox, migrate).await?);
 
     let scx = ServerContext::new().build().await;
     *scx.extends.shared_subscription_mut().await = Box::new(shared::RoundRobin::default());

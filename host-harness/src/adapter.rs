@@ -100,6 +100,49 @@ pub fn address_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Resu
         .map(Some)
         .map_err(|_| serde::de::Error::custom(format!("`{text}` is neither an address (host:port) nor \"off\"")))
 }
+/// What an adapter's configuration file (`path`) says that both adapters check and resolve the
+/// same way: someone can connect, the batches and the guest's memory make sense, and the
+/// extensions' and TLS files are relative to the file's folder. `what` names the adapter.
+pub struct Served<'a> {
+    pub what: &'a str,
+    pub listen: Option<SocketAddr>,
+    pub tls: &'a mut Option<TlsConfig>,
+    pub extensions: &'a mut [ExtensionConfig],
+    pub batch: BatchConfig,
+    pub sandbox: SandboxConfig,
+    /// The largest packet a client may send (`mqtt.max_packet_size`).
+    pub max_packet_size: u32,
+}
+
+impl Served<'_> {
+    pub fn check_and_resolve(self, path: &std::path::Path) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let file = path.display();
+        if self.extensions.is_empty() {
+            tracing::warn!("{file}: no [[extension]]: a plain MQTT {}, nothing is stored", self.what);
+        }
+        if self.batch.max_messages == 0 {
+            anyhow::bail!("{file}: publish_batch.max_messages must be at least 1");
+        }
+        // A guest holds a batch of publishes, or a backlog page, in its memory.
+        self.sandbox.check_holds(self.max_packet_size, "mqtt.max_packet_size").with_context(|| format!("{file}"))?;
+        if self.listen.is_none() && self.tls.is_none() {
+            anyhow::bail!("{file}: `listen = \"off\"` and no [tls]: no client could connect");
+        }
+        let folder = path.parent().unwrap_or(std::path::Path::new("."));
+        for extension in self.extensions.iter_mut() {
+            extension.module = folder.join(&extension.module);
+            extension.rules = folder.join(&extension.rules);
+        }
+        if let Some(tls) = self.tls {
+            tls.cert = folder.join(&tls.cert);
+            tls.key = folder.join(&tls.key);
+            tls.client_ca = tls.client_ca.as_ref().map(|ca| folder.join(ca));
+        }
+        Ok(())
+    }
+}
+
 /// Guest memory per byte of the largest packet: a backlog page (`max_returned_bytes`, 4 MiB by
 /// default, plus one message past it) and its copy on the way out, with room to spare.
 pub const GUEST_MEMORY_PER_PACKET: u64 = 8;
@@ -222,6 +265,26 @@ impl<P> LoadedExtension<P> {
         })
     }
 
+    /// Loads every configured extension, in order (applying the schema first if `migrate`).
+    pub async fn load_all(
+        runtime: &Runtime,
+        configs: &[ExtensionConfig],
+        node: &str,
+        batch: BatchConfig,
+        sandbox: &SandboxConfig,
+        migrate: bool,
+    ) -> anyhow::Result<Vec<Arc<LoadedExtension<P>>>> {
+        let mut extensions = Vec::new();
+        for config in configs {
+            let loaded = LoadedExtension::load(runtime, config, node, batch, sandbox).await?;
+            if migrate {
+                loaded.host.migrate().await?;
+            }
+            extensions.push(Arc::new(loaded));
+        }
+        Ok(extensions)
+    }
+
     /// Calls a backlog fetch (see `Host::fetch`: a trapping message is skipped); a trap or an
     /// error is logged and becomes `None`.
     pub async fn fetch(
@@ -244,6 +307,18 @@ impl<P> LoadedExtension<P> {
 
     pub async fn session_unsubscribed(&self, client: &Client, filter: &str) {
         self.host.call_or_log(async |i| i.session_unsubscribed(client, filter).await).await;
+    }
+
+    /// A kept session of `client` expired: its subscriptions end with it, as if the client had
+    /// unsubscribed (the rules say what that does to their read positions).
+    pub async fn session_expired(&self, client: &Client)
+    where
+        P: Held,
+    {
+        for filter in self.deliveries.session_ended(&client.clientid) {
+            tracing::debug!(extension = self.name, clientid = client.clientid, filter, "session expired");
+            self.session_unsubscribed(client, &filter).await;
+        }
     }
 
     pub async fn message_delivered(&self, client: &Client, message: &Message) {

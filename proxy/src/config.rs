@@ -18,8 +18,8 @@ use std::num::NonZeroU16;
 use std::path::Path;
 
 use anyhow::Context;
-use host_harness::adapter::address_or_off;
 pub use host_harness::adapter::{BatchConfig, ExtensionConfig, HttpConfig, SandboxConfig, TlsConfig};
+use host_harness::adapter::{Served, address_or_off};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -118,29 +118,16 @@ impl ProxyConfig {
     pub fn load(path: &Path) -> anyhow::Result<ProxyConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut config: ProxyConfig = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        if config.extensions.is_empty() {
-            tracing::warn!("{}: no [[extension]]: a plain MQTT proxy, nothing is stored", path.display());
+        Served {
+            what: "proxy",
+            listen: config.listen,
+            tls: &mut config.tls,
+            extensions: &mut config.extensions,
+            batch: config.publish_batch,
+            sandbox: config.sandbox,
+            max_packet_size: config.mqtt.max_packet_size,
         }
-        if config.publish_batch.max_messages == 0 {
-            anyhow::bail!("{}: publish_batch.max_messages must be at least 1", path.display());
-        }
-        config
-            .sandbox
-            .check_holds(config.mqtt.max_packet_size, "mqtt.max_packet_size")
-            .with_context(|| format!("{}", path.display()))?;
-        if config.listen.is_none() && config.tls.is_none() {
-            anyhow::bail!("{}: `listen = \"off\"` and no [tls]: no client could connect", path.display());
-        }
-        let folder = path.parent().unwrap_or(Path::new("."));
-        for extension in &mut config.extensions {
-            extension.module = folder.join(&extension.module);
-            extension.rules = folder.join(&extension.rules);
-        }
-        if let Some(tls) = &mut config.tls {
-            tls.cert = folder.join(&tls.cert);
-            tls.key = folder.join(&tls.key);
-            tls.client_ca = tls.client_ca.as_ref().map(|ca| folder.join(ca));
-        }
+        .check_and_resolve(path)?;
         Ok(config)
     }
 }

@@ -89,15 +89,7 @@ impl Proxy {
                 expiring.remove(&connection.clientid);
             }
             for extension in proxy.extensions.iter() {
-                for filter in extension.deliveries.session_ended(&connection.clientid) {
-                    tracing::debug!(
-                        extension = extension.name,
-                        clientid = connection.clientid,
-                        filter,
-                        "session expired"
-                    );
-                    extension.session_unsubscribed(&client, &filter).await;
-                }
+                extension.session_expired(&client).await;
             }
         });
     }
@@ -143,15 +135,8 @@ pub async fn serve(config: ProxyConfig, runtime: Runtime, migrate: bool) -> anyh
         host_harness::wire::set_key(key);
     }
     let runtime = Arc::new(runtime);
-    let mut extensions = Vec::new();
-    for extension in &config.extensions {
-        let loaded = Extension::load(&runtime, extension, &config.node, config.publish_batch, &config.sandbox).await?;
-        if migrate {
-            loaded.host.migrate().await?;
-        }
-        extensions.push(Arc::new(loaded));
-    }
-    let extensions = Arc::new(extensions);
+    let (node, batch, sandbox) = (&config.node, config.publish_batch, &config.sandbox);
+    let extensions = Arc::new(Extension::load_all(&runtime, &config.extensions, node, batch, sandbox, migrate).await?);
     let proxy = Arc::new(Proxy {
         config: config.clone(),
         extensions: extensions.clone(),
