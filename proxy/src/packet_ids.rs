@@ -1,8 +1,6 @@
-//! Packet ids the proxy gives out on one connection, each with what it stands for. The proxy
-//! numbers every packet it sends that needs an id, in both directions: towards the client it
-//! sends the broker's deliveries and its own (backlogs, released messages), which must never
-//! share an id; towards the broker it sends the client's publishes and subscriptions and its own
-//! (stored subscriptions). An id is free again when its exchange ends.
+//! Packet ids the proxy gives out towards a client, each with what it stands for: the broker's
+//! deliveries and the proxy's own (backlogs, released messages) must never share an id. An id is
+//! free again when its exchange ends.
 
 use std::collections::HashMap;
 use std::num::NonZeroU16;

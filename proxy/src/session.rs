@@ -12,13 +12,17 @@
 //! - **Subscribe.** Forwarded upstream; live messages for it are held back from then on. After
 //!   the broker's SUBACK the first page is fetched, then the client gets its SUBACK, then the
 //!   backlog: so no message falls between the stored position and the live subscription.
-//! - **Packet ids.** The proxy numbers every packet to the client (the broker's deliveries and
-//!   its own) and to the broker (the client's publishes and subscriptions, and its own), and
-//!   maps each ack back to where it belongs: to the broker, to the ack gate, or to both.
+//! - **Packet ids.** The proxy numbers every PUBLISH to the client (the broker's deliveries and
+//!   its own never share an id) and maps each ack back to where it belongs: to the broker, to
+//!   the ack gate, or to both. Towards the broker the client's packet ids go unchanged (a QoS 2
+//!   exchange then survives a reconnection in the broker's session); only the proxy's own
+//!   SUBSCRIBEs (stored subscriptions) take ids, from the top of the range.
 //! - **Flow.** The broker's deliveries and the proxy's share the client's window (its Receive
 //!   Maximum, or `mqtt.max_inflight`), which the broker is told as the proxy's Receive Maximum.
-//!   What does not fit waits here; the backlogs send the next slice only when theirs has left,
-//!   so what waits is bounded by the window plus two slices.
+//!   What does not fit waits here; each backlog sends its next slice only when its last has
+//!   left, so what waits is bounded by the window plus a slice per subscription fetching.
+//!   The client's publishes waiting for the store are bounded too: past the bound the proxy
+//!   stops reading from the client.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
