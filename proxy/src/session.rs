@@ -159,6 +159,8 @@ struct Session<Io> {
     session_expiry: u32,
     /// QoS 1/2 messages the client may have unacknowledged.
     window: usize,
+    /// The largest packet an MQTT 5 client takes (its Maximum Packet Size).
+    max_packet: Option<usize>,
     to_client: PacketIds<Delivery>,
     /// The SUBSCRIBEs the broker has not answered, by packet id.
     subscribing: HashMap<NonZeroU16, Subscribing>,
@@ -241,6 +243,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         // the broker keeps to the client's Maximum Packet Size.
         let mut upstream = Framed::new(upstream, v5::Codec::new(0, 0));
         let keep_alive = connect.keep_alive;
+        let client_max_packet = connect.max_packet_size.map(|m| m.get() as usize);
         let session_expiry = connect.session_expiry_interval_secs;
         let mut clientid = connect.client_id.to_string();
         let username = connect.username.as_ref().map(|u| u.to_string());
@@ -278,6 +281,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             keep_alive,
             session_expiry,
             window: usize::from(client_window.get()),
+            max_packet: client_max_packet,
             to_client: Default::default(),
             subscribing: HashMap::new(),
             waiting: VecDeque::new(),
@@ -512,14 +516,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         let (origin, qos) = (delivery.origin, delivery.publish.qos);
         delivery.received = true;
         let publish = delivery.publish.clone();
-        for extension in self.proxy.extensions.iter() {
-            let Some(id) = wire::stored_id(&publish, &extension.name) else { continue };
-            let acked = wire::to_message(&publish, "", Some(id), wire::now_millis());
-            for (message, filters) in extension.deliveries.acked(&self.connection, id, acked) {
-                tracing::debug!(clientid = self.client.clientid, id = message.id, ?filters, "ack passed");
-                extension.acks.push(self.client.clone(), message, filters);
-            }
-        }
+        self.pass_acks(&publish);
         match (origin, qos) {
             (Origin::Broker(Some(upstream_id)), QoS::ExactlyOnce) => {
                 self.upstream_rel.insert(upstream_id, packet_id);
@@ -537,6 +534,18 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             }
         }
         Ok(())
+    }
+
+    /// The client has `publish` (acked, or discarded for it): the ack gate for its stored ids.
+    fn pass_acks(&self, publish: &Publish) {
+        for extension in self.proxy.extensions.iter() {
+            let Some(id) = wire::stored_id(publish, &extension.name) else { continue };
+            let acked = wire::to_message(publish, "", Some(id), wire::now_millis());
+            for (message, filters) in extension.deliveries.acked(&self.connection, id, acked) {
+                tracing::debug!(clientid = self.client.clientid, id = message.id, ?filters, "ack passed");
+                extension.acks.push(self.client.clone(), message, filters);
+            }
+        }
     }
 
     /// A packet from the broker. False: the session ends (the broker disconnected it).
@@ -611,6 +620,21 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
 
     /// Sends a message to the client, or keeps it for when the window has room.
     async fn deliver(&mut self, origin: Origin, mut publish: Publish) -> anyhow::Result<()> {
+        // Larger than the client takes: MQTT has the server discard it (the broker does so with
+        // its own deliveries). It counts as read: sent again, it would be discarded again.
+        if let (Origin::Own(index), Some(max)) = (origin, self.max_packet)
+            && encoded_size(&publish) > max
+        {
+            let topic = publish.topic.to_string();
+            tracing::info!(
+                clientid = self.client.clientid,
+                topic,
+                "discarded: over the client's Maximum Packet Size {max}"
+            );
+            self.proxy.extensions[index].deliveries.forwarded_gone(&self.connection);
+            self.pass_acks(&publish);
+            return Ok(());
+        }
         if publish.qos != QoS::AtMostOnce {
             if self.to_client.len() >= self.window || !self.waiting.is_empty() {
                 self.waiting.push_back((origin, publish));
@@ -825,6 +849,22 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         }
         self.proxy.unregister(&self.connection, &self.client, kept.then_some(self.session_expiry));
     }
+}
+
+/// The size of `publish` encoded as MQTT 5, or a little more: the fixed header at its largest,
+/// the packet id, and each property with its identifier and lengths.
+fn encoded_size(publish: &Publish) -> usize {
+    let properties = publish.properties.as_ref().map_or(0, |p| {
+        let texts = [p.content_type.as_deref(), p.response_topic.as_deref()];
+        p.user_properties.iter().map(|(k, v)| 5 + k.len() + v.len()).sum::<usize>()
+            + texts.iter().flatten().map(|t| 3 + t.len()).sum::<usize>()
+            + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+            + 5 * usize::from(p.message_expiry_interval.is_some())
+            + 2 * usize::from(p.is_utf8_payload)
+            + 3
+            + 5 * p.subscription_ids.len()
+    });
+    5 + 2 + publish.topic.len() + 2 + 4 + properties + publish.payload.len()
 }
 
 /// Whether `publish` names its topic in full, as a topic name may (no wildcards, no NUL, no

@@ -572,3 +572,32 @@ async fn a_client_publishing_faster_than_the_store_is_held_back_not_buffered() {
     // waits in the client's socket.
     assert!(rss < 200, "{rss} MiB resident after {} MiB of publishes", sent >> 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_message_over_the_clients_maximum_packet_size_is_discarded_and_counts_as_read() {
+    let (_db, rules) = database("proxy_max_packet", "").await;
+    let stack = Stack::start("proxy-max-packet", &rules, "", "").await;
+    let port = stack.proxy.port;
+    Mqtt::subscribe_and_leave(port, "small", "mp/#").await;
+    let mut publisher = Mqtt::connect(port, "mp-pub", false).await;
+    for payload in ["small1".to_owned(), "x".repeat(1000), "small2".to_owned()] {
+        publisher.publish("mp/t", QoS::AtLeastOnce, &payload).await;
+    }
+    // Maximum Packet Size 300: the 1000-byte message cannot go (MQTT: the server discards it).
+    for expected in [&["small1", "small2"][..], &[]] {
+        let (client, mut events) = v5::connect_with(port, "small", |o| {
+            o.set_max_packet_size(Some(300));
+        })
+        .await;
+        client.subscribe("mp/#", v5::QoS::AtLeastOnce).await.unwrap();
+        let mut got = Vec::new();
+        while let Ok(Some(packet)) = tokio::time::timeout(Duration::from_millis(700), events.recv()).await {
+            if let v5::Packet::Publish(p) = packet {
+                got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            }
+        }
+        assert_eq!(got, expected, "the second time: nothing, all of it read");
+        client.disconnect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
