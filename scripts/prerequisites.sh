@@ -2,9 +2,9 @@
 # What `make run` and `make test` need, installed where missing; CI runs the same through them.
 #   - the Rust target of the extension, wasm32-wasip2 (rustup);
 #   - the PostgreSQL server binaries (the throwaway server), the openssl command (test
-#     certificates), mosquitto_passwd (test password files) and mosquitto_sub/mosquitto_pub (a
-#     second MQTT client in the tests), from Debian's packages when run as root; otherwise a line
-#     says what to install.
+#     certificates), mosquitto (the broker behind the proxy, and mosquitto_passwd for test
+#     password files) and mosquitto_sub/mosquitto_pub (a second MQTT client in the tests), from
+#     Debian's packages when run as root; otherwise a line says what to install.
 set -euo pipefail
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
