@@ -50,10 +50,6 @@ impl<T> PacketIds<T> {
     pub fn len(&self) -> usize {
         self.in_use.len()
     }
-
-    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
-        self.in_use.drain().map(|(_, what)| what)
-    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use rmqtt_codec::types::QoS;
 use rmqtt_codec::v3;
 use rmqtt_codec::v5::{
     self, ConnectAckReason, Disconnect, DisconnectReasonCode, PublishAck, PublishAck2, PublishAck2Reason,
-    PublishAckReason, RetainHandling, SubscribeAckReason, SubscriptionOptions, UnsubscribeAckReason,
+    PublishAckReason, RetainHandling, SubscribeAckReason, SubscriptionOptions,
 };
 
 /// The session expiry that stands for MQTT 3.1.1's `clean_session = false`: the session never
@@ -170,16 +170,6 @@ pub fn disconnect(reason_code: DisconnectReasonCode) -> Disconnect {
         server_reference: None,
         reason_string: None,
         user_properties: Vec::new(),
-    }
-}
-
-/// An UNSUBACK for filters the upstream broker was never asked about.
-pub fn unsuback(packet_id: NonZeroU16, filters: usize) -> v5::UnsubscribeAck {
-    v5::UnsubscribeAck {
-        packet_id,
-        properties: Vec::new(),
-        reason_string: None,
-        status: vec![UnsubscribeAckReason::Success; filters],
     }
 }
 
