@@ -50,6 +50,10 @@ impl<T> PacketIds<T> {
     pub fn len(&self) -> usize {
         self.in_use.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.in_use.is_empty()
+    }
 }
 
 #[cfg(test)]

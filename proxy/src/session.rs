@@ -361,14 +361,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                         MqttPacket::V5(packet) => packet,
                         MqttPacket::Version(_) => bail!("a second CONNECT"),
                     };
-                    if !self.from_client(packet).await? {
+                    if !self.on_client_packet(packet).await? {
                         return Ok(());
                     }
                 }
                 packet = self.upstream.next() => {
                     match packet {
                         Some(Ok((packet, _))) => {
-                            if !self.from_upstream(packet).await? {
+                            if !self.on_broker_packet(packet).await? {
                                 return Ok(());
                             }
                         }
@@ -376,7 +376,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                         None => bail!("the broker closed the connection"),
                     }
                 }
-                Some(own) = self.own.recv() => self.from_own(own).await?,
+                Some(own) = self.own.recv() => self.on_own(own).await?,
                 stored = async { self.storing.as_mut().expect("storing").await }, if self.storing.is_some() => {
                     self.storing = None;
                     let (publish, stored) = stored;
@@ -384,7 +384,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                     self.store_next();
                 }
                 _ = sleep_until(deadline), if self.reading() => bail!("keep-alive: nothing from the client for 1.5 times {} s", self.keep_alive),
-                _ = sleep_until(upstream_ping.map(|p| self.upstream_sent + p)) => self.to_upstream(v5::Packet::PingRequest).await?,
+                _ = sleep_until(upstream_ping.map(|p| self.upstream_sent + p)) => self.send_upstream(v5::Packet::PingRequest).await?,
             }
         }
     }
@@ -396,7 +396,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
     }
 
     /// A packet from the client. False: the session ends (DISCONNECT).
-    async fn from_client(&mut self, packet: v5::Packet) -> anyhow::Result<bool> {
+    async fn on_client_packet(&mut self, packet: v5::Packet) -> anyhow::Result<bool> {
         match packet {
             // A topic the proxy cannot read is refused before anything is stored: topic aliases
             // are off (Topic Alias Maximum 0), and a topic name has no wildcards.
@@ -420,14 +420,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             v5::Packet::PublishComplete(ack) => {
                 if let Some(delivery) = self.to_client.release(ack.packet_id) {
                     if let Origin::Broker(Some(upstream_id)) = delivery.origin {
-                        self.to_upstream(v5::Packet::PublishComplete(translate::ack2(upstream_id))).await?;
+                        self.send_upstream(v5::Packet::PublishComplete(translate::ack2(upstream_id))).await?;
                     }
                     self.send_waiting().await?;
                 }
             }
             // The client's QoS 2 exchanges are the broker's, under the client's packet ids: a
             // PUBREL after a reconnection finds the message the broker kept in the session.
-            v5::Packet::PublishRelease(release) => self.to_upstream(v5::Packet::PublishRelease(release)).await?,
+            v5::Packet::PublishRelease(release) => self.send_upstream(v5::Packet::PublishRelease(release)).await?,
             v5::Packet::Subscribe(subscribe) => {
                 let filters = subscribe.topic_filters.iter().map(|(f, o)| (f.to_string(), o.qos.value())).collect();
                 self.subscribe(filters, Some(subscribe)).await?;
@@ -436,11 +436,11 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 for filter in &unsubscribe.topic_filters {
                     self.unsubscribed(filter).await;
                 }
-                self.to_upstream(v5::Packet::Unsubscribe(unsubscribe)).await?;
+                self.send_upstream(v5::Packet::Unsubscribe(unsubscribe)).await?;
             }
             v5::Packet::PingRequest => {
                 self.pings_owed += 1;
-                self.to_upstream(v5::Packet::PingRequest).await?
+                self.send_upstream(v5::Packet::PingRequest).await?
             }
             // Forwarded once what the client published before it is (`end`).
             v5::Packet::Disconnect(disconnect) => {
@@ -499,10 +499,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 QoS::ExactlyOnce => v5::Packet::PublishReceived(refusal),
                 _ => v5::Packet::PublishAck(refusal),
             };
-            return self.to_client(refusal).await;
+            return self.send_client(refusal).await;
         }
         // Under the client's own packet id: the broker's answers go back as they come.
-        self.to_upstream(v5::Packet::Publish(Box::new(publish))).await?;
+        self.send_upstream(v5::Packet::Publish(Box::new(publish))).await?;
         Ok(())
     }
 
@@ -520,14 +520,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         match (origin, qos) {
             (Origin::Broker(Some(upstream_id)), QoS::ExactlyOnce) => {
                 self.upstream_rel.insert(upstream_id, packet_id);
-                self.to_upstream(v5::Packet::PublishReceived(translate::ack(upstream_id))).await?;
+                self.send_upstream(v5::Packet::PublishReceived(translate::ack(upstream_id))).await?;
             }
             (Origin::Broker(Some(upstream_id)), _) => {
                 self.to_client.release(packet_id);
-                self.to_upstream(v5::Packet::PublishAck(translate::ack(upstream_id))).await?;
+                self.send_upstream(v5::Packet::PublishAck(translate::ack(upstream_id))).await?;
                 self.send_waiting().await?;
             }
-            (_, QoS::ExactlyOnce) => self.to_client(v5::Packet::PublishRelease(translate::ack2(packet_id))).await?,
+            (_, QoS::ExactlyOnce) => self.send_client(v5::Packet::PublishRelease(translate::ack2(packet_id))).await?,
             _ => {
                 self.to_client.release(packet_id);
                 self.send_waiting().await?;
@@ -549,37 +549,37 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
     }
 
     /// A packet from the broker. False: the session ends (the broker disconnected it).
-    async fn from_upstream(&mut self, packet: v5::Packet) -> anyhow::Result<bool> {
+    async fn on_broker_packet(&mut self, packet: v5::Packet) -> anyhow::Result<bool> {
         match packet {
-            v5::Packet::Publish(publish) => self.from_broker(*publish).await?,
+            v5::Packet::Publish(publish) => self.on_broker_publish(*publish).await?,
             // Answers to the client's publishes, under its packet ids.
-            v5::Packet::PublishAck(ack) => self.to_client(v5::Packet::PublishAck(ack)).await?,
-            v5::Packet::PublishReceived(ack) => self.to_client(v5::Packet::PublishReceived(ack)).await?,
-            v5::Packet::PublishComplete(complete) => self.to_client(v5::Packet::PublishComplete(complete)).await?,
+            v5::Packet::PublishAck(ack) => self.send_client(v5::Packet::PublishAck(ack)).await?,
+            v5::Packet::PublishReceived(ack) => self.send_client(v5::Packet::PublishReceived(ack)).await?,
+            v5::Packet::PublishComplete(complete) => self.send_client(v5::Packet::PublishComplete(complete)).await?,
             v5::Packet::PublishRelease(mut release) => match self.upstream_rel.remove(&release.packet_id) {
                 Some(client_id) => {
                     release.packet_id = client_id;
-                    self.to_client(v5::Packet::PublishRelease(release)).await?;
+                    self.send_client(v5::Packet::PublishRelease(release)).await?;
                 }
                 // A delivery the proxy answered itself (held back: it goes from the database).
-                None => self.to_upstream(v5::Packet::PublishComplete(translate::ack2(release.packet_id))).await?,
+                None => self.send_upstream(v5::Packet::PublishComplete(translate::ack2(release.packet_id))).await?,
             },
             v5::Packet::SubscribeAck(ack) => {
                 if let Some(Subscribing { client, filters, starts }) = self.subscribing.remove(&ack.packet_id) {
                     self.subscribed(client.then_some(ack), filters, starts).await;
                 }
             }
-            v5::Packet::UnsubscribeAck(ack) => self.to_client(v5::Packet::UnsubscribeAck(ack)).await?,
+            v5::Packet::UnsubscribeAck(ack) => self.send_client(v5::Packet::UnsubscribeAck(ack)).await?,
             // The answer to the client's PINGREQ goes to it; to the proxy's own, nowhere.
             v5::Packet::PingResponse => {
                 if self.pings_owed > 0 {
                     self.pings_owed -= 1;
-                    self.to_client(v5::Packet::PingResponse).await?;
+                    self.send_client(v5::Packet::PingResponse).await?;
                 }
             }
             v5::Packet::Disconnect(disconnect) => {
                 tracing::info!(clientid = self.client.clientid, reason = ?disconnect.reason_code, "the broker disconnected the client");
-                self.to_client(v5::Packet::Disconnect(disconnect)).await?;
+                self.send_client(v5::Packet::Disconnect(disconnect)).await?;
                 return Ok(false);
             }
             other => bail!("a packet no broker sends: {other:?}"),
@@ -589,7 +589,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
 
     /// A message the broker delivers: held back behind a backlog (then answered here, as it
     /// goes from the database later), or on its way to the client.
-    async fn from_broker(&mut self, publish: Publish) -> anyhow::Result<()> {
+    async fn on_broker_publish(&mut self, publish: Publish) -> anyhow::Result<()> {
         for extension in self.proxy.extensions.iter() {
             let Some(id) = wire::stored_id(&publish, &extension.name) else { continue };
             let keep = || Routed(publish.clone());
@@ -597,10 +597,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             if extension.deliveries.hold(&self.connection, id, live) {
                 match (publish.qos, publish.packet_id) {
                     (QoS::AtLeastOnce, Some(id)) => {
-                        self.to_upstream(v5::Packet::PublishAck(translate::ack(id))).await?
+                        self.send_upstream(v5::Packet::PublishAck(translate::ack(id))).await?
                     }
                     (QoS::ExactlyOnce, Some(id)) => {
-                        self.to_upstream(v5::Packet::PublishReceived(translate::ack(id))).await?
+                        self.send_upstream(v5::Packet::PublishReceived(translate::ack(id))).await?
                     }
                     _ => {}
                 }
@@ -611,10 +611,10 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         self.deliver(Origin::Broker(upstream_id), publish).await
     }
 
-    async fn from_own(&mut self, own: Own) -> anyhow::Result<()> {
+    async fn on_own(&mut self, own: Own) -> anyhow::Result<()> {
         match own {
             Own::Deliver { extension, publish } => self.deliver(Origin::Own(extension), publish).await,
-            Own::SubAck(ack) => self.to_client(v5::Packet::SubscribeAck(ack)).await,
+            Own::SubAck(ack) => self.send_client(v5::Packet::SubscribeAck(ack)).await,
         }
     }
 
@@ -647,7 +647,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             publish.packet_id = None;
         }
         publish.dup = false;
-        self.to_client(v5::Packet::Publish(Box::new(publish.clone()))).await?;
+        self.send_client(v5::Packet::Publish(Box::new(publish.clone()))).await?;
         self.delivered(origin, &publish).await;
         Ok(())
     }
@@ -659,7 +659,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             let delivery = Delivery { origin, publish: publish.clone(), received: false };
             publish.packet_id =
                 Some(self.to_client.allocate(delivery).context("no packet id free towards the client")?);
-            self.to_client(v5::Packet::Publish(Box::new(publish.clone()))).await?;
+            self.send_client(v5::Packet::Publish(Box::new(publish.clone()))).await?;
             self.delivered(origin, &publish).await;
         }
         Ok(())
@@ -722,7 +722,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 .context("all packet ids towards the broker in use")?;
         }
         self.subscribing.insert(packet.packet_id, Subscribing { client, filters, starts });
-        self.to_upstream(v5::Packet::Subscribe(packet)).await?;
+        self.send_upstream(v5::Packet::Subscribe(packet)).await?;
         Ok(())
     }
 
@@ -800,12 +800,12 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         }
     }
 
-    async fn to_upstream(&mut self, packet: v5::Packet) -> anyhow::Result<()> {
+    async fn send_upstream(&mut self, packet: v5::Packet) -> anyhow::Result<()> {
         self.upstream_sent = Instant::now();
         self.upstream.send(packet).await.context("writing to the broker")
     }
 
-    async fn to_client(&mut self, packet: v5::Packet) -> anyhow::Result<()> {
+    async fn send_client(&mut self, packet: v5::Packet) -> anyhow::Result<()> {
         send_to(&mut self.client_io, self.version, packet).await
     }
 
@@ -825,7 +825,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             self.store_next();
         }
         if let Some(disconnect) = self.disconnected.clone() {
-            let _ = self.to_upstream(v5::Packet::Disconnect(disconnect)).await;
+            let _ = self.send_upstream(v5::Packet::Disconnect(disconnect)).await;
         }
         // The broker's session ends or stays as it says; the proxy's goes with it.
         let _ = self.upstream.close().await;
