@@ -21,7 +21,6 @@ use crate::Extension;
 use crate::message::{self, Routed, STORE_FAILED};
 use crate::stats::BrokerStats;
 use host_harness::protocol::delivery::{Connection, Live, Refetch};
-use host_harness::protocol::exactly_once::Sent;
 
 /// The hook types [`Hooks`] handles.
 pub const TYPES: [Type; 11] = [
@@ -291,10 +290,7 @@ impl Hooks {
         message::strip_own_properties(&mut publish);
         let sender = from.id.client_id.to_string();
         let message = message::to_message(&publish, &sender, None);
-        let sent = (publish.qos == QoS::ExactlyOnce)
-            .then_some(publish.packet_id)
-            .flatten()
-            .map(|packet_id| Sent { clientid: sender.clone(), packet_id: packet_id.get() });
+        let sent = wire::qos2_sent(&publish, &sender);
         if let Some((last, others)) = self.extensions.split_last() {
             for extension in others {
                 let outcome = extension.message_publish(message.clone(), sent.clone(), publish.dup).await;
@@ -327,10 +323,7 @@ impl Hooks {
         for extension in self.extensions.iter() {
             let Some(id) = wire::stored_id(publish, &extension.name) else { continue };
             let acked = message::to_message(publish, &from.id.client_id, Some(id));
-            for (message, filters) in extension.deliveries.acked(&connection(session), id, acked) {
-                tracing::debug!(clientid = client.clientid, id = message.id, ?filters, "ack passed");
-                extension.acks.push(client.clone(), message, filters);
-            }
+            extension.acked(&connection(session), &client, id, acked);
         }
     }
 }

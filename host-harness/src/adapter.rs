@@ -321,6 +321,18 @@ impl<P> LoadedExtension<P> {
         }
     }
 
+    /// The client acked the delivery of `message`, stored as `id` (or has it for good): what
+    /// passes the ack gates goes to the ack writer.
+    pub fn acked(&self, connection: &Connection, client: &Client, id: i64, message: Message)
+    where
+        P: Held,
+    {
+        for (message, filters) in self.deliveries.acked(connection, id, message) {
+            tracing::debug!(clientid = client.clientid, id = message.id, ?filters, "ack passed");
+            self.acks.push(client.clone(), message, filters);
+        }
+    }
+
     pub async fn message_delivered(&self, client: &Client, message: &Message) {
         self.host.call_or_log(async |i| i.message_delivered(client, message).await).await;
     }

@@ -23,6 +23,7 @@ use rmqtt_codec::v5::PublishProperties;
 use sha2::{Digest, Sha256};
 
 use crate::bindings::{Message, Property, PropertyValue};
+use crate::protocol::exactly_once::Sent;
 
 /// The user property that carries stored ids: `<extension>:<id>`.
 pub const STORED_ID: &str = "x-offline-id";
@@ -89,6 +90,13 @@ pub fn strip_stored_ids(publish: &mut Publish) {
 
 pub fn user_properties(publish: &Publish) -> impl Iterator<Item = (&str, &str)> {
     publish.properties.iter().flat_map(|p| p.user_properties.iter()).map(|(k, v)| (&**k, &**v))
+}
+
+/// What a QoS 2 `publish` of `sender` is stored under for its resends (`exactly_once`): its
+/// packet id; None for QoS 0 and 1.
+pub fn qos2_sent(publish: &Publish, sender: &str) -> Option<Sent> {
+    let packet_id = publish.packet_id.filter(|_| publish.qos == QoS::ExactlyOnce)?;
+    Some(Sent { clientid: sender.to_owned(), packet_id: packet_id.get() })
 }
 
 /// The contract's view of `publish` as `sender` published it at `timestamp` (milliseconds);

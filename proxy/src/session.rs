@@ -37,7 +37,6 @@ use host_harness::Instance;
 use host_harness::adapter::{self, Outbox};
 use host_harness::bindings::{Client, Describe, Message, PublishOutcome, Subscription};
 use host_harness::protocol::delivery::{Connection, Held, Live};
-use host_harness::protocol::exactly_once::Sent;
 use host_harness::wire;
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5::{self, PublishAckReason};
@@ -465,10 +464,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         self.storing = Some(Box::pin(async move {
             wire::strip_stored_ids(&mut publish);
             let message = wire::to_message(&publish, &clientid, None, wire::now_millis());
-            let sent = (publish.qos == QoS::ExactlyOnce)
-                .then_some(publish.packet_id)
-                .flatten()
-                .map(|packet_id| Sent { clientid: clientid.clone(), packet_id: packet_id.get() });
+            let sent = wire::qos2_sent(&publish, &clientid);
             let mut stored = true;
             for extension in extensions.iter() {
                 match extension.message_publish(message.clone(), sent.clone(), publish.dup).await {
@@ -541,10 +537,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         for extension in self.proxy.extensions.iter() {
             let Some(id) = wire::stored_id(publish, &extension.name) else { continue };
             let acked = wire::to_message(publish, "", Some(id), wire::now_millis());
-            for (message, filters) in extension.deliveries.acked(&self.connection, id, acked) {
-                tracing::debug!(clientid = self.client.clientid, id = message.id, ?filters, "ack passed");
-                extension.acks.push(self.client.clone(), message, filters);
-            }
+            extension.acked(&self.connection, &self.client, id, acked);
         }
     }
 
