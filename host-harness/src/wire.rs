@@ -32,12 +32,26 @@ pub const STORED_ID: &str = "x-offline-id";
 /// `[upstream] id_key`); a random one otherwise. Several processes that must read each other's
 /// ids (proxies in front of one broker) need the same key.
 pub fn set_key(secret: &str) {
-    let _ = KEY.set(Sha256::digest(secret.as_bytes()).into());
+    let _ = KEY.set(Keyed::new(Sha256::digest(secret.as_bytes()).into()));
 }
 
-static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+static KEY: OnceLock<Keyed> = OnceLock::new();
 
-fn key() -> &'static [u8; 32] {
+/// The HMAC's two hashes with the key's pad block already taken in: a tag then costs the
+/// hashing of its message alone (ids are read on every delivery and ack).
+struct Keyed {
+    inner: Sha256,
+    outer: Sha256,
+}
+
+impl Keyed {
+    fn new(key: [u8; 32]) -> Keyed {
+        let pad = |byte: u8| -> [u8; 64] { std::array::from_fn(|i| key.get(i).copied().unwrap_or(0) ^ byte) };
+        Keyed { inner: Sha256::new().chain_update(pad(0x36)), outer: Sha256::new().chain_update(pad(0x5c)) }
+    }
+}
+
+fn keyed() -> &'static Keyed {
     KEY.get_or_init(|| {
         // Seeded by the operating system's random source, per process.
         use std::hash::{BuildHasher, Hasher};
@@ -47,17 +61,21 @@ fn key() -> &'static [u8; 32] {
             hasher.write_u64(now_millis() as u64);
             chunk.copy_from_slice(&hasher.finish().to_le_bytes());
         }
-        key
+        Keyed::new(key)
     })
 }
 
 /// HMAC-SHA-256 (RFC 2104) of `<extension>:<id>:<topic>`, its first 8 bytes in hex.
 fn tag(extension: &str, id: i64, topic: &str) -> String {
-    let key = key();
-    let pad = |byte: u8| -> Vec<u8> { (0..64).map(|i| key.get(i).copied().unwrap_or(0) ^ byte).collect() };
-    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(format!("{extension}:{id}:{topic}")).finalize();
-    let outer = Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize();
-    outer[..8].iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write;
+    let keyed = keyed();
+    let inner = keyed.inner.clone().chain_update(format!("{extension}:{id}:{topic}")).finalize();
+    let outer = keyed.outer.clone().chain_update(inner).finalize();
+    let mut hex = String::with_capacity(16);
+    for byte in &outer[..8] {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    hex
 }
 
 /// The stored id `extension` gave `publish`, if any (and if its tag is valid).
