@@ -49,6 +49,12 @@ impl Keyed {
         let pad = |byte: u8| -> [u8; 64] { std::array::from_fn(|i| key.get(i).copied().unwrap_or(0) ^ byte) };
         Keyed { inner: Sha256::new().chain_update(pad(0x36)), outer: Sha256::new().chain_update(pad(0x5c)) }
     }
+
+    /// HMAC-SHA-256 of `message`.
+    fn mac(&self, message: &[u8]) -> [u8; 32] {
+        let inner = self.inner.clone().chain_update(message).finalize();
+        self.outer.clone().chain_update(inner).finalize().into()
+    }
 }
 
 fn keyed() -> &'static Keyed {
@@ -68,11 +74,9 @@ fn keyed() -> &'static Keyed {
 /// HMAC-SHA-256 (RFC 2104) of `<extension>:<id>:<topic>`, its first 8 bytes in hex.
 fn tag(extension: &str, id: i64, topic: &str) -> String {
     use std::fmt::Write;
-    let keyed = keyed();
-    let inner = keyed.inner.clone().chain_update(format!("{extension}:{id}:{topic}")).finalize();
-    let outer = keyed.outer.clone().chain_update(inner).finalize();
+    let mac = keyed().mac(format!("{extension}:{id}:{topic}").as_bytes());
     let mut hex = String::with_capacity(16);
-    for byte in &outer[..8] {
+    for byte in &mac[..8] {
         let _ = write!(hex, "{byte:02x}");
     }
     hex
@@ -240,6 +244,16 @@ mod tests {
             assert_eq!(stored_id(&publish("t/a", Some(forged)), "offline"), None, "{forged}");
         }
         assert_eq!(stored_id(&publish("t/b", Some(&value)), "offline"), None, "the tag is the topic's");
+    }
+
+    /// RFC 4231, test case 2 (a key shorter than the block: zeros after it, as ours).
+    #[test]
+    fn the_tag_is_hmac_sha_256() {
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        let mac = Keyed::new(key).mac(b"what do ya want for nothing?");
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 
     fn wire_value(publish: &Publish) -> String {
