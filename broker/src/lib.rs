@@ -76,11 +76,7 @@ pub async fn serve(config: BrokerConfig, runtime: Runtime, migrate: bool) -> any
     }
     if let Some(tls) = &config.tls {
         let path = |p: &std::path::Path| p.display().to_string();
-        // rmqtt's errors name no file; a file that cannot be read is named here.
-        let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("client_ca", tls.client_ca.as_ref())];
-        for (key, file) in files.into_iter().filter_map(|(key, file)| Some((key, file?))) {
-            std::fs::read(file).with_context(|| format!("[tls] {key} = {}", file.display()))?;
-        }
+        tls.check_files()?;
         let listener = listener("tls", tls.listen, &config.mqtt, config.auth.allow_anonymous)
             .tls_cert(Some(path(&tls.cert)))
             .tls_key(Some(path(&tls.key)))

@@ -147,6 +147,19 @@ impl Served<'_> {
 /// default, plus one message past it) and its copy on the way out, with room to spare.
 pub const GUEST_MEMORY_PER_PACKET: u64 = 8;
 
+impl TlsConfig {
+    /// Reads each file once, so that one that cannot be read is named (rustls's errors, as the
+    /// listeners report them, name none).
+    pub fn check_files(&self) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let files = [("cert", Some(&self.cert)), ("key", Some(&self.key)), ("client_ca", self.client_ca.as_ref())];
+        for (key, file) in files.into_iter().filter_map(|(key, file)| Some((key, file?))) {
+            std::fs::read(file).with_context(|| format!("[tls] {key} = {}", file.display()))?;
+        }
+        Ok(())
+    }
+}
+
 impl ExtensionConfig {
     pub fn sources(&self) -> Sources {
         Sources { module: self.module.clone(), rules: self.rules.clone() }

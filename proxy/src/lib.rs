@@ -162,10 +162,7 @@ pub async fn serve(config: ProxyConfig, runtime: Runtime, migrate: bool) -> anyh
     }
     if let Some(tls) = &config.tls {
         let path = |p: &std::path::Path| p.display().to_string();
-        let files = [("cert", Some(&tls.cert)), ("key", Some(&tls.key)), ("client_ca", tls.client_ca.as_ref())];
-        for (key, file) in files.into_iter().filter_map(|(key, file)| Some((key, file?))) {
-            std::fs::read(file).with_context(|| format!("[tls] {key} = {}", file.display()))?;
-        }
+        tls.check_files()?;
         let listener = listener("tls", tls.listen, &config)
             .tls_cert(Some(path(&tls.cert)))
             .tls_key(Some(path(&tls.key)))
