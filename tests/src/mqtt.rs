@@ -31,8 +31,25 @@ pub struct BrokerProcess {
     pub rules: PathBuf,
 }
 
+/// A port free now for a process about to be started. Not from the kernel's ephemeral range
+/// (32768 and up), where the clients' own connections take their local ports, and never twice
+/// in one test process: a port handed out is bound only by a process started a moment later,
+/// and another test picking it meanwhile would collide ("Address already in use").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const PORTS: u16 = 12_000;
+    // Test binaries run one after another; the process id spreads them anyway.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let offset = (std::process::id() % u32::from(PORTS)) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < PORTS, "no free port left in {FIRST}..{}", FIRST + PORTS);
+        let port = FIRST + (offset + n) % PORTS;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn scratch(name: &str) -> PathBuf {
