@@ -23,7 +23,7 @@ pub const LOADS: [(usize, usize); 2] = [(10, 1000), (100, 1000)];
 const SUBSCRIBERS: usize = 100;
 const BACKLOG: usize = 1000;
 
-fn launcher() -> Launcher {
+pub fn launcher() -> Launcher {
     let binary = std::env::var_os("BROKER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/broker"));
@@ -47,12 +47,13 @@ pub struct Publishing {
     pub busy: f64,
 }
 
-/// `publishers` connections at once to `port`, each publishing `each` QoS 1 messages in turn;
-/// the CPU of the `servers` (process ids) is measured.
-pub async fn publish_load(port: u16, servers: &[u32], publishers: usize, each: usize, tag: &str) -> Publishing {
+/// `publishers` connections at once, spread over the servers listening on `ports` in turn, each
+/// publishing `each` QoS 1 messages one after the other; the CPU of the `servers` (process ids)
+/// is measured.
+pub async fn publish_load(ports: &[u16], servers: &[u32], publishers: usize, each: usize, tag: &str) -> Publishing {
     let mut clients = Vec::new();
     for p in 0..publishers {
-        clients.push(Mqtt::connect(port, &format!("{tag}-pub-{p}"), false).await);
+        clients.push(Mqtt::connect(ports[p % ports.len()], &format!("{tag}-pub-{p}"), false).await);
     }
     let cpu_before = cpu::Sample::take(servers);
     let started = Instant::now();
@@ -154,7 +155,7 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             for (i, setup) in Setup::ALL.into_iter().enumerate() {
                 let broker = setup.start(&launcher, &db).await?;
                 let tag = format!("{run}-{i}");
-                figures[i].push(publish_load(broker.port, &[broker.pid()], publishers, each, &tag).await);
+                figures[i].push(publish_load(&[broker.port], &[broker.pid()], publishers, each, &tag).await);
                 peaks[i] = peaks[i].max(peak_rss_mib(&broker));
             }
         }

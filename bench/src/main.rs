@@ -3,6 +3,7 @@
 //! noisy machine. Needs `make pg-up` and the guest (`make guest`); `make bench` does both.
 
 mod broker;
+mod brokers;
 mod cpu;
 mod fetch;
 mod hook;
@@ -42,6 +43,8 @@ enum Suite {
     Hook,
     /// The broker with and without the extension, over real MQTT connections.
     Broker,
+    /// Four brokers storing into one database against one broker, and the commit-order lock's share.
+    Brokers,
     /// The proxy in front of Mosquitto against Mosquitto directly, over real MQTT connections.
     Proxy,
     /// The process's peak RSS, and what one more guest instance costs.
@@ -81,6 +84,9 @@ async fn suites() -> anyhow::Result<()> {
     }
     if wanted(Suite::Broker) {
         broker::run(runs).await?;
+    }
+    if wanted(Suite::Brokers) {
+        brokers::run(runs).await?;
     }
     if wanted(Suite::Proxy) {
         proxy::run(runs).await?;

@@ -288,10 +288,14 @@ impl Hooks {
     /// as failed for the ACL check that follows.
     async fn message_publish(&self, from: &From, mut publish: Publish) -> Publish {
         message::strip_own_properties(&mut publish);
+        let storing: Vec<&Arc<Extension>> = self.extensions.iter().filter(|e| e.publishes(&publish.topic)).collect();
+        if storing.is_empty() {
+            return publish;
+        }
         let sender = from.id.client_id.to_string();
         let message = message::to_message(&publish, &sender, None);
         let sent = wire::qos2_sent(&publish, &sender);
-        if let Some((last, others)) = self.extensions.split_last() {
+        if let Some((last, others)) = storing.split_last() {
             for extension in others {
                 let outcome = extension.message_publish(message.clone(), sent.clone(), publish.dup).await;
                 record_outcome(&mut publish, extension, outcome);
@@ -313,8 +317,8 @@ impl Hooks {
             if id.is_some() {
                 extension.host.metrics().delivered(1);
             }
-            let message = message::to_message(publish, &from.id.client_id, id);
-            extension.message_delivered(&client, &message).await;
+            let message = || message::to_message(publish, &from.id.client_id, id);
+            extension.message_delivered(&client, &publish.topic, message).await;
         }
     }
 

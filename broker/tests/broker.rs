@@ -1,9 +1,11 @@
 //! The broker as users run it: a real broker process with the real extension, a real
 //! PostgreSQL, and real MQTT clients.
 
+use std::collections::BTreeSet;
+
 use integration_tests::TestDb;
-use integration_tests::mqtt::{Launcher, Mqtt, database, payloads, v5};
-use rumqttc::QoS;
+use integration_tests::mqtt::{Launcher, Mqtt, PATIENCE, database, payloads, v5};
+use rumqttc::{Incoming, QoS};
 
 fn broker() -> Launcher {
     Launcher::new(env!("CARGO_BIN_EXE_broker"))
@@ -80,6 +82,54 @@ async fn concurrent_publishers_share_batches_and_every_message_is_stored_once() 
         let expected: Vec<String> = (0..20).map(|i| format!("{p}:{i}")).collect();
         assert_eq!(own, expected.iter().collect::<Vec<_>>(), "publisher {p}: each once, in its order");
     }
+}
+
+/// Four brokers store into one database at once while a subscriber on a fifth keeps coming back
+/// for its backlog. Ids are drawn at INSERT and become visible at COMMIT: without the
+/// commit-order lock a fetch can see a message before one with a lower id has committed, and its
+/// ack moves the position past that one, which is then never delivered. Nobody publishes on the
+/// fifth broker, so everything the subscriber gets comes from the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_brokers_storing_at_once_skip_nothing_for_a_subscriber_that_keeps_coming_back() {
+    const PUBLISHERS: usize = 5;
+    const MESSAGES: usize = 400;
+    let (_db, rules) = database("broker_four_brokers", "").await;
+    let reader = broker().start("four-reader", &rules).await;
+    Mqtt::subscribe_and_leave(reader.port, "s", "load/#").await;
+    let mut brokers = Vec::new();
+    for b in 0..4 {
+        brokers.push(broker().start(&format!("four-{b}"), &rules).await);
+    }
+    let mut publishers = Vec::new();
+    for (b, broker) in brokers.iter().enumerate() {
+        publishers.extend(Mqtt::publishers(broker.port, &format!("load/{b}"), PUBLISHERS, MESSAGES).await);
+    }
+    let expected: BTreeSet<String> = (0..4)
+        .flat_map(|b| (0..PUBLISHERS).flat_map(move |p| (0..MESSAGES).map(move |i| format!("{b}/{p}:{i}"))))
+        .collect();
+    // Payloads are `{p}:{i}` on topic `load/{b}/{p}`: named by broker, publisher and sequence.
+    let name = |p: &rumqttc::Publish| {
+        let sequence = String::from_utf8_lossy(&p.payload).split(':').nth(1).unwrap().to_owned();
+        format!("{}:{sequence}", &p.topic["load/".len()..])
+    };
+    let mut got = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while got.len() < expected.len() {
+        assert!(tokio::time::Instant::now() < deadline, "missing: {:?}", expected.difference(&got).collect::<Vec<_>>());
+        let mut subscriber = Mqtt::connect(reader.port, "s", false).await;
+        subscriber.subscribe("load/#", QoS::AtLeastOnce).await;
+        let window = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+        while let Ok(Ok(Incoming::Publish(p))) =
+            tokio::time::timeout_at(window, subscriber.until(|i| matches!(i, Incoming::Publish(_)))).await
+        {
+            got.insert(name(&p));
+        }
+        subscriber.disconnect().await;
+    }
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    assert_eq!(got, expected);
 }
 
 /// Rules whose pool points at a port where no PostgreSQL listens.

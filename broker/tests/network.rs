@@ -173,3 +173,63 @@ async fn metrics_count_what_flows_and_health_follows_the_database() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The hooks no rule acts on are not called (`configure`'s interest): no publish call for a
+/// topic no publish rule matches, no ack call for one no ack rule matches, no delivery call
+/// without a delivery rule; a reload that adds a rule brings its calls in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_no_rule_acts_on_are_not_called_until_a_reload_adds_one() {
+    let db = integration_tests::TestDb::create("broker_interest").await;
+    let rule = |key: &str, topic: &str, function: &str| {
+        format!(
+            "backend.pgsql.hook.{key} = {{\"topic\": \"{topic}\", \"action\": {{\"function\": \"{function}\"}}, \"pool\": \"pool1\"}}\n"
+        )
+    };
+    let hooks = rule("message.publish.1", "stored/#", "on_message_publish")
+        + &rule("message.publish.2", "archive/#", "on_message_publish")
+        + &rule("message.acked.1", "stored/#", "on_message_acked");
+    let http = free_port();
+    let broker =
+        broker().start_with("interest", &db.rules(&hooks), &format!("[http]\nlisten = \"127.0.0.1:{http}\"\n")).await;
+    let calls = async |hook: &str| {
+        let (_, metrics) = get(http, "/metrics").await;
+        sample(&metrics, &format!("mqtt_offline_hook_calls_total{{extension=\"offline\",hook=\"{hook}\"}}"))
+            .unwrap_or(0.0)
+    };
+
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("#", QoS::AtLeastOnce).await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    // One at a time (each waits for its PUBACK): a batch each, when stored.
+    for topic in ["other/1", "stored/1", "archive/1"] {
+        publisher.publish(topic, QoS::AtLeastOnce, "x").await;
+    }
+    assert_eq!(subscriber.receive(3).await.len(), 3);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while calls("message-acked").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the ack of stored/1 never reached the extension");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(calls("message-publish").await, 2.0, "other/1 matches no publish rule");
+    assert_eq!(calls("message-acked").await, 1.0, "archive/1 matches no ack rule");
+    assert_eq!(calls("message-delivered").await, 0.0, "no rule on message.delivered");
+    assert_eq!(calls("client-connected").await, 0.0, "no rule on client.connected");
+
+    std::fs::write(&broker.rules, db.rules(&(hooks + &rule("message.publish.3", "other/#", "on_message_publish"))))
+        .unwrap();
+    broker.hangup();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, metrics) = get(http, "/metrics").await;
+        if sample(&metrics, "mqtt_offline_reloads_total{extension=\"offline\",outcome=\"applied\"}") == Some(1.0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the reload never took effect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publisher.publish("other/2", QoS::AtLeastOnce, "x").await;
+    let rows = db.client().await.query("SELECT topic FROM mqtt_msg ORDER BY id", &[]).await.unwrap();
+    let stored: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(stored, ["stored/1", "archive/1", "other/2"]);
+}

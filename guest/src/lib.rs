@@ -24,7 +24,7 @@ use bindings::broker::extension::metrics;
 use bindings::broker::extension::sql;
 use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
-    ConfigError, Configuration, FetchPage, Guest, HookError, PublishOutcome, RuleFailure, Skipped,
+    ConfigError, Configuration, FetchPage, Guest, HookError, Interest, PublishOutcome, RuleFailure, Skipped,
 };
 use db::{Conn, Work};
 use functions::{acked, client, fetch, housekeeping, publish, retain};
@@ -241,15 +241,34 @@ fn unreachable(failure: &HookError) -> bool {
 
 struct Extension;
 
+/// The contract's name of a hookpoint.
+fn contract_hookpoint(hookpoint: Hookpoint) -> bindings::exports::broker::extension::hooks::Hookpoint {
+    use bindings::exports::broker::extension::hooks::Hookpoint as Contract;
+    match hookpoint {
+        Hookpoint::ClientConnected => Contract::ClientConnected,
+        Hookpoint::ClientDisconnected => Contract::ClientDisconnected,
+        Hookpoint::SessionSubscribed => Contract::SessionSubscribed,
+        Hookpoint::SessionUnsubscribed => Contract::SessionUnsubscribed,
+        Hookpoint::MessagePublish => Contract::MessagePublish,
+        Hookpoint::MessageDelivered => Contract::MessageDelivered,
+        Hookpoint::MessageAcked => Contract::MessageAcked,
+    }
+}
+
 impl Guest for Extension {
-    fn configure(configuration: Configuration) -> Result<(), ConfigError> {
+    fn configure(configuration: Configuration) -> Result<Vec<Interest>, ConfigError> {
         let rules = Rules::parse(&configuration.text, &configuration.pools).map_err(|e| ConfigError {
             line: e.line,
             key: e.key,
             message: e.message,
         })?;
+        let interest = rules
+            .interest()
+            .into_iter()
+            .map(|(hookpoint, topics)| Interest { hookpoint: contract_hookpoint(hookpoint), topics })
+            .collect();
         INSTALLED.with(|c| *c.borrow_mut() = Rc::new(Installed { rules, node: configuration.node }));
-        Ok(())
+        Ok(interest)
     }
 
     fn client_connected(client: Client) -> Result<Vec<Subscription>, HookError> {

@@ -178,7 +178,26 @@ impl Rules {
         &self.by_hookpoint[hookpoint as usize]
     }
 
-    /// The rule with this key, if any (cursors name the rule that made them).
+    /// What these rules act on, for `configure`'s answer: each hookpoint with a rule, and the
+    /// topic filters its rules fire for (None when one of them fires for every event). A host
+    /// skips the calls of hookpoints not named, and message hooks for topics no filter matches.
+    pub fn interest(&self) -> Vec<(Hookpoint, Option<Vec<String>>)> {
+        Hookpoint::ALL
+            .into_iter()
+            .filter(|&hookpoint| !self.for_hookpoint(hookpoint).is_empty())
+            .map(|hookpoint| {
+                let mut filters = Vec::new();
+                for rule in self.for_hookpoint(hookpoint) {
+                    let Some(filter) = &rule.topic else { return (hookpoint, None) };
+                    if !filters.contains(filter) {
+                        filters.push(filter.clone());
+                    }
+                }
+                (hookpoint, Some(filters))
+            })
+            .collect()
+    }
+
     /// The on_message_fetch rule that serves a subscription to `filter`: the first that fires.
     /// Chosen anew for every page, so that a backlog survives a reload that renumbers or edits
     /// the rules: it goes on from where it is with the rule now in force.
@@ -337,6 +356,28 @@ mod tests {
 
     fn error_of(line: &str) -> RulesError {
         Rules::parse(&format!("## comment\n{line}\n"), &pools()).unwrap_err()
+    }
+
+    /// The host skips what `interest` leaves out: every hookpoint with a rule is named, with
+    /// each filter once, and one rule without a topic makes the whole hookpoint wanted.
+    #[test]
+    fn interest_names_each_hookpoint_with_rules_and_their_filters() {
+        let text = r##"
+backend.pgsql.hook.message.publish.1 = {"topic": "a/#", "action": {"function": "on_message_publish"}, "pool": "pool1"}
+backend.pgsql.hook.message.publish.2 = {"topic": "b/+", "action": {"function": "on_message_retain"}, "pool": "pool1"}
+backend.pgsql.hook.message.publish.3 = {"topic": "a/#", "action": {"sql": ["select 1"]}, "pool": "pool1"}
+backend.pgsql.hook.message.acked.1 = {"topic": "x", "action": {"function": "on_message_acked"}, "pool": "pool1"}
+backend.pgsql.hook.message.acked.2 = {"action": {"sql": ["select 1"]}, "pool": "pool1"}
+"##;
+        let rules = Rules::parse(text, &pools()).unwrap();
+        assert_eq!(
+            rules.interest(),
+            vec![
+                (Hookpoint::MessagePublish, Some(vec!["a/#".to_owned(), "b/+".to_owned()])),
+                (Hookpoint::MessageAcked, None),
+            ]
+        );
+        assert!(Rules::parse("", &pools()).unwrap().interest().is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 
-use crate::bindings::{Client, FetchPage, HookError, Message, PublishOutcome, Subscription};
+use crate::bindings::{Client, FetchPage, HookError, Hookpoint, Message, PublishOutcome, Subscription};
 use crate::host::{DEFAULT_MAX_INSTANCES, Sources};
 use crate::metrics::{Metrics, family, label, prometheus};
 use crate::protocol::ack_writer::AckWriter;
@@ -311,14 +311,23 @@ impl<P> LoadedExtension<P> {
     }
 
     pub async fn client_connected(&self, client: &Client) -> Vec<Subscription> {
+        if !self.host.acts_on(Hookpoint::ClientConnected, None) {
+            return Vec::new();
+        }
         self.host.call_or_log(async |i| i.client_connected(client).await).await.unwrap_or_default()
     }
 
     pub async fn client_disconnected(&self, client: &Client, reason: &str) {
+        if !self.host.acts_on(Hookpoint::ClientDisconnected, None) {
+            return;
+        }
         self.host.call_or_log(async |i| i.client_disconnected(client, reason).await).await;
     }
 
     pub async fn session_unsubscribed(&self, client: &Client, filter: &str) {
+        if !self.host.acts_on(Hookpoint::SessionUnsubscribed, None) {
+            return;
+        }
         self.host.call_or_log(async |i| i.session_unsubscribed(client, filter).await).await;
     }
 
@@ -335,24 +344,42 @@ impl<P> LoadedExtension<P> {
     }
 
     /// The client acked the delivery of `message`, stored as `id` (or has it for good): what
-    /// passes the ack gates goes to the ack writer.
+    /// passes the ack gates goes to the ack writer, if a rule acts on its topic.
     pub fn acked(&self, connection: &Connection, client: &Client, id: i64, message: Message)
     where
         P: Held,
     {
         for (message, filters) in self.deliveries.acked(connection, id, message) {
+            if !self.host.acts_on(Hookpoint::MessageAcked, Some(&message.topic)) {
+                continue;
+            }
             tracing::debug!(clientid = client.clientid, id = message.id, ?filters, "ack passed");
             self.acks.push(client.clone(), message, filters);
         }
     }
 
-    pub async fn message_delivered(&self, client: &Client, message: &Message) {
-        self.host.call_or_log(async |i| i.message_delivered(client, message).await).await;
+    /// A message about `topic` was delivered to `client`: `message` makes the contract's
+    /// message, only if a rule acts on that topic (this runs for every delivery).
+    pub async fn message_delivered(&self, client: &Client, topic: &str, message: impl FnOnce() -> Message) {
+        if !self.host.acts_on(Hookpoint::MessageDelivered, Some(topic)) {
+            return;
+        }
+        let message = message();
+        self.host.call_or_log(async |i| i.message_delivered(client, &message).await).await;
+    }
+
+    /// Whether a rule may store or act on a publish to `topic`: an adapter makes the contract's
+    /// message for the extensions that do, and calls [`LoadedExtension::message_publish`] for those.
+    pub fn publishes(&self, topic: &str) -> bool {
+        self.host.acts_on(Hookpoint::MessagePublish, Some(topic))
     }
 
     /// Stores `message` with the next batch. A QoS 2 message is `sent` under a packet id: a
     /// resend (`dup`) of one already stored gets its id again instead of a second row.
     pub async fn message_publish(&self, message: Message, sent: Option<Sent>, dup: bool) -> PublishOutcome {
+        if !self.publishes(&message.topic) {
+            return PublishOutcome::NotStored;
+        }
         let Some(sent) = sent else { return self.publish.store(message).await };
         let digest = exactly_once::digest(&message);
         if dup && let Some(id) = self.stored_qos2.stored(&sent, digest) {

@@ -18,7 +18,7 @@ wasmtime::component::bindgen!({
 #[macro_export]
 macro_rules! contract_version {
     () => {
-        "0.3.0"
+        "0.4.0"
     };
 }
 
@@ -46,7 +46,7 @@ pub fn check_contract(engine: &wasmtime::Engine, component: &wasmtime::component
 pub use broker::extension::sql::{DatabaseError, Error as SqlError, RowSet, Value};
 pub use broker::extension::types::{Client, Message, Property, PropertyValue, Subscription};
 pub use exports::broker::extension::hooks::{
-    ConfigError, Configuration, FetchPage, HookError, PublishOutcome, RuleFailure, Skipped,
+    ConfigError, Configuration, FetchPage, HookError, Hookpoint, Interest, PublishOutcome, RuleFailure, Skipped,
 };
 
 /// Operator-facing text of an error (the generated `Display` is the `Debug` form).

@@ -11,8 +11,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
 
 use crate::bindings::{
-    self, Client, ConfigError, Configuration, Extension, ExtensionPre, FetchPage, HookError, Message, PublishOutcome,
-    Skipped, Subscription,
+    self, Client, ConfigError, Configuration, Extension, ExtensionPre, FetchPage, HookError, Interest, Message,
+    PublishOutcome, Skipped, Subscription,
 };
 use crate::metrics::Metrics;
 use crate::sandbox::{self, Limits};
@@ -207,7 +207,7 @@ impl Instance {
         self.called.take()
     }
 
-    pub async fn configure(&mut self, configuration: &Configuration) -> Call<Result<(), ConfigError>> {
+    pub async fn configure(&mut self, configuration: &Configuration) -> Call<Result<Vec<Interest>, ConfigError>> {
         Ok(self
             .hooks
             .broker_extension_hooks()

@@ -10,16 +10,17 @@
 //! finish on the configuration they started with.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
 use anyhow::{Context, anyhow};
 use rules_file::RulesError;
 use tokio::sync::Semaphore;
 
-use crate::bindings::{Client, Configuration, Describe, FetchPage, HookError, Subscription};
+use crate::bindings::{Client, Configuration, Describe, FetchPage, HookError, Hookpoint, Subscription};
 use crate::config::RulesFile;
 use crate::engine::{ExtensionModule, Hook, Instance, Runtime};
+use crate::interest::Interest;
 use crate::metrics::Metrics;
 use crate::postgres::PgBackend;
 use crate::schema;
@@ -55,6 +56,8 @@ struct Running {
     /// What answers the guests' SQL: the pools, or a host's stand-in ([`Host::with_sql`]).
     sql: Arc<dyn SqlBackend>,
     rules: Configuration,
+    /// What the rules act on, as the first instance configured with them said.
+    interest: OnceLock<Interest>,
 }
 
 /// The files a host was loaded from, for reloading them.
@@ -222,6 +225,17 @@ impl Host {
         Ok((running, instance))
     }
 
+    /// Whether the running rules may act on an event of `hookpoint`: about `topic` for the
+    /// message hooks. A call they would not act on need not be made (`configure`'s interest).
+    pub fn acts_on(&self, hookpoint: Hookpoint, topic: Option<&str>) -> bool {
+        let running = self.running.read().unwrap();
+        let Some(interest) = running.interest.get() else { return true };
+        match topic {
+            Some(topic) => interest.topic(hookpoint, topic),
+            None => interest.any(hookpoint),
+        }
+    }
+
     fn running(&self) -> Arc<Running> {
         self.running.read().unwrap().clone()
     }
@@ -365,15 +379,20 @@ impl Running {
         sql_instead: &Option<Arc<dyn SqlBackend>>,
     ) -> Running {
         let sql = sql_instead.clone().unwrap_or_else(|| backend.clone());
-        Running { module, backend, sql, rules }
+        Running { module, backend, sql, rules, interest: OnceLock::new() }
     }
 }
 
 async fn configured(running: &Running, metrics: &Arc<Metrics>) -> anyhow::Result<Instance> {
     let Running { module, sql, rules, .. } = running;
     let mut instance = module.instantiate(sql.clone(), metrics.clone()).await?;
-    if let Err(e) = instance.configure(rules).await? {
-        return Err(anyhow!("{}: {}", rules.source, RulesError { line: e.line, key: e.key, message: e.message }));
+    match instance.configure(rules).await? {
+        Ok(declared) => {
+            running.interest.get_or_init(|| Interest::declared(declared));
+        }
+        Err(e) => {
+            return Err(anyhow!("{}: {}", rules.source, RulesError { line: e.line, key: e.key, message: e.message }));
+        }
     }
     Ok(instance)
 }

@@ -31,6 +31,7 @@ pub mod config;
 pub mod engine;
 pub mod host;
 pub mod http;
+pub mod interest;
 mod log;
 pub mod metrics;
 pub mod postgres;

@@ -463,10 +463,14 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         let clientid = self.client.clientid.clone();
         self.storing = Some(Box::pin(async move {
             wire::strip_stored_ids(&mut publish);
+            let mut stored = true;
+            let storing: Vec<_> = extensions.iter().filter(|e| e.publishes(&publish.topic)).collect();
+            if storing.is_empty() {
+                return (publish, stored);
+            }
             let message = wire::to_message(&publish, &clientid, None, wire::now_millis());
             let sent = wire::qos2_sent(&publish, &clientid);
-            let mut stored = true;
-            for extension in extensions.iter() {
+            for extension in storing {
                 match extension.message_publish(message.clone(), sent.clone(), publish.dup).await {
                     PublishOutcome::Stored(id) => wire::attach_stored_id(&mut publish, &extension.name, id),
                     PublishOutcome::NotStored => {}
@@ -669,8 +673,8 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
             if id.is_some() {
                 extension.host.metrics().delivered(1);
             }
-            let message = wire::to_message(publish, "", id, wire::now_millis());
-            extension.message_delivered(&self.client, &message).await;
+            let message = || wire::to_message(publish, "", id, wire::now_millis());
+            extension.message_delivered(&self.client, &publish.topic, message).await;
         }
     }
 

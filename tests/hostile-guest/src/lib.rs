@@ -8,14 +8,25 @@ mod bindings {
 
 use bindings::broker::extension::types::{Client, Message, Subscription};
 use bindings::exports::broker::extension::hooks::{
-    ConfigError, Configuration, FetchPage, Guest, HookError, PublishOutcome, Skipped,
+    ConfigError, Configuration, FetchPage, Guest, HookError, Interest, PublishOutcome, Skipped,
 };
 
 struct Hostile;
 
 impl Guest for Hostile {
-    fn configure(_: Configuration) -> Result<(), ConfigError> {
-        Ok(())
+    /// Every hook, for every topic: the host calls each.
+    fn configure(_: Configuration) -> Result<Vec<Interest>, ConfigError> {
+        use bindings::exports::broker::extension::hooks::Hookpoint::*;
+        let every = [
+            ClientConnected,
+            ClientDisconnected,
+            SessionSubscribed,
+            SessionUnsubscribed,
+            MessagePublish,
+            MessageDelivered,
+            MessageAcked,
+        ];
+        Ok(every.into_iter().map(|hookpoint| Interest { hookpoint, topics: None }).collect())
     }
 
     fn message_publish(messages: Vec<Message>) -> Vec<PublishOutcome> {
