@@ -84,52 +84,88 @@ async fn concurrent_publishers_share_batches_and_every_message_is_stored_once() 
     }
 }
 
-/// Four brokers store into one database at once while a subscriber on a fifth keeps coming back
-/// for its backlog. Ids are drawn at INSERT and become visible at COMMIT: without the
+/// Four brokers store into one database at once while subscribers on a fifth keep coming back
+/// for their backlogs. Ids are drawn at INSERT and become visible at COMMIT: without the
 /// commit-order lock a fetch can see a message before one with a lower id has committed, and its
 /// ack moves the position past that one, which is then never delivered. Nobody publishes on the
-/// fifth broker, so everything the subscriber gets comes from the database.
+/// fifth broker, so everything the subscribers get comes from the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_brokers_storing_at_once_skip_nothing_for_a_subscriber_that_keeps_coming_back() {
+async fn four_brokers_storing_at_once_skip_nothing_for_subscribers_that_keep_coming_back() {
     const PUBLISHERS: usize = 5;
-    const MESSAGES: usize = 400;
+    const MESSAGES: usize = 300;
+    const READERS: usize = 8;
     let (_db, rules) = database("broker_four_brokers", "").await;
     let reader = broker().start("four-reader", &rules).await;
-    Mqtt::subscribe_and_leave(reader.port, "s", "load/#").await;
+    for r in 0..READERS {
+        Mqtt::subscribe_and_leave(reader.port, &format!("s{r}"), "load/#").await;
+    }
     let mut brokers = Vec::new();
     for b in 0..4 {
         brokers.push(broker().start(&format!("four-{b}"), &rules).await);
     }
+    // Paced, so that the subscribers stay at the head of the table, where commits are in flight.
     let mut publishers = Vec::new();
     for (b, broker) in brokers.iter().enumerate() {
-        publishers.extend(Mqtt::publishers(broker.port, &format!("load/{b}"), PUBLISHERS, MESSAGES).await);
+        for p in 0..PUBLISHERS {
+            let mut publisher = Mqtt::connect(broker.port, &format!("p{b}-{p}"), false).await;
+            publishers.push(tokio::spawn(async move {
+                for i in 0..MESSAGES {
+                    publisher.publish(&format!("load/{b}/{p}"), QoS::AtLeastOnce, &format!("{p}:{i}")).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+                }
+            }));
+        }
     }
     let expected: BTreeSet<String> = (0..4)
         .flat_map(|b| (0..PUBLISHERS).flat_map(move |p| (0..MESSAGES).map(move |i| format!("{b}/{p}:{i}"))))
         .collect();
-    // Payloads are `{p}:{i}` on topic `load/{b}/{p}`: named by broker, publisher and sequence.
-    let name = |p: &rumqttc::Publish| {
-        let sequence = String::from_utf8_lossy(&p.payload).split(':').nth(1).unwrap().to_owned();
-        format!("{}:{sequence}", &p.topic["load/".len()..])
-    };
-    let mut got = BTreeSet::new();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while got.len() < expected.len() {
-        assert!(tokio::time::Instant::now() < deadline, "missing: {:?}", expected.difference(&got).collect::<Vec<_>>());
-        let mut subscriber = Mqtt::connect(reader.port, "s", false).await;
-        subscriber.subscribe("load/#", QoS::AtLeastOnce).await;
-        let window = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
-        while let Ok(Ok(Incoming::Publish(p))) =
-            tokio::time::timeout_at(window, subscriber.until(|i| matches!(i, Incoming::Publish(_)))).await
-        {
-            got.insert(name(&p));
-        }
-        subscriber.disconnect().await;
-    }
+    let expected = std::sync::Arc::new(expected);
+    let readers: Vec<_> = (0..READERS)
+        .map(|r| {
+            let (expected, port) = (expected.clone(), reader.port);
+            tokio::spawn(async move {
+                // Payloads are `{p}:{i}` on topic `load/{b}/{p}`: named by broker, publisher and
+                // sequence.
+                let name = |p: &rumqttc::Publish| {
+                    let sequence = String::from_utf8_lossy(&p.payload).split(':').nth(1).unwrap().to_owned();
+                    format!("{}:{sequence}", &p.topic["load/".len()..])
+                };
+                let mut got = BTreeSet::new();
+                let deadline = tokio::time::Instant::now() + 2 * PATIENCE;
+                let mut visits = 0;
+                while got.len() < expected.len() {
+                    let missing: Vec<_> = expected.difference(&got).take(10).collect();
+                    assert!(tokio::time::Instant::now() < deadline, "s{r} after {visits} visits misses {missing:?}...");
+                    let mut subscriber = Mqtt::connect(port, &format!("s{r}"), false).await;
+                    subscriber.subscribe("load/#", QoS::AtLeastOnce).await;
+                    let publish = |i: &Incoming| matches!(i, Incoming::Publish(_));
+                    let window = tokio::time::Instant::now() + std::time::Duration::from_millis(30);
+                    while let Ok(Ok(Incoming::Publish(p))) = tokio::time::timeout_at(window, subscriber.until(publish)).await {
+                        got.insert(name(&p));
+                    }
+                    // The client acks what it receives as it comes: each message up to the end
+                    // of the connection counts.
+                    let _ = subscriber.client.disconnect().await;
+                    while let Ok(Incoming::Publish(p)) = subscriber.until(publish).await {
+                        got.insert(name(&p));
+                    }
+                    // The broker removes the session right after it closed the connection.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    visits += 1;
+                }
+                assert_eq!(&got, &*expected);
+                visits
+            })
+        })
+        .collect();
     for publisher in publishers {
         publisher.await.unwrap();
     }
-    assert_eq!(got, expected);
+    let mut visits = 0;
+    for reader in readers {
+        visits += reader.await.unwrap();
+    }
+    assert!(visits > 10 * READERS, "the subscribers came back only {visits} times");
 }
 
 /// Rules whose pool points at a port where no PostgreSQL listens.
