@@ -192,11 +192,60 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     }
     let seconds = median(times);
     println!("| {seconds:.2} | {:.0} | {peak:.0} |", (SUBSCRIBERS * BACKLOG) as f64 / seconds);
+
+    println!("\n## broker: the same {BACKLOG} messages fanned out live to {SUBSCRIBERS} online subscribers, without the extension");
+    println!("| seconds from the first PUBLISH until all have every message (median) | messages/s delivered | backlog drain vs this |");
+    println!("|---|---|---|");
+    let mut live = Vec::new();
+    for _ in 0..runs {
+        let broker = launcher.start_plain("bench-fanout").await;
+        live.push(fan_out(&broker).await.as_secs_f64());
+    }
+    let live_seconds = median(live);
+    println!(
+        "| {live_seconds:.2} | {:.0} | {:.0} % |",
+        (SUBSCRIBERS * BACKLOG) as f64 / live_seconds,
+        100.0 * live_seconds / seconds
+    );
     println!(
         "\npeak RSS during the publish runs, MiB: without the extension {:.0}, storing with it {:.0}",
         peaks[0], peaks[2]
     );
     Ok(())
+}
+
+/// Subscribers are online; one publisher publishes the messages (QoS 1, each after the PUBACK of
+/// the one before); until every subscriber has every message.
+async fn fan_out(broker: &BrokerProcess) -> Duration {
+    let mut subscribers = Vec::new();
+    for s in 0..SUBSCRIBERS {
+        let mut subscriber = Mqtt::connect(broker.port, &format!("live-{s}"), false).await;
+        subscriber.subscribe("backlog/#", QoS::AtLeastOnce).await;
+        subscribers.push(subscriber);
+    }
+    let mut publisher = Mqtt::connect(broker.port, "publisher", false).await;
+    let started = Instant::now();
+    let receiving: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut subscriber| {
+            tokio::spawn(async move {
+                assert_eq!(subscriber.receive(BACKLOG).await.len(), BACKLOG);
+                subscriber
+            })
+        })
+        .collect();
+    for i in 0..BACKLOG {
+        publisher.publish("backlog/x", QoS::AtLeastOnce, &format!("{i:08}")).await;
+    }
+    let mut subscribers = Vec::new();
+    for task in receiving {
+        subscribers.push(task.await.expect("subscriber"));
+    }
+    let elapsed = started.elapsed();
+    for subscriber in subscribers {
+        subscriber.disconnect().await;
+    }
+    elapsed
 }
 
 /// Subscribers subscribe once and leave; the backlog is published; all come back at once.

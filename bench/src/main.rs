@@ -10,6 +10,7 @@ mod hook;
 mod memory;
 mod proxy;
 mod recording;
+mod retention;
 mod store;
 
 use std::time::Duration;
@@ -45,6 +46,8 @@ enum Suite {
     Broker,
     /// Four brokers storing into one database against one broker, and the commit-order lock's share.
     Brokers,
+    /// Retention under 10 000 messages/s of ingest: does the sweep keep up, does the table bloat.
+    Retention,
     /// The proxy in front of Mosquitto against Mosquitto directly, over real MQTT connections.
     Proxy,
     /// The process's peak RSS, and what one more guest instance costs.
@@ -87,6 +90,9 @@ async fn suites() -> anyhow::Result<()> {
     }
     if wanted(Suite::Brokers) {
         brokers::run(runs).await?;
+    }
+    if wanted(Suite::Retention) {
+        retention::run().await?;
     }
     if wanted(Suite::Proxy) {
         proxy::run(runs).await?;

@@ -1,0 +1,80 @@
+//! Retention under ingest: for three minutes, 10 000 messages a second arrive (one multi-row INSERT
+//! per second, as fast as the broker's batches would write them) while the host's housekeeping
+//! (`tick`, every 5 s and as many rounds as a broker's tick allows, as the adapters' default
+//! `tick_seconds`) deletes what is older than
+//! the store rule's `retention` (10 s). Whether the sweep keeps up shows in the rows left, and
+//! bloat in the size of the table and its indexes over those minutes, with autovacuum as configured.
+
+use std::time::{Duration, Instant};
+
+use integration_tests::TestDb;
+
+const PER_SECOND: i32 = 10_000;
+const SECONDS: u64 = 180;
+const RETENTION_SECS: u64 = 10;
+/// `tick` calls in a row at most, per tick (the adapters' `TICK_ROUNDS`).
+const TICK_ROUNDS: usize = 100;
+/// The adapters' default `tick_seconds`.
+const TICK_SECONDS: u64 = 5;
+
+async fn sizes(admin: &tokio_postgres::Client) -> anyhow::Result<(i64, i64, i64)> {
+    let row = admin
+        .query_one(
+            "SELECT (SELECT count(*) FROM mqtt_msg), pg_table_size('mqtt_msg'), pg_indexes_size('mqtt_msg')",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1), row.get(2)))
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let db = TestDb::create("bench_retention").await;
+    let rules = format!(
+        "backend.pgsql.hook.message.publish.1 = {{\"topic\": \"#\", \"action\": {{\"function\": \"on_message_publish\"}}, \
+         \"retention\": \"{RETENTION_SECS}s\", \"pool\": \"pool1\"}}"
+    );
+    let host = db.host(&db.rules(&rules)).await;
+    let admin = db.client().await;
+    println!(
+        "\n## retention: {PER_SECOND} messages/s for {SECONDS} s, retention {RETENTION_SECS} s, a tick every {TICK_SECONDS} s"
+    );
+    println!("| second | rows in mqtt_msg | table MiB | indexes MiB | deleted by the tick | tick ms |");
+    println!("|---|---|---|---|---|---|");
+    let mib = |bytes: i64| bytes as f64 / (1 << 20) as f64;
+    let started = Instant::now();
+    let mut worst_tick = Duration::ZERO;
+    for second in 1..=SECONDS {
+        admin
+            .execute(
+                "INSERT INTO mqtt_msg (msgid, sender, topic, qos, payload) \
+                 SELECT 'm' || g, 'bench', 'fleet/' || (g % 1000), 1, '\\x0000000000000000' FROM generate_series(1, $1) g",
+                &[&PER_SECOND],
+            )
+            .await?;
+        let ticked = Instant::now();
+        let mut deleted = 0;
+        let rounds = if second % TICK_SECONDS == 0 { TICK_ROUNDS } else { 0 };
+        for _ in 0..rounds {
+            let round = host.call(async |i| i.tick().await).await?.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            deleted += round;
+            if round == 0 {
+                break;
+            }
+        }
+        let tick = ticked.elapsed();
+        worst_tick = worst_tick.max(tick);
+        if second % 20 == 0 {
+            let (rows, table, indexes) = sizes(&admin).await?;
+            println!(
+                "| {second} | {rows} | {:.1} | {:.1} | {deleted} | {:.0} |",
+                mib(table),
+                mib(indexes),
+                tick.as_secs_f64() * 1000.0
+            );
+        }
+        let next = started + Duration::from_secs(second);
+        tokio::time::sleep_until(next.into()).await;
+    }
+    println!("\nslowest tick: {:.0} ms (each must end within {TICK_SECONDS} s to keep up)", worst_tick.as_secs_f64() * 1000.0);
+    Ok(())
+}
