@@ -88,6 +88,7 @@ scenarios!(
     retained,
     qos0,
     qos0_subscriber,
+    rules_on_some_topics,
     database_outage,
     reload,
     expiry,
