@@ -5,7 +5,7 @@
 //! storing transaction takes it), sampled from `pg_stat_activity`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use integration_tests::http::{get, sample};
@@ -98,11 +98,10 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut figures: Vec<Vec<Run>> = SETUPS.iter().map(|_| Vec::new()).collect();
-    let counter = AtomicU64::new(0);
     for run in 0..runs {
         for (i, &(brokers, publishers, each)) in SETUPS.iter().enumerate() {
             let db = TestDb::create("bench_brokers").await;
-            let tag = format!("{run}-{i}-{}", counter.fetch_add(1, Ordering::Relaxed));
+            let tag = format!("{run}-{i}");
             figures[i].push(one_run(&db, brokers, publishers, each, &tag).await?);
         }
     }

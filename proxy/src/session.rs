@@ -463,13 +463,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         let clientid = self.client.clientid.clone();
         self.storing = Some(Box::pin(async move {
             wire::strip_stored_ids(&mut publish);
-            let mut stored = true;
             let storing: Vec<_> = extensions.iter().filter(|e| e.publishes(&publish.topic)).collect();
             if storing.is_empty() {
-                return (publish, stored);
+                return (publish, true);
             }
             let message = wire::to_message(&publish, &clientid, None, wire::now_millis());
             let sent = wire::qos2_sent(&publish, &clientid);
+            let mut stored = true;
             for extension in storing {
                 match extension.message_publish(message.clone(), sent.clone(), publish.dup).await {
                     PublishOutcome::Stored(id) => wire::attach_stored_id(&mut publish, &extension.name, id),
