@@ -520,19 +520,30 @@ impl Guest for Extension {
     fn tick() -> Result<u64, HookError> {
         let config = installed();
         let mut deleted = 0;
-        let mut swept_pools: Vec<&str> = Vec::new();
+        // Each pool that store rules write to, once, with the shortest of their retentions (and
+        // the rule that set it, to name in an error): every retention applies to the whole table.
+        let mut pools: Vec<(&Rule, Option<u64>)> = Vec::new();
         for rule in config.rules.for_hookpoint(Hookpoint::MessagePublish) {
             let (Action::Function(Function::MessagePublish(opts)) | Action::Function(Function::MessageStore(opts))) =
                 &rule.action
             else {
                 continue;
             };
-            if !swept_pools.contains(&rule.pool.as_str()) {
-                swept_pools.push(&rule.pool);
-                deleted += housekeeping::delete_expired(&rule.pool).map_err(|e| sql_error(rule, e))?;
+            match pools.iter_mut().find(|(r, _)| r.pool == rule.pool) {
+                None => pools.push((rule, opts.retention_secs)),
+                Some(entry) if opts.retention_secs.is_some_and(|r| entry.1.is_none_or(|shortest| r < shortest)) => {
+                    *entry = (rule, opts.retention_secs)
+                }
+                Some(_) => {}
             }
-            if let Some(retention) = opts.retention_secs {
+        }
+        for (rule, retention) in pools {
+            deleted += housekeeping::delete_expired(&rule.pool).map_err(|e| sql_error(rule, e))?;
+            if let Some(retention) = retention {
                 deleted += housekeeping::delete_older_than(&rule.pool, retention).map_err(|e| sql_error(rule, e))?;
+                // After the delete, so that retention holds even where the partition upkeep
+                // fails (a pool user that does not own the table).
+                housekeeping::keep_partitions(&rule.pool, retention).map_err(|e| sql_error(rule, e))?;
             }
         }
         for rule in config.rules.for_hookpoint(Hookpoint::SessionSubscribed) {

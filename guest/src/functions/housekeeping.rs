@@ -1,6 +1,9 @@
 //! `tick`: deletes expired messages, and messages past a store rule's `retention`, in small
 //! batches, each its own short transaction: no long locks, no long scans (both deletes walk an
-//! index). With a fetch rule's `position_idle`, also read positions nobody used for that long.
+//! index). With a retention, it also keeps `mqtt_msg`'s partitions (schema/schema.sql,
+//! `mqtt_msg_upkeep`): whole partitions past it are dropped, so deleted rows do not leave the
+//! table bigger than its live rows. With a fetch rule's `position_idle`, also read positions
+//! nobody used for that long.
 
 use std::cell::RefCell;
 
@@ -10,15 +13,19 @@ use crate::db;
 /// Rows one statement deletes at most.
 pub const BATCH: i64 = 1000;
 
-const EXPIRED_MESSAGES: &str = "DELETE FROM mqtt_msg WHERE id IN \
-                                (SELECT id FROM mqtt_msg WHERE expires_at <= now() ORDER BY expires_at LIMIT $1)";
+// Rows are named by (id, arrived), the partitioned table's key: with the partition key, each
+// row is looked up in its own partition rather than in every one.
+const EXPIRED_MESSAGES: &str = "DELETE FROM mqtt_msg WHERE (id, arrived) IN \
+                                (SELECT id, arrived FROM mqtt_msg WHERE expires_at <= now() ORDER BY expires_at LIMIT $1)";
 
 const EXPIRED_RETAINED: &str = "DELETE FROM mqtt_retain WHERE topic IN \
                                 (SELECT topic FROM mqtt_retain WHERE expires_at <= now() LIMIT $1)";
 
-const TOO_OLD: &str = "DELETE FROM mqtt_msg WHERE id IN \
-                       (SELECT id FROM mqtt_msg WHERE arrived < now() - $1::float8 * interval '1 second' \
+const TOO_OLD: &str = "DELETE FROM mqtt_msg WHERE (id, arrived) IN \
+                       (SELECT id, arrived FROM mqtt_msg WHERE arrived < now() - $1::float8 * interval '1 second' \
                         ORDER BY arrived LIMIT $2)";
+
+const PARTITION_UPKEEP: &str = "SELECT mqtt_msg_upkeep($1::float8 * interval '1 second')";
 
 /// One batch of expired rows of the pool's tables; returns how many were deleted.
 pub fn delete_expired(pool: &str) -> Result<u64, sql::Error> {
@@ -30,6 +37,15 @@ pub fn delete_expired(pool: &str) -> Result<u64, sql::Error> {
 /// One batch of messages older than `retention_secs`; returns how many were deleted.
 pub fn delete_older_than(pool: &str, retention_secs: u64) -> Result<u64, sql::Error> {
     sql::execute(pool, TOO_OLD, &[Value::Float64(retention_secs as f64), Value::Int64(BATCH)])
+}
+
+/// Drops the pool's partitions past `retention_secs` (the shortest retention of the pool's store
+/// rules: the DELETE above applies each to the whole table), creates the next ones; returns how
+/// many it dropped.
+pub fn keep_partitions(pool: &str, retention_secs: u64) -> Result<u64, sql::Error> {
+    let result = sql::query(pool, PARTITION_UPKEEP, &[Value::Float64(retention_secs as f64)])?;
+    let dropped = result.rows.first().map_or(Ok(0), |row| db::int64(row, 0))?;
+    Ok(u64::try_from(dropped).unwrap_or(0))
 }
 
 /// Read positions a tick looks at, at most: a clock hand over `mqtt_acked`'s primary key, from
