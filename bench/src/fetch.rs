@@ -37,21 +37,43 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
             .await?;
         admin.batch_execute("VACUUM ANALYZE mqtt_msg").await?;
         eprintln!("fetch: {rows} rows written in {:.1} s", filled.elapsed().as_secs_f64());
-        let mut times = Vec::new();
-        for i in 0..(20 * runs) {
-            let client = Client { clientid: format!("reader-{rows}-{i}"), username: None, peerhost: None };
-            let subscription = Subscription { filter: HOT.into(), qos: 1 };
-            let started = Instant::now();
-            let page = host
-                .call(async |i| i.session_subscribed(&client, &subscription).await)
-                .await?
-                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            times.push(started.elapsed().as_secs_f64() * 1000.0);
-            assert_eq!(page.messages.len(), 500);
-        }
-        let ms = median(times);
+        let ms = first_page_ms(&host, &format!("{rows}"), runs).await?;
         let base_ms = *base.get_or_insert(ms);
         println!("| {rows} | {ms:.2} | {:.2}x |", ms / base_ms);
+        admin.batch_execute("TRUNCATE mqtt_msg; TRUNCATE mqtt_acked").await?;
+    }
+
+    // With a retention, the table is some six partitions (schema/schema.sql, mqtt_msg_upkeep), and
+    // a fetch reads the index of each: the same 10^6 rows in one table, then spread over a
+    // minute's partitions of 10 s (those of a 40 s retention).
+    println!("\n## fetch path: first page of 500, 10^6 rows in one table and in partitions");
+    println!("| layout | partitions holding rows | first page, median ms | vs one table |");
+    println!("|---|---|---|---|");
+    let mut one_table = None;
+    for partitioned in [false, true] {
+        if partitioned {
+            admin
+                .batch_execute(
+                    "SELECT mqtt_msg_upkeep('40 seconds', now() - interval '1 minute'); \
+                     SELECT mqtt_msg_upkeep('40 seconds', now() - interval '30 seconds')",
+                )
+                .await?;
+        }
+        admin
+            .execute(
+                "INSERT INTO mqtt_msg (msgid, sender, topic, qos, payload, arrived) \
+                 SELECT 'm' || g, 'bench', CASE WHEN g % ($1 / $2) = 0 THEN $3 ELSE 'fleet/' || (g % $4) END, 1, '\\x00', \
+                        now() - interval '1 minute' + g * interval '1 minute' / $1 \
+                 FROM generate_series(1, $1) g",
+                &[&1_000_000i32, &HOT_ROWS, &HOT, &TOPICS],
+            )
+            .await?;
+        admin.batch_execute("VACUUM ANALYZE mqtt_msg").await?;
+        let holding: i64 = admin.query_one("SELECT count(DISTINCT tableoid) FROM mqtt_msg", &[]).await?.get(0);
+        let ms = first_page_ms(&host, &format!("layout-{partitioned}"), runs).await?;
+        let base_ms = *one_table.get_or_insert(ms);
+        let layout = if partitioned { "partitions" } else { "one table (no retention)" };
+        println!("| {layout} | {holding} | {ms:.2} | {:.2}x |", ms / base_ms);
         admin.batch_execute("TRUNCATE mqtt_msg; TRUNCATE mqtt_acked").await?;
     }
 
@@ -68,6 +90,24 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     }
     println!("| messages/s (median) |\n|---|\n| {:.0} |", median(rates));
     Ok(())
+}
+
+/// The median time of a first subscription's first page of 500 on the hot topic (20 x `runs`
+/// subscribers, each new).
+async fn first_page_ms(host: &Host, tag: &str, runs: usize) -> anyhow::Result<f64> {
+    let mut times = Vec::new();
+    for i in 0..(20 * runs) {
+        let client = Client { clientid: format!("reader-{tag}-{i}"), username: None, peerhost: None };
+        let subscription = Subscription { filter: HOT.into(), qos: 1 };
+        let started = Instant::now();
+        let page = host
+            .call(async |i| i.session_subscribed(&client, &subscription).await)
+            .await?
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(page.messages.len(), 500);
+    }
+    Ok(median(times))
 }
 
 async fn drain(host: &Host, clientid: &str) -> anyhow::Result<f64> {
