@@ -135,6 +135,24 @@ BEGIN
         RETURN 0;
     END IF;
     PERFORM set_config('lock_timeout', '200ms', true);
+    -- The first upkeep of a table whose messages are all in mqtt_msg_default (a retention was
+    -- added to a pool that had none): they become the partition of everything until now, as a
+    -- plain table does above, so that they too are dropped whole, and so that creating the next
+    -- partitions does not read them each time (attaching reads the default partition).
+    IF NOT EXISTS (SELECT 1 FROM mqtt_msg_partitions()) AND EXISTS (SELECT 1 FROM mqtt_msg_default) THEN
+        BEGIN
+            LOCK TABLE mqtt_msg IN ACCESS EXCLUSIVE MODE;
+            low := greatest(at, now(), (SELECT max(arrived) FROM mqtt_msg_default) + interval '1 microsecond');
+            name := 'mqtt_msg_until_' || to_char(low AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS"_"US');
+            ALTER TABLE mqtt_msg DETACH PARTITION mqtt_msg_default;
+            EXECUTE format('ALTER TABLE mqtt_msg_default RENAME TO %I', name);
+            -- Reads the rows once, under the lock: the only time they are read.
+            EXECUTE format('ALTER TABLE mqtt_msg ATTACH PARTITION %I FOR VALUES FROM (MINVALUE) TO (%L)', name, low);
+            CREATE TABLE mqtt_msg_default PARTITION OF mqtt_msg DEFAULT;
+        EXCEPTION WHEN lock_not_available THEN
+            RETURN 0;
+        END;
+    END IF;
     FOR old IN SELECT partition FROM mqtt_msg_partitions() WHERE upper <= at - keep ORDER BY upper LOOP
         BEGIN
             EXECUTE format('DROP TABLE %s', old);

@@ -364,6 +364,44 @@ async fn tick_drops_partitions_past_retention_and_their_space_comes_back() {
     assert!(rows[1].1.starts_with("mqtt_msg_2"), "after it, a partition of its time: {rows:?}");
 }
 
+/// A retention added to a pool that had none: its messages, all in the default partition, become
+/// a partition of their own at the first tick, dropped whole once they are all past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_added_later_drops_the_messages_from_before_it_whole() {
+    let db = TestDb::create("partitions_retention_added").await;
+    let client = db.client().await;
+    let keeping = db.host(&db.rules(&function("message.publish.1", "on_message_publish"))).await;
+    replay(&keeping, &json!({"event": "tick"}).to_string()).await;
+    client
+        .batch_execute(
+            "INSERT INTO mqtt_msg (topic, qos, payload, arrived) \
+               SELECT 'kept', 1, convert_to(repeat('x', 1000), 'UTF8'), now() - interval '30 minutes' \
+               FROM generate_series(1, 2000)",
+        )
+        .await
+        .unwrap();
+    let where_they_are = async || -> Vec<String> {
+        let sql = "SELECT DISTINCT tableoid::regclass::text FROM mqtt_msg";
+        client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+    };
+    assert_eq!(where_they_are().await, ["mqtt_msg_default"], "without a retention, no partitions are made");
+    let rules = rule(
+        "message.publish.1",
+        r#"{"action": {"function": "on_message_publish"}, "retention": "1h", "pool": "pool1"}"#,
+    );
+    let retaining = db.host(&db.rules(&rules)).await;
+    replay(&retaining, &json!({"event": "tick"}).to_string()).await;
+    let places = where_they_are().await;
+    assert!(places.len() == 1 && places[0].starts_with("mqtt_msg_until_"), "{places:?}");
+    let before = stored_bytes(&client).await;
+    // Two hours on, every one of them is past the retention.
+    client.batch_execute("SELECT mqtt_msg_upkeep('1 hour', now() + interval '2 hours')").await.unwrap();
+    let left: i64 = client.query_one("SELECT count(*) FROM mqtt_msg", &[]).await.unwrap().get(0);
+    let after = stored_bytes(&client).await;
+    assert_eq!(left, 0);
+    assert!(after * 4 < before, "their space is back: {before} bytes before, {after} after");
+}
+
 /// Messages whose ids interleave across partitions (brokers' clocks differ by a little) still
 /// come in id order, a page at a time, none skipped: a fetch merges the partitions by id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
