@@ -85,8 +85,10 @@ BEGIN
         -- Ids go on from the old table's sequence, which goes with its identity.
         last_id := greatest(last_id, pg_sequence_last_value(pg_get_serial_sequence('mqtt_msg_older', 'id')::regclass));
         ALTER TABLE mqtt_msg_older ALTER COLUMN id DROP IDENTITY IF EXISTS;
-        -- The new sequence got another name while the old one was there.
-        EXECUTE format('ALTER SEQUENCE %s RENAME TO mqtt_msg_id_seq', pg_get_serial_sequence('mqtt_msg', 'id'));
+        -- The new sequence got another name while the old one was there (gone with its identity).
+        IF to_regclass('mqtt_msg_id_seq') IS NULL THEN
+            EXECUTE format('ALTER SEQUENCE %s RENAME TO mqtt_msg_id_seq', pg_get_serial_sequence('mqtt_msg', 'id'));
+        END IF;
         EXECUTE format('ALTER TABLE mqtt_msg ATTACH PARTITION mqtt_msg_older FOR VALUES FROM (MINVALUE) TO (%L)', upto);
         IF last_id IS NOT NULL THEN
             PERFORM setval(pg_get_serial_sequence('mqtt_msg', 'id'), last_id);
