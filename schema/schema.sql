@@ -80,8 +80,8 @@ DECLARE
 BEGIN
     IF to_regclass('mqtt_msg_older') IS NOT NULL
        AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhrelid = to_regclass('mqtt_msg_older')) THEN
-        SELECT greatest(now(), max(arrived) + interval '1 microsecond'), max(id)
-        INTO upto, last_id FROM mqtt_msg_older;
+        upto := now();
+        SELECT max(id) INTO last_id FROM mqtt_msg_older;
         -- Ids go on from the old table's sequence, which goes with its identity.
         last_id := greatest(last_id, pg_sequence_last_value(pg_get_serial_sequence('mqtt_msg_older', 'id')::regclass));
         ALTER TABLE mqtt_msg_older ALTER COLUMN id DROP IDENTITY IF EXISTS;
@@ -89,6 +89,12 @@ BEGIN
         IF to_regclass('mqtt_msg_id_seq') IS NULL THEN
             EXECUTE format('ALTER SEQUENCE %s RENAME TO mqtt_msg_id_seq', pg_get_serial_sequence('mqtt_msg', 'id'));
         END IF;
+        -- Rows stamped later than now (a clock ahead) go to the default partition: in this one
+        -- they would hold it, and all that comes until their time, from being dropped.
+        INSERT INTO mqtt_msg (id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at)
+        SELECT id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at
+        FROM mqtt_msg_older WHERE arrived >= upto;
+        DELETE FROM mqtt_msg_older WHERE arrived >= upto;
         EXECUTE format('ALTER TABLE mqtt_msg ATTACH PARTITION mqtt_msg_older FOR VALUES FROM (MINVALUE) TO (%L)', upto);
         IF last_id IS NOT NULL THEN
             PERFORM setval(pg_get_serial_sequence('mqtt_msg', 'id'), last_id);
@@ -114,12 +120,12 @@ $fn$;
 -- - creates the partitions of the next while: each spans keep / 4 (10 s to 1 day), so that at
 --   most about a quarter more than the live rows is kept, in some six partitions (a fetch reads
 --   each one's index), and they reach a span or 30 s ahead, so that missed ticks cost nothing.
---   New partitions start after the newest row of mqtt_msg_default: a partition may not take
---   rows from it.
+--   New partitions start after the rows of mqtt_msg_default in their range: a partition may
+--   not take rows from it. Rows stamped far ahead (a clock ahead) are left there.
 -- Returns how many partitions it dropped. The rows of mqtt_msg_default, and those of a
 -- partition not yet dropped, the retention DELETE sweep removes, as in a plain table.
 -- Several hosts may tick one database: one upkeep runs at a time, the others skip. Dropping and
--- attaching lock the table (dropping: against every query); each waits at most 200 ms for its
+-- attaching lock the table (dropping: against every query); each waits at most 50 ms for its
 -- lock, else the next tick tries again. It must run as mqtt_msg's owner.
 CREATE OR REPLACE FUNCTION mqtt_msg_upkeep(keep interval, at timestamptz DEFAULT now())
 RETURNS integer
@@ -131,12 +137,13 @@ DECLARE
     dropped integer := 0;
     low timestamptz;
     high timestamptz;
+    newest timestamptz;
     name text;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(7526752370208940655) THEN
         RETURN 0;
     END IF;
-    PERFORM set_config('lock_timeout', '200ms', true);
+    PERFORM set_config('lock_timeout', '50ms', true);
     -- The first upkeep of a table whose messages are all in mqtt_msg_default (a retention was
     -- added to a pool that had none): they become the partition of everything until now, as a
     -- plain table does above, so that they too are dropped whole, and so that creating the next
@@ -144,13 +151,18 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM mqtt_msg_partitions()) AND EXISTS (SELECT 1 FROM mqtt_msg_default) THEN
         BEGIN
             LOCK TABLE mqtt_msg IN ACCESS EXCLUSIVE MODE;
-            low := greatest(at, now(), (SELECT max(arrived) FROM mqtt_msg_default) + interval '1 microsecond');
+            low := greatest(at, now());
             name := 'mqtt_msg_until_' || to_char(low AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS"_"US');
             ALTER TABLE mqtt_msg DETACH PARTITION mqtt_msg_default;
             EXECUTE format('ALTER TABLE mqtt_msg_default RENAME TO %I', name);
+            CREATE TABLE mqtt_msg_default PARTITION OF mqtt_msg DEFAULT;
+            -- Rows stamped later (a clock ahead) stay in the default partition, as above.
+            EXECUTE format('WITH later AS (DELETE FROM %I WHERE arrived >= %L RETURNING *) '
+                           'INSERT INTO mqtt_msg (id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at) '
+                           'SELECT id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at FROM later',
+                           name, low);
             -- Reads the rows once, under the lock: the only time they are read.
             EXECUTE format('ALTER TABLE mqtt_msg ATTACH PARTITION %I FOR VALUES FROM (MINVALUE) TO (%L)', name, low);
-            CREATE TABLE mqtt_msg_default PARTITION OF mqtt_msg DEFAULT;
         EXCEPTION WHEN lock_not_available THEN
             RETURN 0;
         END;
@@ -163,11 +175,16 @@ BEGIN
             RETURN dropped;
         END;
     END LOOP;
-    low := greatest((SELECT max(upper) FROM mqtt_msg_partitions()),
-                    date_bin(span, at, 'epoch'),
-                    (SELECT max(arrived) FROM mqtt_msg_default) + interval '1 microsecond');
+    low := greatest((SELECT max(upper) FROM mqtt_msg_partitions()), date_bin(span, at, 'epoch'));
     WHILE low < at + ahead LOOP
         high := date_bin(span, low, 'epoch') + span;
+        -- A partition may not take rows from mqtt_msg_default: it starts after those of its
+        -- range (rows that came while no partition covered their time).
+        newest := (SELECT max(arrived) FROM mqtt_msg_default WHERE arrived >= low AND arrived < high);
+        IF newest IS NOT NULL THEN
+            low := newest + interval '1 microsecond';
+            CONTINUE;
+        END IF;
         name := 'mqtt_msg_' || to_char(low AT TIME ZONE 'UTC', 'YYYYMMDD"_"HH24MISS"_"US');
         BEGIN
             -- Created apart and then attached: attaching locks mqtt_msg against other DDL only.

@@ -365,7 +365,8 @@ async fn tick_drops_partitions_past_retention_and_their_space_comes_back() {
 }
 
 /// A retention added to a pool that had none: its messages, all in the default partition, become
-/// a partition of their own at the first tick, dropped whole once they are all past it.
+/// a partition of their own at the first tick, dropped whole once they are all past it. One
+/// stamped a year ahead (a clock ahead) stays in the default partition, and holds nothing up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retention_added_later_drops_the_messages_from_before_it_whole() {
     let db = TestDb::create("partitions_retention_added").await;
@@ -376,30 +377,68 @@ async fn a_retention_added_later_drops_the_messages_from_before_it_whole() {
         .batch_execute(
             "INSERT INTO mqtt_msg (topic, qos, payload, arrived) \
                SELECT 'kept', 1, convert_to(repeat('x', 1000), 'UTF8'), now() - interval '30 minutes' \
-               FROM generate_series(1, 2000)",
+               FROM generate_series(1, 2000); \
+             INSERT INTO mqtt_msg (topic, qos, payload, arrived) VALUES ('ahead', 1, '', now() + interval '1 year')",
         )
         .await
         .unwrap();
-    let where_they_are = async || -> Vec<String> {
-        let sql = "SELECT DISTINCT tableoid::regclass::text FROM mqtt_msg";
-        client.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+    let where_they_are = async |topic: &str| -> Vec<String> {
+        let sql = "SELECT DISTINCT tableoid::regclass::text FROM mqtt_msg WHERE topic = $1";
+        client.query(sql, &[&topic]).await.unwrap().iter().map(|r| r.get(0)).collect()
     };
-    assert_eq!(where_they_are().await, ["mqtt_msg_default"], "without a retention, no partitions are made");
+    assert_eq!(where_they_are("kept").await, ["mqtt_msg_default"], "without a retention, no partitions are made");
     let rules = rule(
         "message.publish.1",
         r#"{"action": {"function": "on_message_publish"}, "retention": "1h", "pool": "pool1"}"#,
     );
     let retaining = db.host(&db.rules(&rules)).await;
-    replay(&retaining, &json!({"event": "tick"}).to_string()).await;
-    let places = where_they_are().await;
+    let tick = json!({"event": "tick"}).to_string();
+    replay(&retaining, &lines(&[tick, publish("p", "fresh", 1, "x")])).await;
+    let places = where_they_are("kept").await;
     assert!(places.len() == 1 && places[0].starts_with("mqtt_msg_until_"), "{places:?}");
+    assert_eq!(where_they_are("ahead").await, ["mqtt_msg_default"]);
+    let places = where_they_are("fresh").await;
+    assert!(places.len() == 1 && places[0].starts_with("mqtt_msg_2"), "partitions were made after it: {places:?}");
     let before = stored_bytes(&client).await;
     // Two hours on, every one of them is past the retention.
     client.batch_execute("SELECT mqtt_msg_upkeep('1 hour', now() + interval '2 hours')").await.unwrap();
-    let left: i64 = client.query_one("SELECT count(*) FROM mqtt_msg", &[]).await.unwrap().get(0);
+    let left: i64 = client.query_one("SELECT count(*) FROM mqtt_msg WHERE topic = 'kept'", &[]).await.unwrap().get(0);
     let after = stored_bytes(&client).await;
     assert_eq!(left, 0);
     assert!(after * 4 < before, "their space is back: {before} bytes before, {after} after");
+}
+
+/// A pool user that may write the tables but does not own them cannot keep partitions: the tick
+/// says so in the log and goes on deleting row by row, at the full rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_user_that_does_not_own_mqtt_msg_still_gets_retention() {
+    let db = TestDb::create("partitions_not_owner").await;
+    let owner = db.host(&db.rules("")).await;
+    drop(owner);
+    let client = db.client().await;
+    let role = "partitions_not_owner";
+    client
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+             GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}; \
+             INSERT INTO mqtt_msg (topic, qos, payload, arrived) \
+               SELECT 'old', 1, '', now() - interval '2 days' FROM generate_series(1, 2500)"
+        ))
+        .await
+        .unwrap();
+    let rules = db.rules(&rule(
+        "message.publish.1",
+        r#"{"action": {"function": "on_message_publish"}, "retention": "1d", "pool": "pool1"}"#,
+    ));
+    let rules = rules.replace("pool1.username = postgres", &format!("pool1.username = {role}"));
+    let host = host_harness::Host::with_rules(integration_tests::guest_module(), &rules, "t.conf", "n").await.unwrap();
+    let tick = json!({"event": "tick"}).to_string();
+    let output = replay(&host, &lines(&[tick.clone(), tick.clone(), tick.clone(), tick])).await;
+    assert!(errors(&output).is_empty(), "{output:?}");
+    let deleted: Vec<u64> =
+        output.iter().filter_map(|l| l.get("tick")).map(|t| t["deleted"].as_u64().unwrap()).collect();
+    assert_eq!(deleted, [1000, 1000, 500, 0]);
 }
 
 /// Messages whose ids interleave across partitions (brokers' clocks differ by a little) still
@@ -444,19 +483,23 @@ async fn a_plain_mqtt_msg_of_before_becomes_a_partition_keeping_rows_and_ids() {
              CREATE INDEX mqtt_msg_topic_id ON mqtt_msg (topic, id); \
              CREATE INDEX mqtt_msg_arrived ON mqtt_msg (arrived); \
              INSERT INTO mqtt_msg (topic, qos, payload) VALUES ('t', 1, 'a'), ('t', 1, 'b'), ('t', 1, 'c'); \
-             DELETE FROM mqtt_msg WHERE payload = 'c'",
+             DELETE FROM mqtt_msg WHERE payload = 'c'; \
+             INSERT INTO mqtt_msg (topic, qos, payload, arrived) VALUES ('t', 1, 'ahead', now() + interval '1 year')",
         )
         .await
         .unwrap();
     let host = db.host(&db.rules(&offline_rules(r#"{"first_fetch": "earliest"}"#))).await;
     host.migrate().await.expect("applying the schema again changes nothing");
     let output = replay(&host, &lines(&[publish("p", "t", 1, "d"), connect("s"), subscribe("s", "t", 1)])).await;
-    assert_eq!(deliveries(&output), [("s".into(), "a".into()), ("s".into(), "b".into()), ("s".into(), "d".into())]);
+    let delivered: Vec<String> = deliveries(&output).into_iter().map(|(_, payload)| payload).collect();
+    assert_eq!(delivered, ["a", "b", "ahead", "d"]);
     let client = db.client().await;
     let rows = client.query("SELECT id, tableoid::regclass::text FROM mqtt_msg ORDER BY id", &[]).await.unwrap();
     let rows: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(rows[..2], [(1, "mqtt_msg_older".into()), (2, "mqtt_msg_older".into())]);
-    assert_eq!(rows[2].0, 4, "the id after the last one drawn, deleted or not");
+    // A row stamped a year ahead (a clock ahead) goes to the default partition: in the old rows'
+    // partition it would keep that partition, and all that comes for a year, from being dropped.
+    assert_eq!(rows[..3], [(1, "mqtt_msg_older".into()), (2, "mqtt_msg_older".into()), (4, "mqtt_msg_default".into())]);
+    assert_eq!(rows[3].0, 5, "the id after the last one drawn, deleted or not");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
