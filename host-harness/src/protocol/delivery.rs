@@ -511,7 +511,8 @@ impl<P: Held> Deliveries<P> {
 
     /// Held messages that may go now (the lowest ids first, at most [`FORWARD_AT_ONCE`]):
     /// those no fetching subscription matches. Each is attributed to the live subscriptions that
-    /// match it and did not have it from a page; one that none needs is dropped. Call until empty.
+    /// match it and did not have it from a page; one that none needs is dropped, and takes no
+    /// place in the slice. Call until empty: empty means nothing that may go is left.
     pub fn release(&self, connection: &Connection) -> Vec<P> {
         self.with(connection, |s| {
             let subscriptions = &mut s.subscriptions;
@@ -521,11 +522,14 @@ impl<P: Held> Deliveries<P> {
             s.held = waiting;
             ready.sort_by_key(|(id, _)| *id);
             ready.dedup_by_key(|(id, _)| *id);
-            // What does not fit in this slice waits for the next call.
-            s.held.extend(ready.split_off(ready.len().min(FORWARD_AT_ONCE)));
             let mut out = Vec::new();
             let mut groups = self.groups.lock().unwrap();
-            for (id, publish) in ready {
+            let mut ready = ready.into_iter();
+            // The slice is counted in messages that go, not in messages looked at: a resumed
+            // session's queue replays what the backlog sent, and a slice of such duplicates
+            // alone would be empty, taken for "nothing left", and strand what came after.
+            while out.len() < FORWARD_AT_ONCE {
+                let Some((id, publish)) = ready.next() else { break };
                 let mut wanted = false;
                 for (filter, sub) in subscriptions.iter_mut() {
                     if mqtt_topic::matches(filter, publish.topic())
@@ -541,6 +545,8 @@ impl<P: Held> Deliveries<P> {
                     out.push(publish);
                 }
             }
+            // What does not fit in this slice waits for the next call, unattributed.
+            s.held.extend(ready);
             s.queued += out.len();
             out
         })
@@ -805,6 +811,21 @@ mod tests {
         assert_eq!(released, expected, "all but what the pages sent, in order");
         assert!(!hold(&deliveries, &connection, 261, "t/a"), "live now");
         assert!(hold(&deliveries, &connection, 7, "t/a"), "a duplicate");
+    }
+
+    #[test]
+    fn live_messages_held_behind_a_full_slice_of_duplicates_are_released() {
+        // A resumed session: the broker's own queue replays the 150 messages published while
+        // the client was away, which the backlog's pages also sent, and 10 new ones come live
+        // while the backlog goes out.
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t/#", 1);
+        page(&deliveries, &connection, "t/#", 1..=150);
+        for id in 1..=160 {
+            assert!(hold(&deliveries, &connection, id, "t/a"));
+        }
+        let expected: Vec<i64> = (151..=160).collect();
+        assert_eq!(go_live(&deliveries, &connection, "t/#"), expected);
     }
 
     #[test]
