@@ -82,6 +82,48 @@ async fn unsubscribing_one_of_two_overlapping_filters_keeps_what_the_other_still
     }
 }
 
+/// A kept session comes back after 300 messages: rmqtt's own queue replays them while the
+/// backlog's pages send them too, and messages published live while the backlog goes out are
+/// held behind those duplicates. Every one must come. (The first slice of held messages, all
+/// duplicates, was once read as "nothing left", and the live ones behind it never went, while
+/// acks of later ones moved the position past them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_messages_held_while_a_kept_sessions_backlog_goes_out_all_arrive() {
+    let (_db, rules) = database("guarantee_kept_session_live", "").await;
+    let broker = broker().start("kept-session-live", &rules).await;
+    let kept = |o: &mut rumqttc::MqttOptions| {
+        o.set_clean_session(false);
+    };
+    let mut subscriber = Mqtt::connect_with(broker.port, "s", false, kept).await;
+    subscriber.subscribe("t/#", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    for i in 0..300 {
+        publisher.publish("t/a", QoS::AtLeastOnce, &format!("a{i}")).await;
+    }
+    let live = tokio::spawn(async move {
+        for i in 0..40 {
+            publisher.publish("t/b", QoS::AtLeastOnce, &format!("b{i}")).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let mut subscriber = Mqtt::connect_with(broker.port, "s", false, kept).await;
+    subscriber.subscribe("t/#", QoS::AtLeastOnce).await;
+    live.await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let more = payloads(&subscriber.quiet().await);
+        if more.is_empty() {
+            break;
+        }
+        got.extend(more);
+    }
+    let seen = set(got);
+    let missing: Vec<String> =
+        (0..300).map(|i| format!("a{i}")).chain((0..40).map(|i| format!("b{i}"))).filter(|p| !seen.contains(p)).collect();
+    assert!(missing.is_empty(), "never arrived: {missing:?}");
+}
+
 /// A subscriber with Receive Maximum `receive_maximum` acking each message `delay` after it came,
 /// while more is published than the session queue holds: each message once, across a reconnect.
 async fn slow_consumer(name: &str, receive_maximum: u16) {
