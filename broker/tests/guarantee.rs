@@ -64,13 +64,7 @@ async fn unsubscribing_one_of_two_overlapping_filters_keeps_what_the_other_still
         publisher.publish("a/y", QoS::AtLeastOnce, &format!("after {i}")).await;
     }
     let mut got = subscriber.quiet().await;
-    loop {
-        let more = subscriber.quiet().await;
-        if more.is_empty() {
-            break;
-        }
-        got.extend(more);
-    }
+    got.extend(subscriber.until_quiet().await);
     subscriber.disconnect().await;
     let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
     subscriber.subscribe("a/#", QoS::AtLeastOnce).await;
@@ -110,15 +104,7 @@ async fn live_messages_held_while_a_kept_sessions_backlog_goes_out_all_arrive() 
     let mut subscriber = Mqtt::connect_with(broker.port, "s", false, kept).await;
     subscriber.subscribe("t/#", QoS::AtLeastOnce).await;
     live.await.unwrap();
-    let mut got = Vec::new();
-    loop {
-        let more = payloads(&subscriber.quiet().await);
-        if more.is_empty() {
-            break;
-        }
-        got.extend(more);
-    }
-    let seen = set(got);
+    let seen = set(payloads(&subscriber.until_quiet().await));
     let missing: Vec<String> =
         (0..300).map(|i| format!("a{i}")).chain((0..40).map(|i| format!("b{i}"))).filter(|p| !seen.contains(p)).collect();
     assert!(missing.is_empty(), "never arrived: {missing:?}");
@@ -163,14 +149,7 @@ async fn slow_consumer(name: &str, receive_maximum: u16) {
 
     let mut again = Mqtt::connect(broker.port, "slow", false).await;
     again.subscribe("t", QoS::AtLeastOnce).await;
-    let mut second = Vec::new();
-    loop {
-        let more = payloads(&again.quiet().await);
-        if more.is_empty() {
-            break;
-        }
-        second.extend(more);
-    }
+    let second = payloads(&again.until_quiet().await);
     let repeated: Vec<&String> = second.iter().filter(|p| first.contains(p)).collect();
     assert!(
         repeated.is_empty(),

@@ -383,6 +383,18 @@ impl Mqtt {
         std::mem::take(&mut self.received)
     }
 
+    /// Whatever arrives until a `QUIET` window passes with nothing.
+    pub async fn until_quiet(&mut self) -> Vec<Publish> {
+        let mut all = Vec::new();
+        loop {
+            let more = self.quiet().await;
+            if more.is_empty() {
+                return all;
+            }
+            all.extend(more);
+        }
+    }
+
     pub async fn ack(&self, publish: &Publish) {
         self.client.ack(publish).await.unwrap();
     }
