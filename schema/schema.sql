@@ -73,6 +73,21 @@ CREATE INDEX IF NOT EXISTS mqtt_msg_topic_id ON mqtt_msg (topic, id);
 CREATE INDEX IF NOT EXISTS mqtt_msg_arrived ON mqtt_msg (arrived);
 CREATE INDEX IF NOT EXISTS mqtt_msg_expires_at ON mqtt_msg (expires_at) WHERE expires_at IS NOT NULL;
 
+-- Makes `source`, a table with mqtt_msg's columns outside the partitioning, the partition of
+-- everything that arrived before `upto`. Rows stamped later (a clock ahead) go to the default
+-- partition first: in this one they would hold it, and all that comes until their time, from
+-- being dropped. The attachment reads the table once.
+CREATE OR REPLACE FUNCTION mqtt_msg_attach_older(source regclass, upto timestamptz) RETURNS void
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    EXECUTE format('WITH later AS (DELETE FROM %s WHERE arrived >= %L RETURNING *) '
+                   'INSERT INTO mqtt_msg (id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at) '
+                   'SELECT id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at FROM later',
+                   source, upto);
+    EXECUTE format('ALTER TABLE mqtt_msg ATTACH PARTITION %s FOR VALUES FROM (MINVALUE) TO (%L)', source, upto);
+END
+$fn$;
+
 DO $$
 DECLARE
     upto timestamptz;
@@ -89,13 +104,7 @@ BEGIN
         IF to_regclass('mqtt_msg_id_seq') IS NULL THEN
             EXECUTE format('ALTER SEQUENCE %s RENAME TO mqtt_msg_id_seq', pg_get_serial_sequence('mqtt_msg', 'id'));
         END IF;
-        -- Rows stamped later than now (a clock ahead) go to the default partition: in this one
-        -- they would hold it, and all that comes until their time, from being dropped.
-        INSERT INTO mqtt_msg (id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at)
-        SELECT id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at
-        FROM mqtt_msg_older WHERE arrived >= upto;
-        DELETE FROM mqtt_msg_older WHERE arrived >= upto;
-        EXECUTE format('ALTER TABLE mqtt_msg ATTACH PARTITION mqtt_msg_older FOR VALUES FROM (MINVALUE) TO (%L)', upto);
+        PERFORM mqtt_msg_attach_older('mqtt_msg_older', upto);
         IF last_id IS NOT NULL THEN
             PERFORM setval(pg_get_serial_sequence('mqtt_msg', 'id'), last_id);
         END IF;
@@ -156,13 +165,8 @@ BEGIN
             ALTER TABLE mqtt_msg DETACH PARTITION mqtt_msg_default;
             EXECUTE format('ALTER TABLE mqtt_msg_default RENAME TO %I', name);
             CREATE TABLE mqtt_msg_default PARTITION OF mqtt_msg DEFAULT;
-            -- Rows stamped later (a clock ahead) stay in the default partition, as above.
-            EXECUTE format('WITH later AS (DELETE FROM %I WHERE arrived >= %L RETURNING *) '
-                           'INSERT INTO mqtt_msg (id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at) '
-                           'SELECT id, msgid, sender, topic, qos, retain, payload, properties, arrived, expires_at FROM later',
-                           name, low);
             -- Reads the rows once, under the lock: the only time they are read.
-            EXECUTE format('ALTER TABLE mqtt_msg ATTACH PARTITION %I FOR VALUES FROM (MINVALUE) TO (%L)', name, low);
+            PERFORM mqtt_msg_attach_older(quote_ident(name)::regclass, low);
         EXCEPTION WHEN lock_not_available THEN
             RETURN 0;
         END;
