@@ -193,8 +193,12 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
     let seconds = median(times);
     println!("| {seconds:.2} | {:.0} | {peak:.0} |", (SUBSCRIBERS * BACKLOG) as f64 / seconds);
 
-    println!("\n## broker: the same {BACKLOG} messages fanned out live to {SUBSCRIBERS} online subscribers, without the extension");
-    println!("| seconds from the first PUBLISH until all have every message (median) | messages/s delivered | backlog drain vs this |");
+    println!(
+        "\n## broker: the same {BACKLOG} messages fanned out live to {SUBSCRIBERS} online subscribers, without the extension"
+    );
+    println!(
+        "| seconds from the first PUBLISH until all have every message (median) | messages/s delivered | backlog drain vs this |"
+    );
     println!("|---|---|---|");
     let mut live = Vec::new();
     for _ in 0..runs {

@@ -31,8 +31,11 @@ struct Run {
 
 async fn function_total(http: u16, what: &str) -> f64 {
     let (_, metrics) = get(http, "/metrics").await;
-    sample(&metrics, &format!("mqtt_offline_function_{what}_total{{extension=\"offline\",function=\"on_message_publish\"}}"))
-        .unwrap_or(0.0)
+    sample(
+        &metrics,
+        &format!("mqtt_offline_function_{what}_total{{extension=\"offline\",function=\"on_message_publish\"}}"),
+    )
+    .unwrap_or(0.0)
 }
 
 /// Counts, until stopped, backends of `database` that run a statement, and those of them that

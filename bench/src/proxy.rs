@@ -80,7 +80,8 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
                         publish_load(&[proxy.port], &[proxy.pid(), mosquitto.pid()], publishers, each, &tag).await
                     }
                     None => {
-                        let mut direct = publish_load(&[mosquitto.port], &[mosquitto.pid()], publishers, each, &tag).await;
+                        let mut direct =
+                            publish_load(&[mosquitto.port], &[mosquitto.pid()], publishers, each, &tag).await;
                         // No proxy: its column reads zero.
                         direct.cpu_us.insert(1, 0.0);
                         direct

@@ -115,6 +115,9 @@ async fn run_layout(layout: Layout, seconds: u64) -> anyhow::Result<()> {
         let next = started + Duration::from_secs(second);
         tokio::time::sleep_until(next.into()).await;
     }
-    println!("\nslowest tick: {:.0} ms (each must end within {TICK_SECONDS} s to keep up)", worst_tick.as_secs_f64() * 1000.0);
+    println!(
+        "\nslowest tick: {:.0} ms (each must end within {TICK_SECONDS} s to keep up)",
+        worst_tick.as_secs_f64() * 1000.0
+    );
     Ok(())
 }

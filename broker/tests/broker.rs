@@ -140,7 +140,9 @@ async fn four_brokers_storing_at_once_skip_nothing_for_subscribers_that_keep_com
                     subscriber.subscribe("load/#", QoS::AtLeastOnce).await;
                     let publish = |i: &Incoming| matches!(i, Incoming::Publish(_));
                     let window = tokio::time::Instant::now() + std::time::Duration::from_millis(30);
-                    while let Ok(Ok(Incoming::Publish(p))) = tokio::time::timeout_at(window, subscriber.until(publish)).await {
+                    while let Ok(Ok(Incoming::Publish(p))) =
+                        tokio::time::timeout_at(window, subscriber.until(publish)).await
+                    {
                         got.insert(name(&p));
                     }
                     // The client acks what it receives as it comes: each message up to the end

@@ -105,8 +105,11 @@ async fn live_messages_held_while_a_kept_sessions_backlog_goes_out_all_arrive() 
     subscriber.subscribe("t/#", QoS::AtLeastOnce).await;
     live.await.unwrap();
     let seen = set(payloads(&subscriber.until_quiet().await));
-    let missing: Vec<String> =
-        (0..300).map(|i| format!("a{i}")).chain((0..40).map(|i| format!("b{i}"))).filter(|p| !seen.contains(p)).collect();
+    let missing: Vec<String> = (0..300)
+        .map(|i| format!("a{i}"))
+        .chain((0..40).map(|i| format!("b{i}")))
+        .filter(|p| !seen.contains(p))
+        .collect();
     assert!(missing.is_empty(), "never arrived: {missing:?}");
 }
 

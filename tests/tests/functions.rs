@@ -459,8 +459,7 @@ async fn a_fetch_across_partitions_comes_in_id_order_and_skips_nothing() {
         )
         .await
         .unwrap();
-    let spread: i64 =
-        client.query_one("SELECT count(DISTINCT tableoid) FROM mqtt_msg", &[]).await.unwrap().get(0);
+    let spread: i64 = client.query_one("SELECT count(DISTINCT tableoid) FROM mqtt_msg", &[]).await.unwrap().get(0);
     assert_eq!(spread, 4, "the messages are in four partitions, their ids interleaved");
     let output = replay(&host, &lines(&[connect("s"), subscribe("s", "t", 1)])).await;
     let expected: Vec<(String, String)> = payloads.iter().map(|p| ("s".to_owned(), p.clone())).collect();
