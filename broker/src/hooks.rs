@@ -23,9 +23,10 @@ use crate::stats::BrokerStats;
 use host_harness::protocol::delivery::{Connection, Live, Refetch};
 
 /// The hook types [`Hooks`] handles.
-pub const TYPES: [Type; 11] = [
+pub const TYPES: [Type; 12] = [
     Type::ClientConnected,
     Type::ClientDisconnected,
+    Type::OfflineInflightMessages,
     Type::SessionTerminated,
     Type::SessionSubscribed,
     Type::SessionUnsubscribed,
@@ -104,6 +105,21 @@ impl Handler for Hooks {
                     let returned = extension.deliveries.disconnected(&connection(session), kept);
                     self.refetch(extension, returned).await;
                     extension.client_disconnected(&client, &reason.to_string()).await;
+                }
+            }
+            // The client left and rmqtt keeps its session (after `ClientDisconnected`): what it
+            // had in flight, rmqtt resends when the session resumes. Outstanding from then on,
+            // so that a page sent before the resends does not send them too.
+            Parameter::OfflineInflightMessages(session, in_flight) => {
+                let clientid = session.id.client_id.to_string();
+                for extension in self.extensions.iter() {
+                    let stored = in_flight
+                        .iter()
+                        .filter_map(|m| {
+                            Some((wire::stored_id(&m.publish, &extension.name)?, m.publish.topic.to_string()))
+                        })
+                        .collect();
+                    extension.deliveries.kept_in_flight(&clientid, stored);
                 }
             }
             // A kept session expired: its subscriptions end with it, as if the client had

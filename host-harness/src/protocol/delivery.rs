@@ -27,7 +27,9 @@
 //!   queued for the session meanwhile arrives as live messages while they fetch: held back, and
 //!   deduped against the pages by stored id, so each message reaches the client once, whichever
 //!   of the two stores had it. Resends of what was in flight (MQTT DUP) go as MQTT requires and
-//!   count as outstanding, so no page sends them again.
+//!   count as outstanding, so no page sends them again: from the moment the session resumes,
+//!   when the adapter told what was in flight as the client left ([`Deliveries::kept_in_flight`]),
+//!   since the first page may go before the broker resends anything.
 //! - **Shared subscriptions: the group's claim.** A subscription `$share/<group>/<filter>` reads
 //!   its group's position (one per group and filter). The broker gives each live message to one
 //!   member; a member's backlog pages skip what another member of the group has outstanding
@@ -86,9 +88,8 @@ impl Held for Message {
 
 pub struct Deliveries<P> {
     clients: Mutex<HashMap<String, ClientState<P>>>,
-    /// The subscriptions (filter, QoS) of sessions the broker kept after their client left, by
-    /// client id: what a resumed session fetches again.
-    kept: Mutex<HashMap<String, Vec<(String, u8)>>>,
+    /// Sessions the broker kept after their client left, by client id.
+    kept: Mutex<HashMap<String, KeptSession>>,
     /// What each share group's members have (see [`Groups`]). Locked after `clients`, never
     /// before.
     groups: Mutex<Groups>,
@@ -102,6 +103,17 @@ impl<P> Default for Deliveries<P> {
             groups: Mutex::new(Groups::default()),
         }
     }
+}
+
+/// What a resumed session takes back.
+#[derive(Default)]
+struct KeptSession {
+    /// Its subscriptions (filter, QoS): each fetches again from its stored position.
+    subscriptions: Vec<(String, u8)>,
+    /// The stored messages (id, topic) the broker had in flight to the client when it left. The
+    /// broker resends them (DUP) once the session is back, on its own time: they are outstanding
+    /// from the start, so that no page sent before a resend arrives sends them too.
+    in_flight: Vec<(i64, String)>,
 }
 
 /// A member of a share group that fetches the group's backlog again (what another member left
@@ -313,8 +325,11 @@ impl<P: Held> Deliveries<P> {
         };
         // A connection that takes over one still open has the subscriptions of that one.
         let restored = match (&old, resumed) {
-            (_, false) => Vec::new(),
-            (Some(old), true) => old.subscriptions.iter().map(|(filter, sub)| (filter.clone(), sub.qos)).collect(),
+            (_, false) => KeptSession::default(),
+            (Some(old), true) => KeptSession {
+                subscriptions: old.subscriptions.iter().map(|(filter, sub)| (filter.clone(), sub.qos)).collect(),
+                in_flight: Vec::new(),
+            },
             (None, true) => kept.unwrap_or_default(),
         };
         if let Some(old) = old {
@@ -325,13 +340,18 @@ impl<P: Held> Deliveries<P> {
                 groups.drop_claims(filter, &gone);
             }
         }
-        for (filter, qos) in &restored {
+        for (filter, qos) in &restored.subscriptions {
             state
                 .subscriptions
                 .insert(filter.clone(), Subscription { qos: *qos, fetching: true, ..Default::default() });
         }
+        let mut groups = self.groups.lock().unwrap();
+        for (id, topic) in &restored.in_flight {
+            resent(&mut state, &mut groups, connection, *id, topic);
+        }
+        drop(groups);
         clients.insert(connection.clientid.clone(), state);
-        restored
+        restored.subscriptions
     }
 
     /// The connection ended. With `kept` (the broker keeps the session for the client's return),
@@ -347,7 +367,7 @@ impl<P: Held> Deliveries<P> {
             let mut sessions = self.kept.lock().unwrap();
             if kept {
                 let subscriptions = state.subscriptions.iter().map(|(f, sub)| (f.clone(), sub.qos)).collect();
-                sessions.insert(connection.clientid.clone(), subscriptions);
+                sessions.insert(connection.clientid.clone(), KeptSession { subscriptions, in_flight: Vec::new() });
             } else {
                 sessions.remove(&connection.clientid);
             }
@@ -355,11 +375,20 @@ impl<P: Held> Deliveries<P> {
         start
     }
 
+    /// What the broker had in flight to `clientid` (stored id, topic) when the client left, the
+    /// broker keeping its session (after [`Deliveries::disconnected`]): it resends them when the
+    /// session resumes, and [`Deliveries::connected`] counts them as outstanding from the start.
+    pub fn kept_in_flight(&self, clientid: &str, in_flight: Vec<(i64, String)>) {
+        if let Some(session) = self.kept.lock().unwrap().get_mut(clientid) {
+            session.in_flight = in_flight;
+        }
+    }
+
     /// The session the broker kept for `clientid` ended (it expired): returns the filters of its
     /// subscriptions, which end with it (the adapter calls `session-unsubscribed` for each).
     pub fn session_ended(&self, clientid: &str) -> Vec<String> {
         let kept = self.kept.lock().unwrap().remove(clientid);
-        kept.into_iter().flatten().map(|(filter, _)| filter).collect()
+        kept.into_iter().flat_map(|session| session.subscriptions).map(|(filter, _)| filter).collect()
     }
 
     /// Runs `f` on the state of `connection`, if it is still the client's current connection.
@@ -565,18 +594,7 @@ impl<P: Held> Deliveries<P> {
             let topic = live.topic;
             let mut groups = self.groups.lock().unwrap();
             if live.resend {
-                // Unless every share group it is for has it acked by another member meanwhile
-                // (the member left it unacked, it went back to the group): then once is enough.
-                let mut wanted = None;
-                for (filter, sub) in s.subscriptions.iter_mut().filter(|(f, _)| mqtt_topic::matches(f, topic)) {
-                    let elsewhere = groups.0.get(filter.as_str()).is_some_and(|g| g.acked.contains(&id));
-                    wanted = Some(wanted.unwrap_or(false) || !elsewhere);
-                    if !elsewhere && sub.qos > 0 && !sub.acked.contains_key(&id) {
-                        groups.claim(filter, id, connection);
-                        sub.unacked.insert(id);
-                    }
-                }
-                return wanted == Some(false);
+                return resent(s, &mut groups, connection, id, topic) == Some(false);
             }
             let matching = || s.subscriptions.iter().filter(|(filter, _)| mqtt_topic::matches(filter, topic));
             if matching().any(|(_, sub)| sub.fetching) {
@@ -687,6 +705,29 @@ impl<P: Held> Deliveries<P> {
 
 /// Too much is held: let it all go to the database, and have every fetching subscription fetch
 /// once more when its pages are out (the held messages are stored after the pages it has seen).
+/// A resend of `id` (what was in flight to the client): outstanding for every subscription it
+/// matches, so that no page sends it again. Unless every share group it is for has it acked by
+/// another member meanwhile (the member left it unacked, it went back to the group): then once is
+/// enough. Returns whether it goes, or `None` if no subscription matches it.
+fn resent<P>(
+    s: &mut ClientState<P>,
+    groups: &mut Groups,
+    connection: &Connection,
+    id: i64,
+    topic: &str,
+) -> Option<bool> {
+    let mut wanted = None;
+    for (filter, sub) in s.subscriptions.iter_mut().filter(|(f, _)| mqtt_topic::matches(f, topic)) {
+        let elsewhere = groups.0.get(filter.as_str()).is_some_and(|g| g.acked.contains(&id));
+        wanted = Some(wanted.unwrap_or(false) || !elsewhere);
+        if !elsewhere && sub.qos > 0 && !sub.acked.contains_key(&id) {
+            groups.claim(filter, id, connection);
+            sub.unacked.insert(id);
+        }
+    }
+    wanted
+}
+
 fn let_go_held<P>(s: &mut ClientState<P>) {
     tracing::info!(held = s.held.len(), "held messages left to the database");
     s.held.clear();
@@ -1033,6 +1074,36 @@ mod tests {
         assert_eq!(page(&deliveries, &back, "t", [3, 4]), [false, true]);
         assert_eq!(ack(&deliveries, &back, 4, "t"), [], "3 is outstanding");
         assert_eq!(ack(&deliveries, &back, 3, "t"), [(4, vec!["t".to_owned()])]);
+    }
+
+    #[test]
+    fn what_was_in_flight_goes_once_as_its_resend_even_when_a_page_comes_first() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t", 1);
+        go_live(&deliveries, &connection, "t");
+        deliveries.disconnected(&connection, true);
+        // 2 and 3 were in flight when the client left (the broker's offline in-flight messages).
+        deliveries.kept_in_flight("c", vec![(2, "t".into()), (3, "t".into())]);
+        let back = Connection { clientid: "c".into(), since: 2 };
+        assert_eq!(deliveries.connected(&back, true), [("t".to_owned(), 1)]);
+        // The first page goes before the broker's resends reach `hold` (a loaded broker).
+        assert_eq!(page(&deliveries, &back, "t", [1, 2, 3, 4]), [true, false, false, true]);
+        let resend = |id: i64| {
+            let keep = || Routed { id, topic: "t".into() };
+            deliveries.hold(&back, id, Live { topic: "t", resend: true, keep: &keep })
+        };
+        assert!(!resend(3) && !resend(2), "the resends go, as MQTT requires");
+        assert_eq!(ack(&deliveries, &back, 1, "t"), [(1, vec!["t".to_owned()])]);
+        assert_eq!(ack(&deliveries, &back, 4, "t"), [], "2 and 3 are outstanding");
+        assert_eq!(ack(&deliveries, &back, 3, "t"), []);
+        assert_eq!(ack(&deliveries, &back, 2, "t"), [(4, vec!["t".to_owned()])]);
+        // Another session of the client id starts clean: nothing of it is outstanding.
+        deliveries.disconnected(&back, true);
+        deliveries.kept_in_flight("c", vec![(5, "t".into())]);
+        let clean = Connection { clientid: "c".into(), since: 3 };
+        deliveries.connected(&clean, false);
+        deliveries.subscribed(&clean, "t", 1);
+        assert_eq!(page(&deliveries, &clean, "t", [5]), [true]);
     }
 
     #[test]
