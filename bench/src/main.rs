@@ -4,6 +4,7 @@
 
 mod broker;
 mod brokers;
+mod commit;
 mod cpu;
 mod fetch;
 mod hook;
