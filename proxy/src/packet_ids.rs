@@ -47,6 +47,11 @@ impl<T> PacketIds<T> {
         self.in_use.remove(&id.get())
     }
 
+    /// What the ids in use stand for, in no order.
+    pub fn in_use(&self) -> impl Iterator<Item = &T> {
+        self.in_use.values()
+    }
+
     pub fn len(&self) -> usize {
         self.in_use.len()
     }

@@ -806,6 +806,15 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         send_to(&mut self.client_io, self.version, packet).await
     }
 
+    /// The broker's deliveries it has not had an ack for: sent to the client and not acked (a
+    /// QoS 2 one not received), or waiting for the client's window. The broker resends them
+    /// (DUP) when the session resumes.
+    fn broker_in_flight(&self) -> Vec<Publish> {
+        let sent = self.to_client.in_use().filter(|d| !d.received).map(|d| (&d.origin, &d.publish));
+        let waiting = self.waiting.iter().map(|(origin, publish)| (origin, publish));
+        sent.chain(waiting).filter(|(origin, _)| matches!(origin, Origin::Broker(_))).map(|(_, p)| p.clone()).collect()
+    }
+
     /// The connection ended (`error` says why, if it did not end well).
     async fn end(&mut self, error: Option<String>) {
         if let Some(error) = &error {
@@ -827,6 +836,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         // The broker's session ends or stays as it says; the proxy's goes with it.
         let _ = self.upstream.close().await;
         let _ = self.client_io.close().await;
+        let in_flight = self.broker_in_flight();
         // What waited was never sent: the backlogs it came from must not wait for it.
         for (origin, _) in self.waiting.drain(..) {
             if let Origin::Own(index) = origin {
@@ -841,6 +851,13 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         };
         for (index, extension) in self.proxy.extensions.iter().enumerate() {
             let returned = extension.deliveries.disconnected(&self.connection, kept);
+            if kept {
+                let stored = in_flight
+                    .iter()
+                    .filter_map(|p| Some((wire::stored_id(p, &extension.name)?, p.topic.to_string())))
+                    .collect();
+                extension.deliveries.kept_in_flight(&self.client.clientid, stored);
+            }
             self.proxy.refetch(index, returned);
             extension.client_disconnected(&self.client, &reason).await;
         }
