@@ -85,12 +85,22 @@ fn connection(session: &Session) -> Connection {
 }
 
 /// Messages an extension forwards to a session come "from" it: a system sender named after it.
+/// The sender also names the connection it forwards to (in its user name, which a system sender
+/// has no other use for), for [`forwarded_to`].
 fn from_extension(session: &Session, extension: &Extension) -> From {
-    From::from_system(Id::new(session.id.node_id, 0, None, None, extension.name.as_str().into(), None))
+    let to = Some(session.id.create_time.to_string().into());
+    From::from_system(Id::new(session.id.node_id, 0, None, None, extension.name.as_str().into(), to))
 }
 
 fn is_from(from: &From, extension: &Extension) -> bool {
     from.is_system() && *from.id.client_id == *extension.name
+}
+
+/// Whether our forward `from` was for the connection created at `since`. rmqtt hands what it
+/// queued for a kept session to the connection that resumes it, our forwards to an earlier one
+/// too.
+fn forwarded_to(from: &From, since: i64) -> bool {
+    from.id.username.as_deref() == Some(since.to_string().as_str())
 }
 
 #[async_trait]
@@ -163,6 +173,17 @@ impl Handler for Hooks {
                 );
                 return (false, Some(HookResult::PublishAclResult(PublishAclResult(refused))));
             }
+            // Our own forward to an earlier connection of the client (a backlog, released
+            // messages), which rmqtt kept in the session's queue and hands this one on
+            // resumption: stored, and not acked, so this connection's backlog sends it (once).
+            // A resend of one that was in flight (DUP) goes, below.
+            Parameter::MessageExpiryCheck(session, from, publish)
+                if from.is_system() && !publish.dup && !forwarded_to(from, session.id.create_time) =>
+            {
+                if self.extensions.iter().any(|e| is_from(from, e)) {
+                    return (false, Some(HookResult::MessageExpiry));
+                }
+            }
             // Our own forwards (a backlog, released messages) were counted when they went; a
             // resend of one (DUP, a resumed session) is counted again, as any resend.
             Parameter::MessageExpiryCheck(session, from, publish) if !from.is_system() || publish.dup => {
@@ -186,7 +207,7 @@ impl Handler for Hooks {
             Parameter::MessageDropped(Some(to), from, publish, reason) => {
                 let connection = Connection { clientid: to.client_id.to_string(), since: to.create_time };
                 for extension in self.extensions.iter() {
-                    if is_from(from, extension) {
+                    if is_from(from, extension) && forwarded_to(from, to.create_time) {
                         extension.deliveries.forwarded_gone(&connection);
                     }
                     // Lost on the way (a full queue): left to the database, the subscriptions it
@@ -327,7 +348,7 @@ impl Hooks {
         let client = message::client(session);
         for extension in self.extensions.iter() {
             let id = wire::stored_id(publish, &extension.name);
-            if is_from(from, extension) {
+            if is_from(from, extension) && forwarded_to(from, session.id.create_time) {
                 extension.deliveries.forwarded_gone(&connection(session));
             }
             if id.is_some() {

@@ -113,6 +113,44 @@ async fn live_messages_held_while_a_kept_sessions_backlog_goes_out_all_arrive() 
     assert!(missing.is_empty(), "never arrived: {missing:?}");
 }
 
+/// A kept session leaves with its backlog partly in the broker's session queue (the client read
+/// a few messages and acked fewer). rmqtt hands that queue, our forwards in it included, to the
+/// connection that resumes the session, whose backlog sends the same messages from the
+/// database: each must arrive once (besides the DUP resends of what was in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_left_in_the_broker_queue_by_a_kept_session_goes_once_on_resumption() {
+    let (_db, rules) = database("guarantee_kept_queue", "").await;
+    let broker = broker().start("kept-queue", &rules).await;
+    let kept = |o: &mut rumqttc::MqttOptions| {
+        o.set_clean_session(false);
+    };
+    let mut subscriber = Mqtt::connect_with(broker.port, "s", false, kept).await;
+    subscriber.subscribe("t/#", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    for i in 0..300 {
+        publisher.publish("t/a", QoS::AtLeastOnce, &format!("a{i}")).await;
+    }
+    // Back for a moment: the backlog fills the broker's in-flight window, and the rest of its
+    // first slice waits in the session queue. Five are acked.
+    let mut subscriber = Mqtt::connect_with(broker.port, "s", true, kept).await;
+    let first = subscriber.receive(10).await;
+    for message in &first[..5] {
+        subscriber.ack(message).await;
+    }
+    subscriber.disconnect().await;
+    let mut subscriber = Mqtt::connect_with(broker.port, "s", false, kept).await;
+    let arrived = subscriber.until_quiet().await;
+    let fresh = payloads(&arrived.iter().filter(|p| !p.dup).cloned().collect::<Vec<_>>());
+    let twice: Vec<&String> =
+        fresh.iter().enumerate().filter(|(i, p)| fresh[..*i].contains(p)).map(|(_, p)| p).collect();
+    assert!(twice.is_empty(), "sent twice (not as a resend): {twice:?}");
+    let (seen, acked) = (set(payloads(&arrived)), set(payloads(&first[..5])));
+    let missing: Vec<String> =
+        (0..300).map(|i| format!("a{i}")).filter(|p| !seen.contains(p) && !acked.contains(p)).collect();
+    assert!(missing.is_empty(), "never arrived: {missing:?}");
+}
+
 /// A subscriber with Receive Maximum `receive_maximum` acking each message `delay` after it came,
 /// while more is published than the session queue holds: each message once, across a reconnect.
 async fn slow_consumer(name: &str, receive_maximum: u16) {
