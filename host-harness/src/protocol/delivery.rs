@@ -313,8 +313,11 @@ impl<P: Held> Deliveries<P> {
     /// from its stored position: returned, for the adapter to send their backlogs
     /// (`session-resume`). Without, whatever the client id had is gone, as the broker's session.
     pub fn connected(&self, connection: &Connection, resumed: bool) -> Vec<(String, u8)> {
-        let kept = self.kept.lock().unwrap().remove(&connection.clientid);
+        // `clients` first, as `disconnected` locks them: the connection taken over either is
+        // still here, or has left its kept session already. (Taking `kept` before, a
+        // `disconnected` in between left this connection with neither, and no subscriptions.)
         let mut clients = self.clients.lock().unwrap();
+        let kept = self.kept.lock().unwrap().remove(&connection.clientid);
         let old = clients.remove(&connection.clientid);
         let mut state = ClientState {
             since: connection.since,
