@@ -178,11 +178,11 @@ impl Handler for Hooks {
             // resumption: stored, and not acked, so this connection's backlog sends it (once).
             // A resend of one that was in flight (DUP) goes, below.
             Parameter::MessageExpiryCheck(session, from, publish)
-                if from.is_system() && !publish.dup && !forwarded_to(from, session.id.create_time) =>
+                if !publish.dup
+                    && !forwarded_to(from, session.id.create_time)
+                    && self.extensions.iter().any(|e| is_from(from, e)) =>
             {
-                if self.extensions.iter().any(|e| is_from(from, e)) {
-                    return (false, Some(HookResult::MessageExpiry));
-                }
+                return (false, Some(HookResult::MessageExpiry));
             }
             // Our own forwards (a backlog, released messages) were counted when they went; a
             // resend of one (DUP, a resumed session) is counted again, as any resend.
