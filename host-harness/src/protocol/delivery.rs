@@ -712,8 +712,6 @@ impl<P: Held> Deliveries<P> {
     }
 }
 
-/// Too much is held: let it all go to the database, and have every fetching subscription fetch
-/// once more when its pages are out (the held messages are stored after the pages it has seen).
 /// A resend of `id` (what was in flight to the client): outstanding for every subscription it
 /// matches, so that no page sends it again. Unless every share group it is for has it acked by
 /// another member meanwhile (the member left it unacked, it went back to the group): then once is
@@ -737,6 +735,8 @@ fn resent<P>(
     wanted
 }
 
+/// Too much is held: let it all go to the database, and have every fetching subscription fetch
+/// once more when its pages are out (the held messages are stored after the pages it has seen).
 fn let_go_held<P>(s: &mut ClientState<P>) {
     tracing::info!(held = s.held.len(), "held messages left to the database");
     s.held.clear();
