@@ -76,6 +76,24 @@ async fn unsubscribing_one_of_two_overlapping_filters_keeps_what_the_other_still
     }
 }
 
+/// Options of a kept session (MQTT 3.1.1 `clean_session` false).
+fn kept(options: &mut rumqttc::MqttOptions) {
+    options.set_clean_session(false);
+}
+
+/// Client "s" subscribes to `t/#` in a kept session and leaves; then `count` messages, `a0`
+/// onwards, are published to `t/a` while it is away. Returns their publisher.
+async fn kept_session_away_for(port: u16, count: usize) -> Mqtt {
+    let mut subscriber = Mqtt::connect_with(port, "s", false, kept).await;
+    subscriber.subscribe("t/#", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+    let mut publisher = Mqtt::connect(port, "p", false).await;
+    for i in 0..count {
+        publisher.publish("t/a", QoS::AtLeastOnce, &format!("a{i}")).await;
+    }
+    publisher
+}
+
 /// A kept session comes back after 300 messages: rmqtt's own queue replays them while the
 /// backlog's pages send them too, and messages published live while the backlog goes out are
 /// held behind those duplicates. Every one must come. (The first slice of held messages, all
@@ -85,16 +103,7 @@ async fn unsubscribing_one_of_two_overlapping_filters_keeps_what_the_other_still
 async fn live_messages_held_while_a_kept_sessions_backlog_goes_out_all_arrive() {
     let (_db, rules) = database("guarantee_kept_session_live", "").await;
     let broker = broker().start("kept-session-live", &rules).await;
-    let kept = |o: &mut rumqttc::MqttOptions| {
-        o.set_clean_session(false);
-    };
-    let mut subscriber = Mqtt::connect_with(broker.port, "s", false, kept).await;
-    subscriber.subscribe("t/#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
-    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
-    for i in 0..300 {
-        publisher.publish("t/a", QoS::AtLeastOnce, &format!("a{i}")).await;
-    }
+    let mut publisher = kept_session_away_for(broker.port, 300).await;
     let live = tokio::spawn(async move {
         for i in 0..40 {
             publisher.publish("t/b", QoS::AtLeastOnce, &format!("b{i}")).await;
@@ -121,16 +130,7 @@ async fn live_messages_held_while_a_kept_sessions_backlog_goes_out_all_arrive() 
 async fn a_backlog_left_in_the_broker_queue_by_a_kept_session_goes_once_on_resumption() {
     let (_db, rules) = database("guarantee_kept_queue", "").await;
     let broker = broker().start("kept-queue", &rules).await;
-    let kept = |o: &mut rumqttc::MqttOptions| {
-        o.set_clean_session(false);
-    };
-    let mut subscriber = Mqtt::connect_with(broker.port, "s", false, kept).await;
-    subscriber.subscribe("t/#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
-    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
-    for i in 0..300 {
-        publisher.publish("t/a", QoS::AtLeastOnce, &format!("a{i}")).await;
-    }
+    kept_session_away_for(broker.port, 300).await;
     // Back for a moment: the backlog fills the broker's in-flight window, and the rest of its
     // first slice waits in the session queue. Five are acked.
     let mut subscriber = Mqtt::connect_with(broker.port, "s", true, kept).await;
