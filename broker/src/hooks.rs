@@ -100,7 +100,7 @@ fn is_from(from: &From, extension: &Extension) -> bool {
 /// queued for a kept session to the connection that resumes it, our forwards to an earlier one
 /// too.
 fn forwarded_to(from: &From, since: i64) -> bool {
-    from.id.username.as_deref() == Some(since.to_string().as_str())
+    from.id.username.as_deref().and_then(|to| to.parse::<i64>().ok()) == Some(since)
 }
 
 #[async_trait]
@@ -179,8 +179,8 @@ impl Handler for Hooks {
             // A resend of one that was in flight (DUP) goes, below.
             Parameter::MessageExpiryCheck(session, from, publish)
                 if !publish.dup
-                    && !forwarded_to(from, session.id.create_time)
-                    && self.extensions.iter().any(|e| is_from(from, e)) =>
+                    && self.extensions.iter().any(|e| is_from(from, e))
+                    && !forwarded_to(from, session.id.create_time) =>
             {
                 return (false, Some(HookResult::MessageExpiry));
             }
