@@ -116,7 +116,7 @@ where
                 // Behind a batch still being stored, this one would only wait for the
                 // commit-order lock: it goes on filling until it is as large as that one, or
                 // that one is stored. Sent at once, it split the queue into small batches, each
-                // costing a transaction (BENCHMARKS.md section 7); sent only once that one is
+                // costing a transaction (BENCHMARKS.md section 4); sent only once that one is
                 // stored (`in_flight = 1`), it waits a round trip more.
                 Err(_) if ahead.as_ref().is_some_and(|(size, _)| batch.len() < *size) => {
                     let (_, end) = ahead.as_mut().expect("a batch ahead");
@@ -301,6 +301,7 @@ mod tests {
         stores.publish(1..=3).await;
         assert_eq!(stores.sent().await, [batch(&[1, 2, 3])]);
         stores.publish(4..=4).await;
+        assert_eq!(stores.sent().await, Vec::<Vec<String>>::new(), "one batch in flight: the next queues");
         stores.finish_oldest().await;
         assert_eq!(stores.sent().await, [batch(&[4])]);
     }
