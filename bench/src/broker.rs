@@ -1,14 +1,14 @@
 //! The broker with real MQTT connections (rumqttc), as processes: QoS 1 publish throughput,
 //! latency and CPU per message through the broker with the extension against the same broker
-//! without it (and with the extension's hook path alone, to tell its cost from the database's),
-//! and the time for 100 offline subscribers to receive a 1000-message backlog.
+//! without it (and with the extension's hook path alone, to tell its cost from the database's).
+//! The backlog drain is `backlog.rs`.
 //!
 //! Each publisher publishes QoS 1 messages one after the other, waiting for each PUBACK (what a
 //! device does); the latency of a message is from PUBLISH to PUBACK. No subscribers are online:
 //! this is the publish path alone. The database commits synchronously (the server's default).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use integration_tests::mqtt::{BrokerProcess, Launcher, Mqtt};
 use integration_tests::{TestDb, offline_rules};
@@ -21,8 +21,6 @@ use crate::{cpu, median, per_second};
 /// (publishers, messages each). Long enough for a steady state: with 100 x 100 the plain broker
 /// spent most of the run warming up and reached half its rate.
 pub const LOADS: [(usize, usize); 2] = [(10, 1000), (100, 1000)];
-const SUBSCRIBERS: usize = 100;
-const BACKLOG: usize = 1000;
 
 pub fn launcher() -> Launcher {
     let binary = std::env::var_os("BROKER_BIN")
@@ -88,7 +86,7 @@ pub async fn publish_load(ports: &[u16], servers: &[u32], publishers: usize, eac
     Publishing { rate: per_second(messages, elapsed), p50_ms: at(0.50), p99_ms: at(0.99), cpu_us, busy }
 }
 
-fn peak_rss_mib(broker: &BrokerProcess) -> f64 {
+pub fn peak_rss_mib(broker: &BrokerProcess) -> f64 {
     process_status_kib(&broker.pid().to_string(), "VmHWM") as f64 / 1024.0
 }
 
@@ -191,38 +189,6 @@ pub async fn run(runs: usize) -> anyhow::Result<()> {
         println!("\n{line}");
     }
 
-    println!("\n## broker: {SUBSCRIBERS} offline subscribers come back to a {BACKLOG}-message backlog");
-    println!("| seconds until all have every message (median) | messages/s delivered | peak RSS of the broker, MiB |");
-    println!("|---|---|---|");
-    let mut times = Vec::new();
-    let mut peak = 0.0f64;
-    for _ in 0..runs {
-        let db = TestDb::create("bench_broker_backlog").await;
-        let broker = launcher.start("bench-backlog", &db.rules(&offline_rules(""))).await;
-        times.push(backlog(&broker).await.as_secs_f64());
-        peak = peak.max(peak_rss_mib(&broker));
-    }
-    let seconds = median(times);
-    println!("| {seconds:.2} | {:.0} | {peak:.0} |", (SUBSCRIBERS * BACKLOG) as f64 / seconds);
-
-    println!(
-        "\n## broker: the same {BACKLOG} messages fanned out live to {SUBSCRIBERS} online subscribers, without the extension"
-    );
-    println!(
-        "| seconds from the first PUBLISH until all have every message (median) | messages/s delivered | backlog drain vs this |"
-    );
-    println!("|---|---|---|");
-    let mut live = Vec::new();
-    for _ in 0..runs {
-        let broker = launcher.start_plain("bench-fanout").await;
-        live.push(fan_out(&broker).await.as_secs_f64());
-    }
-    let live_seconds = median(live);
-    println!(
-        "| {live_seconds:.2} | {:.0} | {:.0} % |",
-        (SUBSCRIBERS * BACKLOG) as f64 / live_seconds,
-        100.0 * live_seconds / seconds
-    );
     println!(
         "\npeak RSS during the publish runs, MiB: without the extension {:.0}, storing with it {:.0}",
         peaks[0], peaks[2]
@@ -249,73 +215,4 @@ fn target_2(plain_p50_ms: f64, storing_p50_ms: f64, commits: &[DurableCommit]) -
         c(&|d| d.select_1),
         c(&|d| d.insert),
     )
-}
-
-/// Subscribers are online; one publisher publishes the messages (QoS 1, each after the PUBACK of
-/// the one before); until every subscriber has every message.
-async fn fan_out(broker: &BrokerProcess) -> Duration {
-    let mut subscribers = Vec::new();
-    for s in 0..SUBSCRIBERS {
-        let mut subscriber = Mqtt::connect(broker.port, &format!("live-{s}"), false).await;
-        subscriber.subscribe("backlog/#", QoS::AtLeastOnce).await;
-        subscribers.push(subscriber);
-    }
-    let mut publisher = Mqtt::connect(broker.port, "publisher", false).await;
-    let started = Instant::now();
-    let receiving: Vec<_> = subscribers
-        .into_iter()
-        .map(|mut subscriber| {
-            tokio::spawn(async move {
-                assert_eq!(subscriber.receive(BACKLOG).await.len(), BACKLOG);
-                subscriber
-            })
-        })
-        .collect();
-    for i in 0..BACKLOG {
-        publisher.publish("backlog/x", QoS::AtLeastOnce, &format!("{i:08}")).await;
-    }
-    let mut subscribers = Vec::new();
-    for task in receiving {
-        subscribers.push(task.await.expect("subscriber"));
-    }
-    let elapsed = started.elapsed();
-    for subscriber in subscribers {
-        subscriber.disconnect().await;
-    }
-    elapsed
-}
-
-/// Subscribers subscribe once and leave; the backlog is published; all come back at once.
-async fn backlog(broker: &BrokerProcess) -> Duration {
-    for s in 0..SUBSCRIBERS {
-        let mut subscriber = Mqtt::connect(broker.port, &format!("sub-{s}"), false).await;
-        subscriber.subscribe("backlog/#", QoS::AtLeastOnce).await;
-        subscriber.disconnect().await;
-    }
-    let mut publisher = Mqtt::connect(broker.port, "publisher", false).await;
-    for i in 0..BACKLOG {
-        publisher.publish("backlog/x", QoS::AtLeastOnce, &format!("{i:08}")).await;
-    }
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..SUBSCRIBERS)
-        .map(|s| {
-            let port = broker.port;
-            tokio::spawn(async move {
-                let mut subscriber = Mqtt::connect(port, &format!("sub-{s}"), false).await;
-                subscriber.subscribe("backlog/#", QoS::AtLeastOnce).await;
-                let got = subscriber.receive(BACKLOG).await;
-                assert_eq!(got.len(), BACKLOG);
-                subscriber
-            })
-        })
-        .collect();
-    let mut subscribers = Vec::new();
-    for task in tasks {
-        subscribers.push(task.await.expect("subscriber"));
-    }
-    let elapsed = started.elapsed();
-    for subscriber in subscribers {
-        subscriber.disconnect().await;
-    }
-    elapsed
 }

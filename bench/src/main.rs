@@ -2,6 +2,7 @@
 //! run on the same PostgreSQL, and the median of `--runs` runs is printed, so ratios hold on a
 //! noisy machine. Needs `make pg-up` and the guest (`make guest`); `make bench` does both.
 
+mod backlog;
 mod broker;
 mod brokers;
 mod commit;
@@ -45,6 +46,8 @@ enum Suite {
     Hook,
     /// The broker with and without the extension, over real MQTT connections.
     Broker,
+    /// 100 offline subscribers draining a backlog against the same messages fanned out live.
+    Backlog,
     /// Four brokers storing into one database against one broker, and the commit-order lock's share.
     Brokers,
     /// Retention under 10 000 messages/s of ingest: does the sweep keep up, does the table bloat.
@@ -88,6 +91,9 @@ async fn suites() -> anyhow::Result<()> {
     }
     if wanted(Suite::Broker) {
         broker::run(runs).await?;
+    }
+    if wanted(Suite::Backlog) {
+        backlog::run(runs).await?;
     }
     if wanted(Suite::Brokers) {
         brokers::run(runs).await?;
