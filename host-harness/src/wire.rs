@@ -50,10 +50,13 @@ impl Keyed {
         Keyed { inner: Sha256::new().chain_update(pad(0x36)), outer: Sha256::new().chain_update(pad(0x5c)) }
     }
 
-    /// HMAC-SHA-256 of `message`.
-    fn mac(&self, message: &[u8]) -> [u8; 32] {
-        let inner = self.inner.clone().chain_update(message).finalize();
-        self.outer.clone().chain_update(inner).finalize().into()
+    /// HMAC-SHA-256 of the concatenation of `parts`.
+    fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut inner = self.inner.clone();
+        for part in parts {
+            inner.update(part);
+        }
+        self.outer.clone().chain_update(inner.finalize()).finalize().into()
     }
 }
 
@@ -71,24 +74,50 @@ fn keyed() -> &'static Keyed {
     })
 }
 
-/// HMAC-SHA-256 (RFC 2104) of `<extension>:<id>:<topic>`, its first 8 bytes in hex.
-fn tag(extension: &str, id: i64, topic: &str) -> String {
-    use std::fmt::Write;
-    let mac = keyed().mac(format!("{extension}:{id}:{topic}").as_bytes());
-    let mut hex = String::with_capacity(16);
-    for byte in &mac[..8] {
-        let _ = write!(hex, "{byte:02x}");
+/// HMAC-SHA-256 (RFC 2104) of `<extension>:<id>:<topic>`, its first 8 bytes in hex. Made
+/// for every forward and read back on every delivery and ack: no allocation, no formatting.
+fn tag(extension: &str, id: i64, topic: &str) -> [u8; 16] {
+    let mut digits = [0u8; 20];
+    let id = decimal(id, &mut digits).as_bytes();
+    let mac = keyed().mac(&[extension.as_bytes(), b":", id, b":", topic.as_bytes()]);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = [0u8; 16];
+    for (i, byte) in mac[..8].iter().enumerate() {
+        hex[2 * i] = HEX[usize::from(byte >> 4)];
+        hex[2 * i + 1] = HEX[usize::from(byte & 0xf)];
     }
     hex
+}
+
+/// `id` in decimal, as `{id}` formats it (stored ids are positive; a negative one keeps its sign).
+fn decimal(id: i64, digits: &mut [u8; 20]) -> &str {
+    let mut rest = id.unsigned_abs();
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if id < 0 {
+        start -= 1;
+        digits[start] = b'-';
+    }
+    std::str::from_utf8(&digits[start..]).expect("decimal digits")
 }
 
 /// The stored id `extension` gave `publish`, if any (and if its tag is valid).
 pub fn stored_id(publish: &Publish, extension: &str) -> Option<i64> {
     user_properties(publish).find_map(|(key, value)| {
+        if key != STORED_ID {
+            return None;
+        }
         let mut parts = value.rsplitn(3, ':');
         let (tagged, id, name) = (parts.next()?, parts.next()?, parts.next()?);
         let id: i64 = id.parse().ok()?;
-        (key == STORED_ID && name == extension && tagged == tag(name, id, &publish.topic)).then_some(id)
+        (name == extension && tagged.as_bytes() == tag(name, id, &publish.topic)).then_some(id)
     })
 }
 
@@ -99,7 +128,13 @@ pub fn attach_stored_id(publish: &mut Publish, extension: &str, id: i64) {
 }
 
 fn push_stored_id(properties: &mut PublishProperties, extension: &str, id: i64, topic: &str) {
-    let value = format!("{extension}:{id}:{}", tag(extension, id, topic));
+    let tag = tag(extension, id, topic);
+    let mut digits = [0u8; 20];
+    let id = decimal(id, &mut digits);
+    let mut value = String::with_capacity(extension.len() + id.len() + tag.len() + 2);
+    for part in [extension, ":", id, ":", std::str::from_utf8(&tag).expect("hex digits")] {
+        value.push_str(part);
+    }
     properties.user_properties.push((STORED_ID.into(), value.into()));
 }
 
@@ -248,10 +283,17 @@ mod tests {
 
     /// RFC 4231, test case 2 (a key shorter than the block: zeros after it, as ours).
     #[test]
+    fn ids_are_written_in_decimal_as_formatting_writes_them() {
+        for id in [0, 7, 10, 42, 1_000_000, -5, i64::MAX, i64::MIN] {
+            assert_eq!(decimal(id, &mut [0; 20]), id.to_string(), "{id}");
+        }
+    }
+
+    #[test]
     fn the_tag_is_hmac_sha_256() {
         let mut key = [0u8; 32];
         key[..4].copy_from_slice(b"Jefe");
-        let mac = Keyed::new(key).mac(b"what do ya want for nothing?");
+        let mac = Keyed::new(key).mac(&[b"what do ya want", b" for nothing?"]);
         let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(hex, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
