@@ -44,7 +44,6 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::bindings::Message;
 use tokio::sync::Notify;
@@ -233,7 +232,10 @@ struct ClientState<P> {
     held: Vec<(i64, P)>,
     /// Messages this extension forwarded to the session that have not left the broker yet.
     queued: usize,
-    /// Woken when `queued` drops, an ack comes, or the client goes away.
+    /// Woken when what [`Deliveries::sent`] or [`Deliveries::settled`] waits for may have come:
+    /// `queued` reached 0, a subscription has nothing unacked left or went away, or the client
+    /// went away. Not on every forward and ack: each wake-up is a task switch, two per message
+    /// of a backlog where it woke on both.
     progress: Arc<Notify>,
     /// Stored ids the client acked during this connection, while a fetch might reach them
     /// again through another subscription: that page does not send them twice. Forgotten when
@@ -431,6 +433,7 @@ impl<P: Held> Deliveries<P> {
         if s.subscriptions.remove(filter).is_none() {
             return Vec::new();
         }
+        s.progress.notify_waiters();
         self.groups.lock().unwrap().leave(&mut clients, [&filter.to_owned()], connection)
     }
 
@@ -495,14 +498,16 @@ impl<P: Held> Deliveries<P> {
 
     async fn wait(&self, connection: &Connection, done: impl Fn(&ClientState<P>) -> bool) -> bool {
         loop {
-            let Some((ready, progress)) = self.with(connection, |s| (done(s), s.progress.clone())) else {
+            // Registered under the lock, before the check: a wake-up sent after it (under the
+            // same lock) is not lost.
+            let Some((ready, progress)) = self.with(connection, |s| (done(s), s.progress.clone().notified_owned()))
+            else {
                 return false;
             };
             if ready {
                 return true;
             }
-            // The timeout covers a wake-up sent between the check and the wait.
-            let _ = tokio::time::timeout(Duration::from_millis(50), progress.notified()).await;
+            progress.await;
         }
     }
 
@@ -638,7 +643,9 @@ impl<P: Held> Deliveries<P> {
     pub fn forwarded_gone(&self, connection: &Connection) {
         self.with(connection, |s| {
             s.queued = s.queued.saturating_sub(1);
-            s.progress.notify_waiters();
+            if s.queued == 0 {
+                s.progress.notify_waiters();
+            }
         });
     }
 
@@ -675,10 +682,14 @@ impl<P: Held> Deliveries<P> {
             let message = Arc::new(message);
             let mut passed: Vec<(Arc<Message>, Vec<String>)> = Vec::new();
             let mut groups = self.groups.lock().unwrap();
+            // What `settled` waits for: a subscription with nothing unacked left.
+            let mut settled = false;
             for (filter, sub) in s.subscriptions.iter_mut() {
+                let removed = sub.unacked.remove(&id);
+                settled |= removed && sub.unacked.is_empty();
                 // A share group's position records each ack: it passes at once.
                 if is_shared(filter) {
-                    if sub.unacked.remove(&id) {
+                    if removed {
                         groups.acked(filter, id);
                         match passed.iter_mut().find(|(m, _)| m.id == message.id) {
                             Some((_, filters)) => filters.push(filter.clone()),
@@ -687,7 +698,7 @@ impl<P: Held> Deliveries<P> {
                     }
                     continue;
                 }
-                if sub.unacked.remove(&id) {
+                if removed {
                     sub.acked.insert(id, message.clone());
                 }
                 if let Some(highest) = sub.passable() {
@@ -705,7 +716,9 @@ impl<P: Held> Deliveries<P> {
             } else {
                 s.acked.clear();
             }
-            s.progress.notify_waiters();
+            if settled {
+                s.progress.notify_waiters();
+            }
             passed.into_iter().map(|(message, filters)| (Arc::unwrap_or_clone(message), filters)).collect()
         })
         .unwrap_or_default()
@@ -832,6 +845,53 @@ mod tests {
         passed(deliveries.acked(connection, id, stored(id, topic)))
     }
 
+    /// Time for a woken task to run: a waiter not done by then was not woken, and stays pending.
+    const A_WAKE_UP: std::time::Duration = std::time::Duration::from_millis(50);
+
+    /// A waiter in `sent` or `settled` on a task of its own, once it waits.
+    async fn waiting<T: Send + 'static>(wait: impl Future<Output = T> + Send + 'static) -> tokio::task::JoinHandle<T> {
+        let waiter = tokio::spawn(wait);
+        tokio::time::sleep(A_WAKE_UP).await;
+        assert!(!waiter.is_finished(), "it waits");
+        waiter
+    }
+
+    /// Whether `waiter` is done after `change`.
+    async fn done_after<T>(waiter: &tokio::task::JoinHandle<T>, change: impl FnOnce()) -> bool {
+        change();
+        tokio::time::sleep(A_WAKE_UP).await;
+        waiter.is_finished()
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_when_what_they_wait_for_comes_and_not_before() {
+        let (deliveries, connection) = client();
+        let deliveries = Arc::new(deliveries);
+        assert!(deliveries.subscribed(&connection, "t/#", 1));
+        assert_eq!(page(&deliveries, &connection, "t/#", [1, 2]), [true, true]);
+
+        // `sent`: the slice has left the broker.
+        let (d, c) = (deliveries.clone(), connection.clone());
+        let sent = waiting(async move { d.sent(&c).await }).await;
+        assert!(!done_after(&sent, || deliveries.forwarded_gone(&connection)).await, "one of two left");
+        assert!(done_after(&sent, || deliveries.forwarded_gone(&connection)).await, "both left");
+
+        // `settled`: the subscription has nothing unacked left.
+        let (d, c) = (deliveries.clone(), connection.clone());
+        let settled = waiting(async move { d.settled(&c, "t/#").await }).await;
+        assert!(!done_after(&settled, || drop(ack(&deliveries, &connection, 1, "t/p"))).await, "one of two acked");
+        assert!(done_after(&settled, || drop(ack(&deliveries, &connection, 2, "t/p"))).await, "both acked");
+        assert!(settled.await.unwrap());
+
+        // `settled`: the subscription went away.
+        assert!(deliveries.subscribed(&connection, "u/#", 1));
+        assert_eq!(page(&deliveries, &connection, "u/#", [3]), [true]);
+        let (d, c) = (deliveries.clone(), connection.clone());
+        let settled = waiting(async move { d.settled(&c, "u/#").await }).await;
+        assert!(done_after(&settled, || drop(deliveries.unsubscribed(&connection, "u/#"))).await, "unsubscribed");
+        assert!(!settled.await.unwrap(), "not settled: gone");
+    }
+
     #[tokio::test]
     async fn a_qos_0_subscriptions_live_messages_are_not_outstanding() {
         let (deliveries, connection) = client();
@@ -841,7 +901,7 @@ mod tests {
             assert!(!hold(&deliveries, &connection, id, "z/a"), "it goes");
         }
         // Nothing to wait for: no ack will ever come for them.
-        let settled = tokio::time::timeout(Duration::from_secs(1), deliveries.settled(&connection, "z/#"));
+        let settled = tokio::time::timeout(std::time::Duration::from_secs(1), deliveries.settled(&connection, "z/#"));
         assert!(settled.await.expect("settled at once"));
     }
 
