@@ -345,7 +345,6 @@ impl Hooks {
     }
 
     async fn message_delivered(&self, session: &Session, from: &From, publish: &Publish) {
-        let client = message::client(session);
         for extension in self.extensions.iter() {
             let id = wire::stored_id(publish, &extension.name);
             if is_from(from, extension) && forwarded_to(from, session.id.create_time) {
@@ -355,16 +354,15 @@ impl Hooks {
                 extension.host.metrics().delivered(1);
             }
             let message = || message::to_message(publish, &from.id.client_id, id);
-            extension.message_delivered(&client, &publish.topic, message).await;
+            extension.message_delivered(|| message::client(session), &publish.topic, message).await;
         }
     }
 
     async fn message_acked(&self, session: &Session, from: &From, publish: &Publish) {
-        let client = message::client(session);
         for extension in self.extensions.iter() {
             let Some(id) = wire::stored_id(publish, &extension.name) else { continue };
             let acked = message::to_message(publish, &from.id.client_id, Some(id));
-            extension.acked(&connection(session), &client, id, acked);
+            extension.acked(&connection(session), || message::client(session), id, acked);
         }
     }
 }

@@ -344,8 +344,9 @@ impl<P> LoadedExtension<P> {
     }
 
     /// The client acked the delivery of `message`, stored as `id` (or has it for good): what
-    /// passes the ack gates goes to the ack writer, if a rule acts on its topic.
-    pub fn acked(&self, connection: &Connection, client: &Client, id: i64, message: Message)
+    /// passes the ack gates goes to the ack writer, if a rule acts on its topic. `client` makes
+    /// the contract's client, only for an ack that goes on (this runs for every ack).
+    pub fn acked(&self, connection: &Connection, client: impl Fn() -> Client, id: i64, message: Message)
     where
         P: Held,
     {
@@ -353,19 +354,24 @@ impl<P> LoadedExtension<P> {
             if !self.host.acts_on(Hookpoint::MessageAcked, Some(&message.topic)) {
                 continue;
             }
-            tracing::debug!(clientid = client.clientid, id = message.id, ?filters, "ack passed");
-            self.acks.push(client.clone(), message, filters);
+            tracing::debug!(clientid = connection.clientid, id = message.id, ?filters, "ack passed");
+            self.acks.push(client(), message, filters);
         }
     }
 
-    /// A message about `topic` was delivered to `client`: `message` makes the contract's
-    /// message, only if a rule acts on that topic (this runs for every delivery).
-    pub async fn message_delivered(&self, client: &Client, topic: &str, message: impl FnOnce() -> Message) {
+    /// A message about `topic` was delivered: `client` and `message` make the contract's client
+    /// and message, only if a rule acts on that topic (this runs for every delivery).
+    pub async fn message_delivered(
+        &self,
+        client: impl FnOnce() -> Client,
+        topic: &str,
+        message: impl FnOnce() -> Message,
+    ) {
         if !self.host.acts_on(Hookpoint::MessageDelivered, Some(topic)) {
             return;
         }
-        let message = message();
-        self.host.call_or_log(async |i| i.message_delivered(client, &message).await).await;
+        let (client, message) = (client(), message());
+        self.host.call_or_log(async |i| i.message_delivered(&client, &message).await).await;
     }
 
     /// Whether a rule may store or act on a publish to `topic`: an adapter makes the contract's

@@ -541,7 +541,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         for extension in self.proxy.extensions.iter() {
             let Some(id) = wire::stored_id(publish, &extension.name) else { continue };
             let acked = wire::to_message(publish, "", Some(id), wire::now_millis());
-            extension.acked(&self.connection, &self.client, id, acked);
+            extension.acked(&self.connection, || self.client.clone(), id, acked);
         }
     }
 
@@ -674,7 +674,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
                 extension.host.metrics().delivered(1);
             }
             let message = || wire::to_message(publish, "", id, wire::now_millis());
-            extension.message_delivered(&self.client, &publish.topic, message).await;
+            extension.message_delivered(|| self.client.clone(), &publish.topic, message).await;
         }
     }
 
