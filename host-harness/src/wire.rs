@@ -281,7 +281,6 @@ mod tests {
         assert_eq!(stored_id(&publish("t/b", Some(&value)), "offline"), None, "the tag is the topic's");
     }
 
-    /// RFC 4231, test case 2 (a key shorter than the block: zeros after it, as ours).
     #[test]
     fn ids_are_written_in_decimal_as_formatting_writes_them() {
         for id in [0, 7, 10, 42, 1_000_000, -5, i64::MAX, i64::MIN] {
@@ -289,6 +288,8 @@ mod tests {
         }
     }
 
+    /// RFC 4231, test case 2 (a key shorter than the block: zeros after it, as ours), its
+    /// message in two parts as a tag's.
     #[test]
     fn the_tag_is_hmac_sha_256() {
         let mut key = [0u8; 32];
