@@ -383,7 +383,7 @@ impl SessionOutbox {
 }
 
 impl Outbox<Routed> for SessionOutbox {
-    fn send_stored(&self, message: &Message, qos: u8, extension: &str) -> bool {
+    fn send_stored(&self, message: Message, qos: u8, extension: &str) -> bool {
         let publish = message::to_publish(message, qos, extension);
         self.tx.unbounded_send(SessionMessage::Forward(self.from.clone(), publish)).is_ok()
     }

@@ -71,7 +71,7 @@ pub fn to_message(publish: &Publish, sender: &str, id: Option<i64>) -> Message {
 }
 
 /// A stored message to deliver at `qos`, carrying the id `extension` gave it.
-pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
+pub fn to_publish(message: Message, qos: u8, extension: &str) -> Publish {
     // Created now: the broker's own expiry check counts from here; the extension has already
     // shortened message-expiry-interval by the time the message spent stored.
     Publish::new(Box::new(wire::to_publish(message, qos, extension)), None, None, Some(wire::now_millis()))

@@ -420,8 +420,9 @@ impl<P> LoadedExtension<P> {
 /// reported to [`Deliveries::forwarded_gone`] once it left the adapter (written to the client,
 /// or dropped): [`Deliveries::sent`] waits for that.
 pub trait Outbox<P>: Send + Sync {
-    /// Sends a stored message (a backlog's) at `qos`. False: the client went away.
-    fn send_stored(&self, message: &Message, qos: u8, extension: &str) -> bool;
+    /// Sends a stored message (a backlog's) at `qos`: the message is moved into the packet, its
+    /// payload not copied. False: the client went away.
+    fn send_stored(&self, message: Message, qos: u8, extension: &str) -> bool;
     /// Sends a live message held back behind a backlog, as it came. False: the client went away.
     fn send_held(&self, held: P) -> bool;
 }
@@ -462,10 +463,16 @@ pub async fn send_backlog<P: Held>(
             tracing::debug!(clientid = client.clientid, filter, messages = page.messages.len(), "backlog page");
             extension.backlog_pages.fetch_add(1, Ordering::Relaxed);
             // In slices: a page may be bigger than the client's queue (`max_returned_count`).
-            for slice in page.messages.chunks(FORWARD_AT_ONCE) {
-                let Some(decisions) = deliveries.forward_page(connection, filter, slice) else { return };
-                for (message, _) in slice.iter().zip(decisions).filter(|(_, go)| *go) {
-                    if !outbox.send_stored(message, message.qos.min(subscription.qos), &extension.name) {
+            let mut messages = std::mem::take(&mut page.messages).into_iter();
+            loop {
+                let slice: Vec<Message> = messages.by_ref().take(FORWARD_AT_ONCE).collect();
+                if slice.is_empty() {
+                    break;
+                }
+                let Some(decisions) = deliveries.forward_page(connection, filter, &slice) else { return };
+                for (message, _) in slice.into_iter().zip(decisions).filter(|(_, go)| *go) {
+                    let qos = message.qos.min(subscription.qos);
+                    if !outbox.send_stored(message, qos, &extension.name) {
                         return;
                     }
                 }

@@ -197,14 +197,15 @@ fn properties(publish: &Publish) -> Vec<Property> {
 }
 
 /// A stored message to deliver at `qos` (the lower of the message's and the subscription's),
-/// carrying the id `extension` gave it; without a packet id (the sender gives it one).
-pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
+/// carrying the id `extension` gave it; without a packet id (the sender gives it one). The
+/// message's payload, topic and properties move into the packet: nothing is copied.
+pub fn to_publish(message: Message, qos: u8, extension: &str) -> Publish {
     let mut properties = PublishProperties::default();
-    for Property { key, value } in &message.properties {
+    for Property { key, value } in message.properties {
         let text = match value {
-            PropertyValue::Text(text) => text.as_str(),
+            PropertyValue::Text(text) => text,
             PropertyValue::Bytes(bytes) if key == "correlation-data" => {
-                properties.correlation_data = Some(bytes.clone().into());
+                properties.correlation_data = Some(bytes.into());
                 continue;
             }
             // MQTT has no other binary property of a message; a guest that made one is ignored.
@@ -217,8 +218,8 @@ pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
             "content-type" => properties.content_type = Some(text.into()),
             "response-topic" => properties.response_topic = Some(text.into()),
             "payload-format-indicator" => properties.is_utf8_payload = text == "1",
-            "correlation-data" => properties.correlation_data = Some(text.as_bytes().to_vec().into()),
-            _ => properties.user_properties.push((key.as_str().into(), text.into())),
+            "correlation-data" => properties.correlation_data = Some(text.into_bytes().into()),
+            _ => properties.user_properties.push((key.into(), text.into())),
         }
     }
     if let Some(id) = message.id {
@@ -228,9 +229,9 @@ pub fn to_publish(message: &Message, qos: u8, extension: &str) -> Publish {
         dup: false,
         retain: message.retain,
         qos: QoS::try_from(qos).unwrap_or(QoS::AtMostOnce),
-        topic: message.topic.as_str().into(),
+        topic: message.topic.into(),
         packet_id: None,
-        payload: message.payload.clone().into(),
+        payload: message.payload.into(),
         properties: Some(properties),
     }
 }

@@ -86,7 +86,7 @@ pub struct ClientOutbox {
 }
 
 impl Outbox<Routed> for ClientOutbox {
-    fn send_stored(&self, message: &Message, qos: u8, extension: &str) -> bool {
+    fn send_stored(&self, message: Message, qos: u8, extension: &str) -> bool {
         let publish = wire::to_publish(message, qos, extension);
         self.own.send(Own::Deliver { extension: self.extension, publish }).is_ok()
     }
