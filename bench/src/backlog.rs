@@ -26,7 +26,8 @@ struct Delivery {
 
 impl Delivery {
     fn median_of(runs: &[Delivery]) -> (f64, Vec<f64>) {
-        let cpu = (0..3).map(|i| median(runs.iter().map(|r| r.cpu_us[i]).collect())).collect();
+        let columns = runs[0].cpu_us.len();
+        let cpu = (0..columns).map(|i| median(runs.iter().map(|r| r.cpu_us[i]).collect())).collect();
         (median(runs.iter().map(|r| r.seconds).collect()), cpu)
     }
 }

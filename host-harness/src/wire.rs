@@ -77,8 +77,8 @@ fn keyed() -> &'static Keyed {
 /// HMAC-SHA-256 (RFC 2104) of `<extension>:<id>:<topic>`, its first 8 bytes in hex. Made
 /// for every forward and read back on every delivery and ack: no allocation, no formatting.
 fn tag(extension: &str, id: i64, topic: &str) -> [u8; 16] {
-    let mut digits = [0u8; 20];
-    let id = decimal(id, &mut digits).as_bytes();
+    let mut digits = itoa::Buffer::new();
+    let id = digits.format(id).as_bytes();
     let mac = keyed().mac(&[extension.as_bytes(), b":", id, b":", topic.as_bytes()]);
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = [0u8; 16];
@@ -87,25 +87,6 @@ fn tag(extension: &str, id: i64, topic: &str) -> [u8; 16] {
         hex[2 * i + 1] = HEX[usize::from(byte & 0xf)];
     }
     hex
-}
-
-/// `id` in decimal, as `{id}` formats it (stored ids are positive; a negative one keeps its sign).
-fn decimal(id: i64, digits: &mut [u8; 20]) -> &str {
-    let mut rest = id.unsigned_abs();
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    if id < 0 {
-        start -= 1;
-        digits[start] = b'-';
-    }
-    std::str::from_utf8(&digits[start..]).expect("decimal digits")
 }
 
 /// The stored id `extension` gave `publish`, if any (and if its tag is valid).
@@ -129,8 +110,8 @@ pub fn attach_stored_id(publish: &mut Publish, extension: &str, id: i64) {
 
 fn push_stored_id(properties: &mut PublishProperties, extension: &str, id: i64, topic: &str) {
     let tag = tag(extension, id, topic);
-    let mut digits = [0u8; 20];
-    let id = decimal(id, &mut digits);
+    let mut digits = itoa::Buffer::new();
+    let id = digits.format(id);
     let mut value = String::with_capacity(extension.len() + id.len() + tag.len() + 2);
     for part in [extension, ":", id, ":", std::str::from_utf8(&tag).expect("hex digits")] {
         value.push_str(part);
@@ -280,13 +261,6 @@ mod tests {
             assert_eq!(stored_id(&publish("t/a", Some(forged)), "offline"), None, "{forged}");
         }
         assert_eq!(stored_id(&publish("t/b", Some(&value)), "offline"), None, "the tag is the topic's");
-    }
-
-    #[test]
-    fn ids_are_written_in_decimal_as_formatting_writes_them() {
-        for id in [0, 7, 10, 42, 1_000_000, -5, i64::MAX, i64::MIN] {
-            assert_eq!(decimal(id, &mut [0; 20]), id.to_string(), "{id}");
-        }
     }
 
     /// RFC 4231, test case 2 (a key shorter than the block: zeros after it, as ours), its
