@@ -76,6 +76,34 @@ async fn unsubscribing_one_of_two_overlapping_filters_keeps_what_the_other_still
     }
 }
 
+/// MQTT 3.1.1: rmqtt sends a client a copy of each message per subscription that matches it.
+/// With an in-flight window of 1, the second copy leaves the session's queue only after the
+/// first is acked; it must not reach the client. Live and from the backlog, every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_subscriptions_get_each_message_once_with_an_in_flight_window_of_1() {
+    let (_db, rules) = database("guarantee_overlap_window_1", "").await;
+    let broker = broker().start_with("overlap-window-1", &rules, "[mqtt]\nmax_inflight = 1\n").await;
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("a/#", QoS::AtLeastOnce).await;
+    subscriber.subscribe("a/+/c", QoS::AtLeastOnce).await;
+    subscriber.disconnect().await;
+    let mut publisher = Mqtt::connect(broker.port, "p", false).await;
+    for i in 0..20 {
+        publisher.publish("a/x/c", QoS::AtLeastOnce, &format!("backlog {i}")).await;
+    }
+    let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
+    subscriber.subscribe("a/#", QoS::AtLeastOnce).await;
+    subscriber.subscribe("a/+/c", QoS::AtLeastOnce).await;
+    let mut got = subscriber.receive(20).await;
+    for i in 0..20 {
+        publisher.publish("a/x/c", QoS::AtLeastOnce, &format!("live {i}")).await;
+    }
+    got.extend(subscriber.until_quiet().await);
+    let expected: Vec<String> =
+        (0..20).map(|i| format!("backlog {i}")).chain((0..20).map(|i| format!("live {i}"))).collect();
+    assert_eq!(payloads(&got), expected, "each once, in order");
+}
+
 /// Options of a kept session (MQTT 3.1.1 `clean_session` false).
 fn kept(options: &mut rumqttc::MqttOptions) {
     options.set_clean_session(false);

@@ -15,6 +15,10 @@
 //!   goes out live. An ack credits each of them; a subscription's position may move to the
 //!   highest acked id below its lowest unacked one. So an ack never moves the position of a
 //!   filter the client is not subscribed to, nor of one whose backlog is behind.
+//! - **Once per connection, whatever the overlaps.** A live message that a page or an earlier
+//!   copy already sent does not go again (a broker sends an MQTT 3.1.1 client a copy per
+//!   subscription that matches), even once the first is acked; while that delivery is
+//!   outstanding it counts for the other subscriptions that match it too.
 //! - **Nothing dropped silently.** A stored message lost on the way (rmqtt's session queue was
 //!   full) is left to the database: every subscription it concerns stops its position below it
 //!   and catches up, fetching again from its stored position once what it delivered so far is
@@ -241,11 +245,23 @@ struct ClientState<P> {
     /// again through another subscription: that page does not send them twice. Forgotten when
     /// no subscription fetches, and bounded ([`ACKED_REMEMBERED`]).
     acked: BTreeSet<i64>,
+    /// Stored ids of live messages that went out matching more than one of the client's
+    /// subscriptions. An MQTT 3.1.1 client gets a copy per subscription from the broker, one
+    /// after the other through the session's queue; a later copy that leaves the queue after
+    /// the first was acked (a small in-flight window) finds no subscription that still has the
+    /// id outstanding, and would go again. Bounded ([`COPIES_REMEMBERED`]).
+    copies: BTreeSet<i64>,
 }
 
 /// Acked ids a client's state remembers at most for [`ClientState::acked`] (the lowest go
 /// first: forgetting one only means a page may send it once more).
 const ACKED_REMEMBERED: usize = 10_000;
+
+/// Ids a client's state remembers at most for [`ClientState::copies`] (the lowest go first). A
+/// later copy is at most a session queue behind the first (rmqtt's `max_queue`, 1000 by
+/// default), and a client whose broker sends one copy per client (MQTT 5) keeps this many ids
+/// at most, some 40 kB.
+const COPIES_REMEMBERED: usize = 1000;
 
 #[derive(Default)]
 struct Subscription {
@@ -328,6 +344,7 @@ impl<P: Held> Deliveries<P> {
             queued: 0,
             progress: Arc::new(Notify::new()),
             acked: BTreeSet::new(),
+            copies: BTreeSet::new(),
         };
         // A connection that takes over one still open has the subscriptions of that one.
         let restored = match (&old, resumed) {
@@ -350,11 +367,13 @@ impl<P: Held> Deliveries<P> {
             for filter in old.subscriptions.keys() {
                 groups.drop_claims(filter, &gone);
             }
-            // Taken over (resumed): what that connection had acked, no page sends again. (Not
+            // Taken over (resumed): what that connection had acked, no page sends again, and
+            // the later copies of what it had, still in the session's queue, do not go. (Not
             // what it had outstanding: the broker resends only what it had in flight, and which
             // of those were is not known here.)
             if resumed {
                 state.acked = old.acked;
+                state.copies = old.copies;
             }
         }
         for (id, topic) in &restored.in_flight {
@@ -558,7 +577,7 @@ impl<P: Held> Deliveries<P> {
     /// place in the slice. Call until empty: empty means nothing that may go is left.
     pub fn release(&self, connection: &Connection) -> Vec<P> {
         self.with(connection, |s| {
-            let subscriptions = &mut s.subscriptions;
+            let subscriptions = &s.subscriptions;
             let (mut ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut s.held).into_iter().partition(|(_, p)| {
                 !subscriptions.iter().any(|(filter, sub)| sub.fetching && mqtt_topic::matches(filter, p.topic()))
             });
@@ -573,18 +592,7 @@ impl<P: Held> Deliveries<P> {
             // alone would be empty, taken for "nothing left", and strand what came after.
             while out.len() < FORWARD_AT_ONCE {
                 let Some((id, publish)) = ready.next() else { break };
-                let mut wanted = false;
-                for (filter, sub) in subscriptions.iter_mut() {
-                    if mqtt_topic::matches(filter, publish.topic())
-                        && !sub.has(id)
-                        && !groups.taken(filter, id, connection)
-                    {
-                        groups.claim(filter, id, connection);
-                        sub.unacked.insert(id);
-                        wanted = true;
-                    }
-                }
-                if wanted {
+                if route_live(s, &mut groups, connection, id, publish.topic()) {
                     out.push(publish);
                 }
             }
@@ -618,23 +626,8 @@ impl<P: Held> Deliveries<P> {
                 }
                 return true;
             }
-            if matching().any(|(_, sub)| sub.has(id)) {
-                return true;
-            }
-            // A message another member of a share group has outstanding is the group's already.
-            // A QoS 0 subscription gets it with nothing to ack (it has no backlog either): it is
-            // not outstanding there.
-            let mut wanted = false;
-            for (filter, sub) in s.subscriptions.iter_mut() {
-                if mqtt_topic::matches(filter, topic) && !groups.taken(filter, id, connection) {
-                    if sub.qos > 0 {
-                        groups.claim(filter, id, connection);
-                        sub.unacked.insert(id);
-                    }
-                    wanted = true;
-                }
-            }
-            !wanted && s.subscriptions.keys().any(|filter| mqtt_topic::matches(filter, topic))
+            // A message no subscription matches is not this extension's to hold.
+            matching().next().is_some() && !route_live(s, &mut groups, connection, id, topic)
         })
         .unwrap_or(false)
     }
@@ -723,6 +716,38 @@ impl<P: Held> Deliveries<P> {
         })
         .unwrap_or_default()
     }
+}
+
+/// A live message `id` on `topic` that no fetching subscription holds back: whether it goes to
+/// the client, attributed to every subscription that matches it. It does not go when the client
+/// has it already: a page or an earlier copy sent it, or the client acked it while a page might
+/// reach it. Then it counts for the subscriptions that match it and lack it only while that
+/// delivery is outstanding, so that their positions wait for its ack, as for their own. A
+/// message another member of a share group has is the group's already. A QoS 0 subscription
+/// gets it with nothing to ack: it is not outstanding there.
+fn route_live<P>(s: &mut ClientState<P>, groups: &mut Groups, connection: &Connection, id: i64, topic: &str) -> bool {
+    let delivered = s.acked.contains(&id) || s.copies.contains(&id) || s.subscriptions.values().any(|sub| sub.has(id));
+    let outstanding = s.subscriptions.values().any(|sub| sub.unacked.contains(&id));
+    let (mut matching, mut wanted) = (0, false);
+    for (filter, sub) in s.subscriptions.iter_mut().filter(|(filter, _)| mqtt_topic::matches(filter, topic)) {
+        matching += 1;
+        if sub.has(id) || groups.taken(filter, id, connection) {
+            continue;
+        }
+        wanted = true;
+        if sub.qos > 0 && (outstanding || !delivered) {
+            groups.claim(filter, id, connection);
+            sub.unacked.insert(id);
+        }
+    }
+    let goes = wanted && !delivered;
+    if goes && matching > 1 {
+        s.copies.insert(id);
+        while s.copies.len() > COPIES_REMEMBERED {
+            s.copies.pop_first();
+        }
+    }
+    goes
 }
 
 /// A resend of `id` (what was in flight to the client): outstanding for every subscription it
@@ -978,6 +1003,69 @@ mod tests {
         assert!(!hold(&deliveries, &connection, 5, "a/x/c"));
         assert!(hold(&deliveries, &connection, 5, "a/x/c"), "a second copy (3.1.1: one per subscription)");
         assert_eq!(ack(&deliveries, &connection, 5, "a/x/c"), [(5, vec!["a/#".to_owned(), "a/+/c".to_owned()])]);
+    }
+
+    #[test]
+    fn a_later_copy_of_a_live_message_does_not_go_again_once_the_first_is_acked() {
+        // MQTT 3.1.1: the broker routes a copy per matching subscription, one after the other
+        // through the session's queue. With a small in-flight window the second copy leaves the
+        // queue only once the first is acked.
+        let (deliveries, connection) = client();
+        for filter in ["a/#", "a/+/c"] {
+            deliveries.subscribed(&connection, filter, 1);
+            go_live(&deliveries, &connection, filter);
+        }
+        assert!(!hold(&deliveries, &connection, 5, "a/x/c"));
+        assert_eq!(ack(&deliveries, &connection, 5, "a/x/c"), [(5, vec!["a/#".to_owned(), "a/+/c".to_owned()])]);
+        assert!(hold(&deliveries, &connection, 5, "a/x/c"), "the second copy, after the ack");
+        // A message one subscription matches has no second copy to wait for.
+        assert!(!hold(&deliveries, &connection, 6, "a/y"));
+    }
+
+    #[test]
+    fn a_held_message_a_page_of_another_subscription_sent_is_not_released_again() {
+        // t/# drains its backlog; t/+ subscribes meanwhile, and its first page has 10, stored
+        // after t/+'s position was set and before the broker routed to t/+. The broker's copies
+        // of 10 are held behind t/#'s backlog.
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t/#", 1);
+        page(&deliveries, &connection, "t/#", 1..=3);
+        deliveries.subscribed(&connection, "t/+", 1);
+        assert_eq!(page(&deliveries, &connection, "t/+", [10]), [true]);
+        assert!(hold(&deliveries, &connection, 10, "t/p"), "the copy for t/#");
+        assert!(hold(&deliveries, &connection, 10, "t/p"), "the copy for t/+");
+        assert_eq!(go_live(&deliveries, &connection, "t/+"), Vec::<i64>::new(), "t/# still fetches");
+        assert_eq!(go_live(&deliveries, &connection, "t/#"), Vec::<i64>::new(), "t/+'s page sent it");
+        // Its ack counts for both: t/# waits for it, as for its own backlog.
+        assert_eq!(ack(&deliveries, &connection, 1, "t/p"), [(1, vec!["t/#".to_owned()])]);
+        assert_eq!(ack(&deliveries, &connection, 3, "t/p"), []);
+        assert_eq!(ack(&deliveries, &connection, 2, "t/p"), [(3, vec!["t/#".to_owned()])], "not past 10");
+        assert_eq!(ack(&deliveries, &connection, 10, "t/p"), [(10, vec!["t/#".to_owned(), "t/+".to_owned()])]);
+        // Acked before the release: it does not go, and nothing waits for it.
+        deliveries.subscribed(&connection, "t/p", 1);
+        assert_eq!(page(&deliveries, &connection, "t/p", [20]), [true]);
+        assert!(hold(&deliveries, &connection, 20, "t/p"));
+        assert_eq!(ack(&deliveries, &connection, 20, "t/p"), [(20, vec!["t/p".to_owned()])]);
+        assert_eq!(go_live(&deliveries, &connection, "t/p"), Vec::<i64>::new(), "acked already");
+        assert!(!hold(&deliveries, &connection, 21, "t/p"));
+        assert_eq!(
+            ack(&deliveries, &connection, 21, "t/p"),
+            [(21, vec!["t/#".to_owned(), "t/+".to_owned(), "t/p".to_owned()])]
+        );
+    }
+
+    #[test]
+    fn a_live_copy_of_what_another_subscriptions_page_sent_counts_for_both() {
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "a/#", 1);
+        go_live(&deliveries, &connection, "a/#");
+        deliveries.subscribed(&connection, "a/+/c", 1);
+        assert_eq!(page(&deliveries, &connection, "a/+/c", [7]), [true]);
+        go_live(&deliveries, &connection, "a/+/c");
+        assert!(hold(&deliveries, &connection, 7, "a/x/c"), "the page sent it");
+        assert!(!hold(&deliveries, &connection, 8, "a/y"));
+        assert_eq!(ack(&deliveries, &connection, 8, "a/y"), [], "a/# waits for 7");
+        assert_eq!(ack(&deliveries, &connection, 7, "a/x/c"), [(7, vec!["a/+/c".to_owned()]), (8, vec!["a/#".to_owned()])]);
     }
 
     #[test]
