@@ -109,7 +109,7 @@ impl Handler for Hooks {
         match param {
             Parameter::ClientConnected(session) => self.client_connected(session).await,
             Parameter::ClientDisconnected(session, reason) => {
-                let client = message::client(session);
+                let client = message::client(&session.id);
                 let kept = session_kept(session).await;
                 for extension in self.extensions.iter() {
                     let returned = extension.deliveries.disconnected(&connection(session), kept);
@@ -135,14 +135,14 @@ impl Handler for Hooks {
             // A kept session expired: its subscriptions end with it, as if the client had
             // unsubscribed (the rules say what that does to their read positions).
             Parameter::SessionTerminated(session, Reason::SessionExpiration) => {
-                let client = message::client(session);
+                let client = message::client(&session.id);
                 for extension in self.extensions.iter() {
                     extension.session_expired(&client).await;
                 }
             }
             Parameter::SessionSubscribed(session, subscribe) => self.session_subscribed(session, subscribe).await,
             Parameter::SessionUnsubscribed(session, unsubscribe) => {
-                let client = message::client(session);
+                let client = message::client(&session.id);
                 let filter = message::filter(&unsubscribe.topic_filter, unsubscribe.shared_group.as_ref());
                 for extension in self.extensions.iter() {
                     let returned = extension.deliveries.unsubscribed(&connection(session), &filter);
@@ -210,13 +210,20 @@ impl Handler for Hooks {
                     if is_from(from, extension) && forwarded_to(from, to.create_time) {
                         extension.deliveries.forwarded_gone(&connection);
                     }
+                    let Some(id) = wire::stored_id(publish, &extension.name) else { continue };
+                    // Expired on the way (MQTT 5 message expiry): meant to be skipped, and never
+                    // acked, so the acks behind it pass without it. (The broker also reports
+                    // what the delivery protocol held back or found a duplicate as expired:
+                    // those have time left.)
+                    if matches!(reason, Reason::MessageExpiration) {
+                        if message::expired(publish) {
+                            extension.expired(&connection, || message::client(to), id);
+                        }
+                        continue;
+                    }
                     // Lost on the way (a full queue): left to the database, the subscriptions it
-                    // concerns catch up from their positions. Expired messages are meant to be
-                    // skipped, and held-back ones come later.
-                    if let Some(id) = wire::stored_id(publish, &extension.name)
-                        && publish.qos != QoS::AtMostOnce
-                        && !matches!(reason, Reason::MessageExpiration)
-                    {
+                    // concerns catch up from their positions. Held-back ones come later.
+                    if publish.qos != QoS::AtMostOnce {
                         tracing::debug!(extension = extension.name, clientid = %to.client_id, id, "a stored message was let go ({reason})");
                         let restart = extension.deliveries.lost(&connection, id, &publish.topic);
                         if restart.is_empty() {
@@ -244,7 +251,7 @@ impl Hooks {
     /// held back behind them and deduped by stored id (`Deliveries::connected`). rmqtt delivers
     /// that queue only after this hook.
     async fn client_connected(&self, session: &Session) {
-        let client = message::client(session);
+        let client = message::client(&session.id);
         let resumed = session.session_present().await.unwrap_or(false);
         let mut stored = Vec::new();
         let mut restored = Vec::new();
@@ -282,7 +289,7 @@ impl Hooks {
     /// own, so that it follows the SUBACK.
     async fn session_subscribed(&self, session: &Session, subscribe: &Subscribe) {
         let subscription = message::subscription(subscribe);
-        let client = message::client(session);
+        let client = message::client(&session.id);
         for extension in self.extensions.iter() {
             let start = extension.deliveries.subscribed(&connection(session), &subscription.filter, subscription.qos);
             // Its acks so far first: the fetch starts from the position they leave.
@@ -354,7 +361,7 @@ impl Hooks {
                 extension.host.metrics().delivered(1);
             }
             let message = || message::to_message(publish, &from.id.client_id, id);
-            extension.message_delivered(|| message::client(session), &publish.topic, message).await;
+            extension.message_delivered(|| message::client(&session.id), &publish.topic, message).await;
         }
     }
 
@@ -362,7 +369,7 @@ impl Hooks {
         for extension in self.extensions.iter() {
             let Some(id) = wire::stored_id(publish, &extension.name) else { continue };
             let acked = message::to_message(publish, &from.id.client_id, Some(id));
-            extension.acked(&connection(session), || message::client(session), id, acked);
+            extension.acked(&connection(session), || message::client(&session.id), id, acked);
         }
     }
 }
@@ -402,7 +409,7 @@ async fn send_backlog(
     first: Option<FetchPage>,
 ) {
     let Some(outbox) = SessionOutbox::of(scx, session, extension).await else { return };
-    let client = message::client(session);
+    let client = message::client(&session.id);
     adapter::send_backlog(extension, &connection(session), &client, subscription, first, &outbox).await;
 }
 

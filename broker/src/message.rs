@@ -6,8 +6,7 @@ use host_harness::bindings::{Client, Message, Subscription};
 use host_harness::protocol::delivery::Held;
 use host_harness::wire;
 use rmqtt::codec::v5::PublishProperties;
-use rmqtt::session::Session;
-use rmqtt::types::{Publish, SharedGroup, Subscribe};
+use rmqtt::types::{Id, Publish, SharedGroup, Subscribe};
 
 /// Marks, between the publish hook and the ACL check that follows it, a message that an
 /// extension failed to store. Never leaves the broker: the message is refused.
@@ -24,11 +23,11 @@ impl Held for Routed {
     }
 }
 
-pub fn client(session: &Session) -> Client {
+pub fn client(id: &Id) -> Client {
     Client {
-        clientid: session.id.client_id.to_string(),
-        username: session.id.username.as_ref().map(|u| u.to_string()),
-        peerhost: session.id.remote_addr.map(|a| a.ip().to_string()),
+        clientid: id.client_id.to_string(),
+        username: id.username.as_ref().map(|u| u.to_string()),
+        peerhost: id.remote_addr.map(|a| a.ip().to_string()),
     }
 }
 
@@ -68,6 +67,17 @@ pub fn has_flag(publish: &Publish, flag: &str) -> bool {
 /// it as.
 pub fn to_message(publish: &Publish, sender: &str, id: Option<i64>) -> Message {
     wire::to_message(publish, sender, id, publish.create_time.unwrap_or_else(wire::now_millis))
+}
+
+/// Whether `publish` ran out of time on its way to a client, as the broker's own expiry check
+/// counts (MQTT 5 message expiry interval, from when the broker created it; the broker gives
+/// none to a message published without one).
+pub fn expired(publish: &Publish) -> bool {
+    let interval = publish.properties.as_ref().and_then(|p| p.message_expiry_interval);
+    match (interval, publish.create_time) {
+        (Some(seconds), Some(created)) => wire::now_millis() - created >= i64::from(seconds.get()) * 1000,
+        _ => false,
+    }
 }
 
 /// A stored message to deliver at `qos`, carrying the id `extension` gave it.

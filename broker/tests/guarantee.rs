@@ -230,6 +230,54 @@ async fn slow_consumer(name: &str, receive_maximum: u16) {
     assert_eq!(seen.len(), 600, "every message at least once");
 }
 
+/// MQTT 5 message expiry: messages that expire in the session's queue behind an unacked one
+/// are dropped by the broker and never acked. The position must still move past them, or every
+/// message acked after them comes again on the next connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_expire_on_the_way_do_not_hold_back_the_position() {
+    let (_db, rules) = database("guarantee_expired_on_the_way", "").await;
+    let broker = broker().start("expired-on-the-way", &rules).await;
+    let (subscriber, mut events) = v5::connect_with(broker.port, "s", |o| {
+        o.set_receive_maximum(Some(1)).set_manual_acks(true);
+    })
+    .await;
+    subscriber.subscribe("t", v5::QoS::AtLeastOnce).await.unwrap();
+    v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
+    let (publisher, mut acks) = v5::connect(broker.port, "p").await;
+    let expiring = v5::PublishProperties { message_expiry_interval: Some(1), ..Default::default() };
+    for (payload, properties) in [("first", None), ("e0", Some(&expiring)), ("e1", Some(&expiring)), ("after", None)] {
+        let publishing = match properties {
+            Some(properties) => {
+                publisher.publish_with_properties("t", v5::QoS::AtLeastOnce, false, payload, properties.clone()).await
+            }
+            None => publisher.publish("t", v5::QoS::AtLeastOnce, false, payload).await,
+        };
+        publishing.unwrap();
+        v5::until(&mut acks, |p| matches!(p, v5::Packet::PubAck(_))).await;
+    }
+    // "first" stays unacked while the two behind it expire in the queue (a window of 1).
+    let v5::Packet::Publish(first) = v5::until(&mut events, |p| matches!(p, v5::Packet::Publish(_))).await else {
+        unreachable!()
+    };
+    assert_eq!(first.payload, "first");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    subscriber.ack(&first).await.unwrap();
+    let v5::Packet::Publish(after) = v5::until(&mut events, |p| matches!(p, v5::Packet::Publish(_))).await else {
+        unreachable!()
+    };
+    assert_eq!(after.payload, "after", "the expired ones were dropped");
+    subscriber.ack(&after).await.unwrap();
+    // Its acks have arrived when the SUBACK of a round trip comes; then it leaves.
+    subscriber.subscribe("round/trip", v5::QoS::AtLeastOnce).await.unwrap();
+    v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
+    subscriber.disconnect().await.unwrap();
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {}
+
+    let mut again = Mqtt::connect(broker.port, "s", false).await;
+    again.subscribe("t", QoS::AtLeastOnce).await;
+    assert_eq!(payloads(&again.until_quiet().await), Vec::<String>::new(), "acked, or expired: nothing comes again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_with_receive_maximum_1_gets_each_message_once() {
     slow_consumer("guarantee_slow_1", 1).await;

@@ -18,7 +18,7 @@ use crate::bindings::{Client, FetchPage, HookError, Hookpoint, Message, PublishO
 use crate::host::{DEFAULT_MAX_INSTANCES, Sources};
 use crate::metrics::{Metrics, family, label, prometheus};
 use crate::protocol::ack_writer::AckWriter;
-use crate::protocol::delivery::{Connection, Deliveries, FORWARD_AT_ONCE, FetchEnd, Held};
+use crate::protocol::delivery::{Connection, Deliveries, FORWARD_AT_ONCE, FetchEnd, Held, PassedAck};
 use crate::protocol::exactly_once::{self, Sent, StoredQos2};
 use crate::protocol::group_commit::{Batching, GroupCommit};
 use crate::sandbox::Limits;
@@ -350,7 +350,20 @@ impl<P> LoadedExtension<P> {
     where
         P: Held,
     {
-        for (message, filters) in self.deliveries.acked(connection, id, message) {
+        self.pass_acks(connection, client, self.deliveries.acked(connection, id, message));
+    }
+
+    /// The message stored as `id` expired on its way to the client (the broker dropped it): the
+    /// acks that waited for it go to the ack writer.
+    pub fn expired(&self, connection: &Connection, client: impl Fn() -> Client, id: i64)
+    where
+        P: Held,
+    {
+        self.pass_acks(connection, client, self.deliveries.expired(connection, id));
+    }
+
+    fn pass_acks(&self, connection: &Connection, client: impl Fn() -> Client, passed: Vec<PassedAck>) {
+        for (message, filters) in passed {
             if !self.host.acts_on(Hookpoint::MessageAcked, Some(&message.topic)) {
                 continue;
             }

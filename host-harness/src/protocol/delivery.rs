@@ -671,8 +671,21 @@ impl<P: Held> Deliveries<P> {
     /// The client acked `message` (stored as `id`). Returns the acks to pass on: for each
     /// subscription whose position may move now, the highest such message, grouped by message.
     pub fn acked(&self, connection: &Connection, id: i64, message: Message) -> Vec<PassedAck> {
+        self.settled_by(connection, id, Some(message))
+    }
+
+    /// A stored message on its way to the client expired in the broker's queue (its MQTT 5
+    /// message expiry interval ran out): no ack will come, and no fetch returns it any more, so
+    /// positions may pass it as if it were acked, without passing it on itself. Returns the acks
+    /// that may pass now: those that waited for it.
+    pub fn expired(&self, connection: &Connection, id: i64) -> Vec<PassedAck> {
+        self.settled_by(connection, id, None)
+    }
+
+    /// `id` is no longer outstanding: acked as `message`, or expired (`None`).
+    fn settled_by(&self, connection: &Connection, id: i64, message: Option<Message>) -> Vec<PassedAck> {
         self.with(connection, |s| {
-            let message = Arc::new(message);
+            let message = message.map(Arc::new);
             let mut passed: Vec<(Arc<Message>, Vec<String>)> = Vec::new();
             let mut groups = self.groups.lock().unwrap();
             // What `settled` waits for: a subscription with nothing unacked left.
@@ -682,16 +695,20 @@ impl<P: Held> Deliveries<P> {
                 settled |= removed && sub.unacked.is_empty();
                 // A share group's position records each ack: it passes at once.
                 if is_shared(filter) {
-                    if removed {
-                        groups.acked(filter, id);
-                        match passed.iter_mut().find(|(m, _)| m.id == message.id) {
-                            Some((_, filters)) => filters.push(filter.clone()),
-                            None => passed.push((message.clone(), vec![filter.clone()])),
+                    match (&message, removed) {
+                        (Some(message), true) => {
+                            groups.acked(filter, id);
+                            match passed.iter_mut().find(|(m, _)| m.id == message.id) {
+                                Some((_, filters)) => filters.push(filter.clone()),
+                                None => passed.push((message.clone(), vec![filter.clone()])),
+                            }
                         }
+                        (None, true) => groups.unclaim(filter, id),
+                        (_, false) => {}
                     }
                     continue;
                 }
-                if removed {
+                if let (Some(message), true) = (&message, removed) {
                     sub.acked.insert(id, message.clone());
                 }
                 if let Some(highest) = sub.passable() {
@@ -701,13 +718,16 @@ impl<P: Held> Deliveries<P> {
                     }
                 }
             }
-            if s.subscriptions.values().any(|sub| sub.fetching) {
-                s.acked.insert(id);
-                while s.acked.len() > ACKED_REMEMBERED {
-                    s.acked.pop_first();
+            // An expired message no page returns: only an acked one is remembered.
+            if message.is_some() {
+                if s.subscriptions.values().any(|sub| sub.fetching) {
+                    s.acked.insert(id);
+                    while s.acked.len() > ACKED_REMEMBERED {
+                        s.acked.pop_first();
+                    }
+                } else {
+                    s.acked.clear();
                 }
-            } else {
-                s.acked.clear();
             }
             if settled {
                 s.progress.notify_waiters();
@@ -1065,7 +1085,10 @@ mod tests {
         assert!(hold(&deliveries, &connection, 7, "a/x/c"), "the page sent it");
         assert!(!hold(&deliveries, &connection, 8, "a/y"));
         assert_eq!(ack(&deliveries, &connection, 8, "a/y"), [], "a/# waits for 7");
-        assert_eq!(ack(&deliveries, &connection, 7, "a/x/c"), [(7, vec!["a/+/c".to_owned()]), (8, vec!["a/#".to_owned()])]);
+        assert_eq!(
+            ack(&deliveries, &connection, 7, "a/x/c"),
+            [(7, vec!["a/+/c".to_owned()]), (8, vec!["a/#".to_owned()])]
+        );
     }
 
     #[test]
@@ -1116,6 +1139,24 @@ mod tests {
         assert_eq!(deliveries.fetch_end(&connection, "t"), FetchEnd::Live);
         assert!(deliveries.release(&connection).is_empty(), "6 came with the page");
         assert_eq!(ack(&deliveries, &connection, 5, "t"), [(5, vec!["t".to_owned()])]);
+    }
+
+    #[test]
+    fn a_message_that_expired_on_the_way_lets_the_acks_behind_it_pass() {
+        // MQTT 5 message expiry: the broker drops 2 from the session's queue after it was
+        // attributed. No ack comes for it; positions pass it, and the ack waiting behind it goes.
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "t", 1);
+        go_live(&deliveries, &connection, "t");
+        for id in 1..=3 {
+            assert!(!hold(&deliveries, &connection, id, "t"));
+        }
+        assert_eq!(ack(&deliveries, &connection, 1, "t"), [(1, vec!["t".to_owned()])]);
+        assert_eq!(ack(&deliveries, &connection, 3, "t"), [], "2 is outstanding");
+        assert_eq!(passed(deliveries.expired(&connection, 2)), [(3, vec!["t".to_owned()])]);
+        assert!(!hold(&deliveries, &connection, 4, "t"));
+        assert_eq!(ack(&deliveries, &connection, 4, "t"), [(4, vec!["t".to_owned()])]);
+        assert_eq!(passed(deliveries.expired(&connection, 9)), [], "nothing waited for 9");
     }
 
     #[test]
