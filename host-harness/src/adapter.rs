@@ -489,6 +489,7 @@ pub async fn send_backlog<P: Held>(
                         return;
                     }
                 }
+                extension.pass_acks(connection, || client.clone(), deliveries.credited(connection, filter));
                 if !deliveries.sent(connection).await {
                     return;
                 }

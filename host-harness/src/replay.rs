@@ -21,7 +21,7 @@ use crate::bindings::{
 };
 use crate::engine::{Instance, Runtime};
 use crate::host::{Host, Sources};
-use crate::protocol::delivery::{Connection, Deliveries, FetchEnd, Live, Refetch};
+use crate::protocol::delivery::{Connection, Deliveries, FetchEnd, Live, PassedAck, Refetch};
 
 /// One input line.
 #[derive(Debug, Deserialize)]
@@ -392,7 +392,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                     return failed(format!("{clientid} has no unacked message with id {id}"));
                 };
                 let (client, connection) = (session.client.clone(), session.connection.clone());
-                self.pass_acks(&client, &connection, id, acked).await?;
+                let passed = self.deliveries.acked(&connection, id, acked);
+                self.pass_acks(&client, passed).await?;
             }
             Event::Tick {} => {
                 let deleted = self.host.call(async |i| i.tick().await).await??;
@@ -457,6 +458,8 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
                         self.deliveries.forwarded_gone(&connection);
                     }
                 }
+                let credited = self.deliveries.credited(&connection, filter);
+                self.pass_acks(&client, credited).await?;
                 let Some(cursor) = page.next else { break };
                 let next = async |i: &mut Instance| i.session_fetch_next(&client, &subscription, &cursor).await;
                 page = self.host.fetch(&client, &subscription, Some(&cursor), next).await??;
@@ -590,20 +593,15 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
             self.report(clientid, &e).await?;
         }
         if let (Some(id), true) = (message.id, qos > 0 && auto_ack) {
-            self.pass_acks(&client, &connection, id, message).await?;
+            let passed = self.deliveries.acked(&connection, id, message);
+            self.pass_acks(&client, passed).await?;
         }
         Ok(())
     }
 
-    /// The client acked `id`: what the ack gates let through goes to `message-acked`.
-    async fn pass_acks(
-        &mut self,
-        client: &Client,
-        connection: &Connection,
-        id: i64,
-        acked: Message,
-    ) -> anyhow::Result<()> {
-        for (message, positions) in self.deliveries.acked(connection, id, acked) {
+    /// What the ack gates let through goes to `message-acked`.
+    async fn pass_acks(&mut self, client: &Client, passed: Vec<PassedAck>) -> anyhow::Result<()> {
+        for (message, positions) in passed {
             if let Err(e) = self.host.call(async |i| i.message_acked(client, &message, &positions).await).await? {
                 self.report(&client.clientid, &e).await?;
             }

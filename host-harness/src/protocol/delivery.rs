@@ -502,6 +502,21 @@ impl<P: Held> Deliveries<P> {
         .flatten()
     }
 
+    /// What `filter`'s pages counted as acked because the client had acked it through another
+    /// subscription: no ack of this subscription may come for it, so it passes here, the
+    /// highest such message up to the lowest unacked one. (Left to the next ack, it waited for
+    /// one that might never come, and the position stayed behind until the next connection
+    /// fetched it all again.)
+    pub fn credited(&self, connection: &Connection, filter: &str) -> Vec<PassedAck> {
+        self.with(connection, |s| {
+            let subscription = s.subscriptions.get_mut(filter).filter(|_| !is_shared(filter))?;
+            let highest = subscription.passable()?;
+            Some(vec![(Arc::unwrap_or_clone(highest), vec![filter.to_owned()])])
+        })
+        .flatten()
+        .unwrap_or_default()
+    }
+
     /// Waits until everything forwarded has left the broker. False if the client went away.
     pub async fn sent(&self, connection: &Connection) -> bool {
         self.wait(connection, |s| s.queued == 0).await
@@ -1189,6 +1204,25 @@ mod tests {
         assert_eq!(page(&deliveries, &connection, "a/#", [21]), [false]);
         assert_eq!(ack(&deliveries, &connection, 12, "a/y"), [(12, vec!["a/#".to_owned()])]);
         assert_eq!(ack(&deliveries, &connection, 21, "a/x/c"), [(21, vec!["a/#".to_owned(), "a/+/c".to_owned()])]);
+    }
+
+    #[test]
+    fn what_a_page_counts_as_acked_through_another_subscription_passes_without_an_ack_of_its_own() {
+        // a/+/c sent 11 and 12 live while a/#'s backlog was still going out; the client acked
+        // both. a/#'s last page reaches them: they are not sent again, and a/#'s position
+        // moves to 12 now, with no ack through a/# to come.
+        let (deliveries, connection) = client();
+        deliveries.subscribed(&connection, "a/#", 1);
+        deliveries.subscribed(&connection, "a/+/c", 1);
+        assert_eq!(page(&deliveries, &connection, "a/+/c", [11, 12]), [true, true]);
+        assert_eq!(ack(&deliveries, &connection, 11, "a/x/c"), [(11, vec!["a/+/c".to_owned()])]);
+        assert_eq!(ack(&deliveries, &connection, 12, "a/x/c"), [(12, vec!["a/+/c".to_owned()])]);
+        assert_eq!(page(&deliveries, &connection, "a/#", [1]), [true]);
+        assert_eq!(passed(deliveries.credited(&connection, "a/#")), [], "1 is unacked");
+        assert_eq!(ack(&deliveries, &connection, 1, "a/y"), [(1, vec!["a/#".to_owned()])]);
+        assert_eq!(page(&deliveries, &connection, "a/#", [11, 12]), [false, false]);
+        assert_eq!(passed(deliveries.credited(&connection, "a/#")), [(12, vec!["a/#".to_owned()])]);
+        assert_eq!(passed(deliveries.credited(&connection, "a/#")), [], "passed once");
     }
 
     #[test]
