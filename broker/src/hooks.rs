@@ -191,7 +191,8 @@ impl Handler for Hooks {
                 // later), or already sent by one.
                 for extension in self.extensions.iter() {
                     let keep = || Routed((*publish).clone());
-                    let live = Live { topic: &publish.topic, resend: publish.dup, keep: &keep };
+                    let live =
+                        Live { topic: &publish.topic, resend: publish.dup, qos: publish.qos.value(), keep: &keep };
                     if let Some(id) = wire::stored_id(publish, &extension.name)
                         && extension.deliveries.hold(&connection(session), id, live)
                     {

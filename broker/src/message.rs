@@ -21,6 +21,9 @@ impl Held for Routed {
     fn topic(&self) -> &str {
         &self.0.topic
     }
+    fn qos(&self) -> u8 {
+        self.0.qos.value()
+    }
 }
 
 pub fn client(id: &Id) -> Client {

@@ -557,7 +557,7 @@ impl<'a, W: AsyncWrite + Unpin> Broker<'a, W> {
         for (clientid, sub_qos, auto_ack) in receivers {
             if let (Some(id), Some(session)) = (message.id, self.sessions.get(&clientid)) {
                 let keep = || message.clone();
-                let live = Live { topic: &message.topic, resend: false, keep: &keep };
+                let live = Live { topic: &message.topic, resend: false, qos: qos.min(sub_qos), keep: &keep };
                 if self.deliveries.hold(&session.connection, id, live) {
                     continue; // the client has it already
                 }

@@ -69,6 +69,9 @@ impl Held for Routed {
     fn topic(&self) -> &str {
         &self.0.topic
     }
+    fn qos(&self) -> u8 {
+        self.0.qos.value()
+    }
 }
 
 /// What the backlog tasks and the SUBSCRIBE tasks hand the session.
@@ -590,7 +593,7 @@ impl<Io: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<Io> {
         for extension in self.proxy.extensions.iter() {
             let Some(id) = wire::stored_id(&publish, &extension.name) else { continue };
             let keep = || Routed(publish.clone());
-            let live = Live { topic: &publish.topic, resend: publish.dup, keep: &keep };
+            let live = Live { topic: &publish.topic, resend: publish.dup, qos: publish.qos.value(), keep: &keep };
             if extension.deliveries.hold(&self.connection, id, live) {
                 match (publish.qos, publish.packet_id) {
                     (QoS::AtLeastOnce, Some(id)) => {

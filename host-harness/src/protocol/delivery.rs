@@ -72,6 +72,8 @@ pub const HELD_PER_CLIENT: usize = 1000;
 /// (rmqtt's `Publish`), so that releasing it forwards it as it came.
 pub trait Held {
     fn topic(&self) -> &str;
+    /// The QoS it goes to the client at.
+    fn qos(&self) -> u8;
 }
 
 /// A live stored message about to go to a client, for [`Deliveries::hold`].
@@ -79,6 +81,9 @@ pub struct Live<'a, P> {
     pub topic: &'a str,
     /// A resend (MQTT DUP): it goes as it is (see [`Deliveries::hold`]).
     pub resend: bool,
+    /// The QoS this copy goes to the client at (a broker sends each overlapping subscription's
+    /// copy at that subscription's QoS): nothing acks a QoS 0 copy.
+    pub qos: u8,
     /// The message to keep, if it is held back (called only then: most are not).
     pub keep: &'a dyn Fn() -> P,
 }
@@ -87,6 +92,9 @@ pub struct Live<'a, P> {
 impl Held for Message {
     fn topic(&self) -> &str {
         &self.topic
+    }
+    fn qos(&self) -> u8 {
+        self.qos
     }
 }
 
@@ -607,7 +615,7 @@ impl<P: Held> Deliveries<P> {
             // alone would be empty, taken for "nothing left", and strand what came after.
             while out.len() < FORWARD_AT_ONCE {
                 let Some((id, publish)) = ready.next() else { break };
-                if route_live(s, &mut groups, connection, id, publish.topic()) {
+                if route_live(s, &mut groups, connection, id, publish.topic(), publish.qos()) {
                     out.push(publish);
                 }
             }
@@ -642,7 +650,7 @@ impl<P: Held> Deliveries<P> {
                 return true;
             }
             // A message no subscription matches is not this extension's to hold.
-            matching().next().is_some() && !route_live(s, &mut groups, connection, id, topic)
+            matching().next().is_some() && !route_live(s, &mut groups, connection, id, topic, live.qos)
         })
         .unwrap_or(false)
     }
@@ -759,8 +767,19 @@ impl<P: Held> Deliveries<P> {
 /// reach it. Then it counts for the subscriptions that match it and lack it only while that
 /// delivery is outstanding, so that their positions wait for its ack, as for their own. A
 /// message another member of a share group has is the group's already. A QoS 0 subscription
-/// gets it with nothing to ack: it is not outstanding there.
-fn route_live<P>(s: &mut ClientState<P>, groups: &mut Groups, connection: &Connection, id: i64, topic: &str) -> bool {
+/// gets it with nothing to ack, and so does every subscription when this copy goes at QoS 0 (a
+/// QoS 0 subscription's copy that comes first, or the one copy an MQTT 5 client gets, at the QoS
+/// of the subscription rmqtt picks): it is not outstanding there, and the later copies of the
+/// other subscriptions do not go. Nothing would ack it, and their positions would stay behind it
+/// for the rest of the connection; now they pass it with their next ack.
+fn route_live<P>(
+    s: &mut ClientState<P>,
+    groups: &mut Groups,
+    connection: &Connection,
+    id: i64,
+    topic: &str,
+    qos: u8,
+) -> bool {
     let delivered = s.acked.contains(&id) || s.copies.contains(&id) || s.subscriptions.values().any(|sub| sub.has(id));
     let outstanding = s.subscriptions.values().any(|sub| sub.unacked.contains(&id));
     let (mut matching, mut wanted) = (0, false);
@@ -770,7 +789,7 @@ fn route_live<P>(s: &mut ClientState<P>, groups: &mut Groups, connection: &Conne
             continue;
         }
         wanted = true;
-        if sub.qos > 0 && (outstanding || !delivered) {
+        if sub.qos > 0 && qos > 0 && (outstanding || !delivered) {
             groups.claim(filter, id, connection);
             sub.unacked.insert(id);
         }
@@ -833,6 +852,9 @@ mod tests {
         fn topic(&self) -> &str {
             &self.topic
         }
+        fn qos(&self) -> u8 {
+            1
+        }
     }
 
     type Deliveries = super::Deliveries<Routed>;
@@ -853,8 +875,13 @@ mod tests {
 
     /// Whether `deliveries` holds back the live message `id` on `topic`.
     fn hold(deliveries: &Deliveries, connection: &Connection, id: i64, topic: &str) -> bool {
+        hold_at(deliveries, connection, id, topic, 1)
+    }
+
+    /// Like [`hold`], for a copy that goes at `qos`.
+    fn hold_at(deliveries: &Deliveries, connection: &Connection, id: i64, topic: &str, qos: u8) -> bool {
         let keep = || Routed { id, topic: topic.into() };
-        deliveries.hold(connection, id, Live { topic, resend: false, keep: &keep })
+        deliveries.hold(connection, id, Live { topic, resend: false, qos, keep: &keep })
     }
 
     fn client() -> (Deliveries, Connection) {
@@ -1055,6 +1082,22 @@ mod tests {
         assert!(hold(&deliveries, &connection, 5, "a/x/c"), "the second copy, after the ack");
         // A message one subscription matches has no second copy to wait for.
         assert!(!hold(&deliveries, &connection, 6, "a/y"));
+    }
+
+    #[test]
+    fn a_copy_at_qos_0_leaves_nothing_outstanding_and_the_later_copies_do_not_go() {
+        // a/# at QoS 0 (its copy comes first) and a/+/c at QoS 1: nothing acks the QoS 0 copy,
+        // so a/+/c must not wait for 5, and its own copy of 5 does not go again.
+        let (deliveries, connection) = client();
+        for (filter, qos) in [("a/#", 0), ("a/+/c", 1)] {
+            deliveries.subscribed(&connection, filter, qos);
+            go_live(&deliveries, &connection, filter);
+        }
+        assert!(!hold_at(&deliveries, &connection, 5, "a/x/c", 0));
+        assert!(hold_at(&deliveries, &connection, 5, "a/x/c", 1), "a/+/c's copy");
+        assert!(!hold_at(&deliveries, &connection, 6, "a/x/c", 1));
+        assert!(hold_at(&deliveries, &connection, 6, "a/x/c", 0), "a/#'s copy");
+        assert_eq!(ack(&deliveries, &connection, 6, "a/x/c"), [(6, vec!["a/+/c".to_owned()])], "not held behind 5");
     }
 
     #[test]
@@ -1302,7 +1345,7 @@ mod tests {
         deliveries.connected(&back, true);
         // 3 was in flight when the client left: the broker resends it (DUP) at once.
         let keep = || Routed { id: 3, topic: "t".into() };
-        assert!(!deliveries.hold(&back, 3, Live { topic: "t", resend: true, keep: &keep }));
+        assert!(!deliveries.hold(&back, 3, Live { topic: "t", resend: true, qos: 1, keep: &keep }));
         assert_eq!(page(&deliveries, &back, "t", [3, 4]), [false, true]);
         assert_eq!(ack(&deliveries, &back, 4, "t"), [], "3 is outstanding");
         assert_eq!(ack(&deliveries, &back, 3, "t"), [(4, vec!["t".to_owned()])]);
@@ -1338,7 +1381,7 @@ mod tests {
         assert_eq!(page(&deliveries, &back, "t", [1, 2, 3, 4]), [true, false, false, true]);
         let resend = |id: i64| {
             let keep = || Routed { id, topic: "t".into() };
-            deliveries.hold(&back, id, Live { topic: "t", resend: true, keep: &keep })
+            deliveries.hold(&back, id, Live { topic: "t", resend: true, qos: 1, keep: &keep })
         };
         assert!(!resend(3) && !resend(2), "the resends go, as MQTT requires");
         assert_eq!(ack(&deliveries, &back, 1, "t"), [(1, vec!["t".to_owned()])]);
@@ -1386,7 +1429,7 @@ mod tests {
         go_live(&deliveries, &w1, group);
         let resend = |id: i64| {
             let keep = || Routed { id, topic: "t/p".into() };
-            deliveries.hold(&w1, id, Live { topic: "t/p", resend: true, keep: &keep })
+            deliveries.hold(&w1, id, Live { topic: "t/p", resend: true, qos: 1, keep: &keep })
         };
         assert!(resend(1), "the group has it");
         assert!(!resend(2), "nobody acked it yet");
