@@ -179,6 +179,18 @@ async fn a_backlog_left_in_the_broker_queue_by_a_kept_session_goes_once_on_resum
     assert!(missing.is_empty(), "never arrived: {missing:?}");
 }
 
+/// An MQTT 5 client leaves once its acks have arrived (the SUBACK of a round trip comes after
+/// them), and its connection is closed.
+async fn leave_once_acks_arrived(
+    subscriber: &rumqttc::v5::AsyncClient,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<v5::Packet>,
+) {
+    subscriber.subscribe("round/trip", v5::QoS::AtLeastOnce).await.unwrap();
+    v5::until(events, |p| matches!(p, v5::Packet::SubAck(_))).await;
+    subscriber.disconnect().await.unwrap();
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {}
+}
+
 /// A subscriber with Receive Maximum `receive_maximum` acking each message `delay` after it came,
 /// while more is published than the session queue holds: each message once, across a reconnect.
 async fn slow_consumer(name: &str, receive_maximum: u16) {
@@ -208,11 +220,7 @@ async fn slow_consumer(name: &str, receive_maximum: u16) {
         }
     }
     publishing.await.unwrap();
-    // Its acks have arrived when the SUBACK of a round trip comes; then it leaves.
-    subscriber.subscribe("round/trip", v5::QoS::AtLeastOnce).await.unwrap();
-    v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
-    subscriber.disconnect().await.unwrap();
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {}
+    leave_once_acks_arrived(&subscriber, &mut events).await;
     let stored: i64 = db.client().await.query_one("SELECT count(*) FROM mqtt_msg", &[]).await.unwrap().get(0);
     assert_eq!(stored, 600);
 
@@ -267,11 +275,7 @@ async fn messages_that_expire_on_the_way_do_not_hold_back_the_position() {
     };
     assert_eq!(after.payload, "after", "the expired ones were dropped");
     subscriber.ack(&after).await.unwrap();
-    // Its acks have arrived when the SUBACK of a round trip comes; then it leaves.
-    subscriber.subscribe("round/trip", v5::QoS::AtLeastOnce).await.unwrap();
-    v5::until(&mut events, |p| matches!(p, v5::Packet::SubAck(_))).await;
-    subscriber.disconnect().await.unwrap();
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(5), events.recv()).await {}
+    leave_once_acks_arrived(&subscriber, &mut events).await;
 
     let mut again = Mqtt::connect(broker.port, "s", false).await;
     again.subscribe("t", QoS::AtLeastOnce).await;

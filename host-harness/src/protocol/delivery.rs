@@ -770,8 +770,9 @@ impl<P: Held> Deliveries<P> {
 /// gets it with nothing to ack, and so does every subscription when this copy goes at QoS 0 (a
 /// QoS 0 subscription's copy that comes first, or the one copy an MQTT 5 client gets, at the QoS
 /// of the subscription rmqtt picks): it is not outstanding there, and the later copies of the
-/// other subscriptions do not go. Nothing would ack it, and their positions would stay behind it
-/// for the rest of the connection; now they pass it with their next ack.
+/// other subscriptions do not go. Were it outstanding, nothing would ack it and their positions
+/// would stay behind it for the rest of the connection; as it is, they pass it with their next
+/// ack.
 fn route_live<P>(
     s: &mut ClientState<P>,
     groups: &mut Groups,
