@@ -69,6 +69,46 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether `general` covers `specific`: every topic that `specific` matches, `general` matches
+/// too (`a/#` covers `a/+/c` and `a`; `a/+` does not cover `a/#`). Both are plain filters, not
+/// shared subscriptions.
+pub fn covers(general: &str, specific: &str) -> bool {
+    // A filter starting with a wildcard matches no topic starting with `$`.
+    if general.starts_with(['+', '#']) && specific.starts_with('$') {
+        return false;
+    }
+    let mut general_levels = general.split('/');
+    let mut specific_levels = specific.split('/');
+    loop {
+        match (general_levels.next(), specific_levels.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(s)) if s != "#" => {}
+            (Some(g), Some(s)) if g == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some topic matches both filters (plain filters, not shared subscriptions).
+pub fn overlaps(one: &str, other: &str) -> bool {
+    // A filter starting with a wildcard matches no topic starting with `$`.
+    let wildcard_first = |f: &str| f.starts_with(['+', '#']);
+    if (wildcard_first(one) && other.starts_with('$')) || (wildcard_first(other) && one.starts_with('$')) {
+        return false;
+    }
+    let mut one_levels = one.split('/');
+    let mut other_levels = other.split('/');
+    loop {
+        match (one_levels.next(), other_levels.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some(a), Some(b)) if a == "+" || b == "+" || a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +145,52 @@ mod tests {
         ];
         for (filter, topic, expected) in cases {
             assert_eq!(matches(filter, topic), expected, "{filter} ~ {topic}");
+        }
+    }
+
+    #[test]
+    fn a_filter_covers_another_when_it_matches_every_topic_that_one_matches() {
+        let cases = [
+            ("a/#", "a/+/c", true),
+            ("a/#", "a", true),
+            ("a/#", "a/#", true),
+            ("#", "a/#", true),
+            ("+/b", "a/b", true),
+            ("a/+/#", "a/+", true),
+            ("a/b", "a/b", true),
+            ("a/+", "a/#", false),
+            ("a/+/#", "a/#", false),
+            ("a/+", "a", false),
+            ("a", "a/#", false),
+            ("a/b", "a/+", false),
+            ("a/+", "a/b/c", false),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("#", "+/x", true),
+        ];
+        for (general, specific, expected) in cases {
+            assert_eq!(covers(general, specific), expected, "{general} covers {specific}");
+        }
+    }
+
+    #[test]
+    fn filters_overlap_when_some_topic_matches_both() {
+        let cases = [
+            ("a/#", "a", true),
+            ("a/+", "+/b", true),
+            ("a/+/c", "a/b/#", true),
+            ("#", "a/b", true),
+            ("a/b", "a/c", false),
+            ("a/+", "a/b/c", false),
+            ("a/+/c", "a/b/d", false),
+            ("#", "$SYS/x", false),
+            ("$SYS/#", "+/x", false),
+            ("$SYS/#", "$SYS/+", true),
+        ];
+        for (one, other, expected) in cases {
+            assert_eq!(overlaps(one, other), expected, "{one} overlaps {other}");
+            assert_eq!(overlaps(other, one), expected, "{other} overlaps {one}");
         }
     }
 
