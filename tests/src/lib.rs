@@ -57,6 +57,9 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create(test: &str) -> TestDb {
         let name = format!("test_{test}");
+        // PostgreSQL cuts longer names to 63 bytes: two tests whose names differ only after that
+        // would share a database, and drop it under each other.
+        assert!(name.len() <= 63, "database name `{name}` is longer than 63 bytes: shorten the test's name");
         let admin = connect("postgres").await;
         // Names come from test code, not from input; they are identifiers, which cannot be bound.
         admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
