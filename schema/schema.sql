@@ -220,6 +220,11 @@ CREATE TABLE IF NOT EXISTS mqtt_acked (
 -- above it, out of order; `mid` moves over them once every message of the filter up to them
 -- is acked. Null for a client's own positions.
 ALTER TABLE mqtt_acked ADD COLUMN IF NOT EXISTS acked bigint[];
+-- Where a client's own position started: a first subscription skips what was stored before it
+-- (`first_fetch: latest`), so the messages after `since` up to `mid` are those known to have
+-- reached the client. The backlogs of its other filters pass over them (on_message_fetch).
+-- Null where that is not known (positions made before this column, or by other statements).
+ALTER TABLE mqtt_acked ADD COLUMN IF NOT EXISTS since bigint;
 
 -- Clients' online state (on_client_connected / on_client_disconnected).
 CREATE TABLE IF NOT EXISTS mqtt_client (

@@ -121,6 +121,12 @@ fn restart_point(
     }
 }
 
+/// Whether the fetch rule that serves `filter` is `rule`: then its position says what `rule`'s
+/// backlogs may pass over (`fetch::Delivered`).
+fn served_alike(config: &Installed, rule: &Rule, filter: &str) -> bool {
+    config.rules.fetch_rule(filter).is_some_and(|(serving, _)| serving.index == rule.index)
+}
+
 /// See the retained messages of `session_subscribed`.
 const TIME_RANGE_MARGIN_MS: i64 = 60_000;
 
@@ -342,9 +348,10 @@ impl Guest for Extension {
                 Action::Function(Function::MessageFetch(opts))
                     if fetch_rule.is_some_and(|(serving, _)| serving.index == rule.index) && subscription.qos > 0 =>
                 {
-                    fetch::first_page(&rule.pool, opts, &client.clientid, filter).map(|(start, first)| {
-                        let rows = first.messages.len() as u64;
-                        backlog = Some((start, first));
+                    let served_alike = |other: &str| served_alike(&config, rule, other);
+                    fetch::first_page(&rule.pool, opts, &client.clientid, filter, served_alike).map(|first| {
+                        let rows = first.first.messages.len() as u64;
+                        backlog = Some(first);
                         rows
                     })
                 }
@@ -357,22 +364,22 @@ impl Guest for Extension {
         }
         // One delivery per message: a retained message that the backlog holds (stored after the
         // position the backlog starts from) comes with the backlog, in order, not twice.
-        if let Some((start, _)) = &backlog {
+        if let Some(backlog) = &backlog {
             // `time_range` is judged by the database's clock, page by page: a message this close to
             // leaving it (or a clock this far off) comes as retained too, rather than not at all.
             let time_range = fetch_rule.and_then(|(_, opts)| opts.time_range_secs);
             let fetched_since = time_range.map(|secs| now_millis() - secs as i64 * 1000 + TIME_RANGE_MARGIN_MS);
             retained.retain(|(stored_id, message)| {
-                let in_backlog = stored_id.is_some_and(|id| id > *start)
+                let in_backlog = stored_id.is_some_and(|id| backlog.holds(id, &message.topic))
                     && fetched_since.is_none_or(|since| message.timestamp >= since);
                 !in_backlog
             });
         }
         let mut messages: Vec<Message> = retained.into_iter().map(|(_, message)| message).collect();
         let mut next = None;
-        if let Some((_, first)) = backlog {
-            messages.extend(first.messages);
-            next = first.next.map(|c| c.encode());
+        if let Some(backlog) = backlog {
+            messages.extend(backlog.first.messages);
+            next = backlog.first.next.map(|c| c.encode());
         }
         Ok(FetchPage { messages, next })
     }
@@ -383,10 +390,11 @@ impl Guest for Extension {
             return Ok(FetchPage { messages: Vec::new(), next: None });
         };
         let started = Instant::now();
-        served(rule, started, fetch::resume(&rule.pool, opts, &client.clientid, &subscription.filter))
+        let served_alike = |other: &str| served_alike(&config, rule, other);
+        served(rule, started, fetch::resume(&rule.pool, opts, &client.clientid, &subscription.filter, served_alike))
     }
 
-    fn session_fetch_next(_client: Client, subscription: Subscription, cursor: String) -> Result<FetchPage, HookError> {
+    fn session_fetch_next(client: Client, subscription: Subscription, cursor: String) -> Result<FetchPage, HookError> {
         let cursor = fetch::Cursor::decode(&cursor).map_err(HookError::Invalid)?;
         let config = installed();
         // The rule in force now serves the page, whatever rule served the one before.
@@ -395,7 +403,14 @@ impl Guest for Extension {
             return Ok(FetchPage { messages: Vec::new(), next: None });
         };
         let started = Instant::now();
-        served(rule, started, fetch::page(&rule.pool, opts, &subscription.filter, cursor))
+        let reader = fetch::reader(&client.clientid, &subscription.filter);
+        let delivered = match cursor.passing_over {
+            true => fetch::Delivered::load(&rule.pool, &reader, |other| served_alike(&config, rule, other)),
+            false => Ok(fetch::Delivered::default()),
+        };
+        let page =
+            delivered.and_then(|delivered| fetch::page(&rule.pool, opts, &subscription.filter, cursor, &delivered));
+        served(rule, started, page)
     }
 
     fn session_fetch_one(
@@ -412,7 +427,10 @@ impl Guest for Extension {
             return Ok(FetchPage { messages: Vec::new(), next: None });
         };
         let one = OfflineOpts { max_returned_count: 1, ..opts.clone() };
-        served(rule, started, fetch::page(&rule.pool, &one, &subscription.filter, cursor))
+        // The poison path (a message that traps the guest) goes one stored message at a time, as
+        // stored, passing over nothing.
+        let page = fetch::page(&rule.pool, &one, &subscription.filter, cursor, &fetch::Delivered::default());
+        served(rule, started, page)
     }
 
     fn session_skip(
@@ -424,7 +442,7 @@ impl Guest for Extension {
         let Some((rule, opts)) = config.rules.fetch_rule(&subscription.filter) else { return Ok(None) };
         let Some(cursor) = restart_point(rule, &client, &subscription, cursor)? else { return Ok(None) };
         let id = fetch::next_id(&rule.pool, opts, &subscription.filter, &cursor).map_err(|e| sql_error(rule, e))?;
-        Ok(id.map(|id| Skipped { id, next: fetch::Cursor { after_id: id }.encode() }))
+        Ok(id.map(|id| Skipped { id, next: fetch::Cursor::after(id).encode() }))
     }
 
     fn session_unsubscribed(client: Client, filter: String) -> Result<(), HookError> {

@@ -1,6 +1,6 @@
 //! How a topic filter selects stored messages in SQL. Matching itself is `mqtt_topic`'s.
 
-pub use mqtt_topic::{has_wildcard, matches, shared, validate_filter};
+pub use mqtt_topic::{covers, has_wildcard, matches, overlaps, shared, validate_filter};
 
 use crate::bindings::broker::extension::sql::Value;
 use crate::db::Query;

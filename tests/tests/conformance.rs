@@ -93,6 +93,7 @@ scenarios!(
     reload,
     expiry,
     overlapping_backlogs,
+    resubscribe_overlapping,
     position_idle,
     persistent_session,
     persistent_restart,

@@ -64,7 +64,7 @@ fn group_acked(pool: &str, opts: &OfflineOpts, subscription: &str, stored_id: i6
     let (owner, filter) = (db::text(&reader.owner), db::text(reader.filter));
     let recorded = sql::query(pool, GROUP_ACKED, &[owner.clone(), filter.clone(), Value::Int64(stored_id)])?;
     let Some(row) = recorded.rows.first() else { return Ok(0) };
-    let mark = Cursor { after_id: db::int64(row, 0)? };
+    let mark = Cursor::after(db::int64(row, 0)?);
     let gap = fetch::next_id(pool, opts, subscription, &mark)?.unwrap_or(i64::MAX);
     sql::execute(pool, GROUP_MARK, &[owner, filter, Value::Int64(gap)]).map(|_| 1)
 }
