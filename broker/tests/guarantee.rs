@@ -34,12 +34,14 @@ async fn an_ack_never_moves_the_position_of_a_filter_the_client_is_not_subscribe
     publisher.publish("a/x/c", QoS::AtLeastOnce, "live").await;
     assert_eq!(payloads(&subscriber.receive(1).await), ["live"]);
     subscriber.disconnect().await;
-    // Back on a/#: the 100 it missed, and the one a/x/c message it never had through a/#.
+    // Back on a/#: the 100 it missed. Not the a/x/c message: the client had it, and a/x/c's
+    // position says so (a backlog passes over what the client had through its other filters).
     let mut subscriber = Mqtt::connect(broker.port, "s", false).await;
     subscriber.subscribe("a/#", QoS::AtLeastOnce).await;
-    let got = payloads(&subscriber.receive(101).await);
-    let expected: Vec<String> = (0..100).map(|i| i.to_string()).chain(["live".to_owned()]).collect();
-    assert_eq!(got, expected);
+    let mut got = subscriber.receive(100).await;
+    got.extend(subscriber.until_quiet().await);
+    let expected: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+    assert_eq!(payloads(&got), expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

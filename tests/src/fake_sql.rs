@@ -25,6 +25,8 @@ struct State {
     messages: Vec<(i64, String, Vec<u8>)>,
     /// Read positions by (clientid, filter).
     positions: HashMap<(String, String), i64>,
+    /// Where each position started (`since`).
+    starts: HashMap<(String, String), i64>,
     /// The page statements served so far, and their LIMITs.
     page_limits: Vec<i64>,
     /// The page (0-based, counted over the fake's life) that fails, if any.
@@ -84,8 +86,22 @@ impl FakeSql {
             let earliest = matches!(params.get(3), Some(Value::Boolean(true)));
             let newest = state.messages.last().map_or(0, |m| m.0);
             let key = (text(0)?, text(1)?);
-            let mid = *state.positions.entry(key).or_insert(if earliest { 0 } else { newest });
+            let start = if earliest { 0 } else { newest };
+            state.starts.entry(key.clone()).or_insert(start);
+            let mid = *state.positions.entry(key).or_insert(start);
             return rows(vec![vec![Value::Int64(mid)]]);
+        }
+        if statement.starts_with("SELECT topic, since, mid FROM mqtt_acked") {
+            // The client's positions of its other filters that passed something since they started.
+            let (clientid, filter) = (text(0)?, text(1)?);
+            let others = state.positions.iter().filter(|((c, f), _)| *c == clientid && *f != filter);
+            let others = others.filter_map(|(key, mid)| Some((key, state.starts.get(key)?, mid)));
+            return rows(
+                others
+                    .filter(|(_, since, mid)| since < mid)
+                    .map(|((_, f), since, mid)| vec![Value::Text(f.clone()), Value::Int64(*since), Value::Int64(*mid)])
+                    .collect(),
+            );
         }
         if statement.starts_with("SELECT mid FROM mqtt_acked") {
             let mid = state.positions.get(&(text(0)?, text(1)?)).copied();
