@@ -2,12 +2,12 @@
 //! page at a time.
 //!
 //! A read position is kept per (clientid, subscription filter) in `mqtt_acked.mid`: every stored
-//! message of the filter up to that id was delivered through that subscription and acked, or was
-//! stored before the position started (`since`: a first subscription with `first_fetch: latest`);
-//! the host says which positions an ack may move (see on_message_acked). Because publishers take
-//! the commit-order lock, ids become visible in order, so nothing below a position can still
-//! appear later. What a position says the client had, the backlogs of its other filters pass
-//! over ([`Delivered`]).
+//! message of the filter up to that id was delivered to the client (through that subscription, or
+//! another of its filters that reached it first) and acked, or was stored before the position
+//! started (`since`: a first subscription with `first_fetch: latest`); the host says which
+//! positions an ack may move (see on_message_acked). Because publishers take the commit-order
+//! lock, ids become visible in order, so nothing below a position can still appear later. What a
+//! position says the client had, the backlogs of its other filters pass over ([`Delivered`]).
 //!
 //! A shared subscription (`$share/<group>/<filter>`) reads its group's position instead, one per
 //! (group, filter) whichever member subscribes, kept in `mqtt_acked` under the client id
