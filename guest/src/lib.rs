@@ -404,9 +404,10 @@ impl Guest for Extension {
         };
         let started = Instant::now();
         let reader = fetch::reader(&client.clientid, &subscription.filter);
-        let delivered = match cursor.passing_over {
-            true => fetch::Delivered::load(&rule.pool, &reader, |other| served_alike(&config, rule, other)),
-            false => Ok(fetch::Delivered::default()),
+        let delivered = if cursor.passing_over {
+            fetch::Delivered::load(&rule.pool, &reader, |other| served_alike(&config, rule, other))
+        } else {
+            Ok(fetch::Delivered::default())
         };
         let page =
             delivered.and_then(|delivered| fetch::page(&rule.pool, opts, &subscription.filter, cursor, &delivered));

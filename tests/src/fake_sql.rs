@@ -23,16 +23,20 @@ struct State {
     /// Stored messages: (id, topic, payload), by id. Every filter matches every message: tests
     /// use one topic.
     messages: Vec<(i64, String, Vec<u8>)>,
-    /// Read positions by (clientid, filter).
-    positions: HashMap<(String, String), i64>,
-    /// Where each position started (`since`).
-    starts: HashMap<(String, String), i64>,
+    /// Read positions by (clientid, filter): where each started (`since`), and where it is.
+    positions: HashMap<(String, String), Position>,
     /// The page statements served so far, and their LIMITs.
     page_limits: Vec<i64>,
     /// The page (0-based, counted over the fake's life) that fails, if any.
     failing_page: Option<usize>,
     /// What `on_message_acked` asked: (clientid, stored id, filters), in order.
     acks: Vec<(String, i64, Vec<String>)>,
+}
+
+/// A read position: where it started (`since`), and where it is (`mid`).
+struct Position {
+    since: i64,
+    mid: i64,
 }
 
 impl FakeSql {
@@ -66,7 +70,7 @@ impl FakeSql {
     }
 
     pub fn position(&self, clientid: &str, filter: &str) -> Option<i64> {
-        self.state.lock().unwrap().positions.get(&(clientid.to_owned(), filter.to_owned())).copied()
+        self.state.lock().unwrap().positions.get(&(clientid.to_owned(), filter.to_owned())).map(|p| p.mid)
     }
 
     fn answer(&self, statement: &str, params: &[Value]) -> Result<RowSet, SqlError> {
@@ -87,24 +91,21 @@ impl FakeSql {
             let newest = state.messages.last().map_or(0, |m| m.0);
             let key = (text(0)?, text(1)?);
             let start = if earliest { 0 } else { newest };
-            state.starts.entry(key.clone()).or_insert(start);
-            let mid = *state.positions.entry(key).or_insert(start);
-            return rows(vec![vec![Value::Int64(mid)]]);
+            let position = state.positions.entry(key).or_insert(Position { since: start, mid: start });
+            return rows(vec![vec![Value::Int64(position.mid)]]);
         }
         if statement.starts_with("SELECT topic, since, mid FROM mqtt_acked") {
             // The client's positions of its other filters that passed something since they started.
             let (clientid, filter) = (text(0)?, text(1)?);
-            let others = state.positions.iter().filter(|((c, f), _)| *c == clientid && *f != filter);
-            let others = others.filter_map(|(key, mid)| Some((key, state.starts.get(key)?, mid)));
+            let others = state.positions.iter().filter(|((c, f), p)| *c == clientid && *f != filter && p.since < p.mid);
             return rows(
                 others
-                    .filter(|(_, since, mid)| since < mid)
-                    .map(|((_, f), since, mid)| vec![Value::Text(f.clone()), Value::Int64(*since), Value::Int64(*mid)])
+                    .map(|((_, f), p)| vec![Value::Text(f.clone()), Value::Int64(p.since), Value::Int64(p.mid)])
                     .collect(),
             );
         }
         if statement.starts_with("SELECT mid FROM mqtt_acked") {
-            let mid = state.positions.get(&(text(0)?, text(1)?)).copied();
+            let mid = state.positions.get(&(text(0)?, text(1)?)).map(|p| p.mid);
             return rows(mid.into_iter().map(|m| vec![Value::Int64(m)]).collect());
         }
         if statement.starts_with("SELECT id, false,") {
@@ -163,8 +164,8 @@ impl SqlBackend for FakeSql {
             state.acks.push((clientid.clone(), *id, filters.clone()));
             let mut moved = 0;
             for filter in filters {
-                if let Some(mid) = state.positions.get_mut(&(clientid.clone(), filter)).filter(|mid| **mid < *id) {
-                    *mid = *id;
+                if let Some(position) = state.positions.get_mut(&(clientid.clone(), filter)).filter(|p| p.mid < *id) {
+                    position.mid = *id;
                     moved += 1;
                 }
             }

@@ -211,7 +211,20 @@ pub fn first_page(
     ];
     let position = sql::query(pool, POSITION, &params)?;
     let position = db::int64(position.rows.first().map_or(&[][..], |r| r), 0)?;
-    let delivered = Delivered::load(pool, &reader, served_alike)?;
+    from_position(pool, opts, &reader, filter, position, served_alike)
+}
+
+/// The backlog of `filter` after its position: its first page, starting past what a covering
+/// filter had, and leaving out what the client's other filters had.
+fn from_position(
+    pool: &str,
+    opts: &OfflineOpts,
+    reader: &Reader<'_>,
+    filter: &str,
+    position: i64,
+    served_alike: impl Fn(&str) -> bool,
+) -> Result<Backlog, sql::Error> {
+    let delivered = Delivered::load(pool, reader, served_alike)?;
     let start = delivered.start(reader.filter, position);
     let first = page(pool, opts, filter, Cursor::after(start), &delivered)?;
     Ok(Backlog { start, delivered, first })
@@ -245,9 +258,7 @@ pub fn resume(
     match stored_position(pool, clientid, filter)? {
         Some(position) => {
             let reader = reader(clientid, filter);
-            let delivered = Delivered::load(pool, &reader, served_alike)?;
-            let start = Cursor::after(delivered.start(reader.filter, position.after_id));
-            page(pool, opts, filter, start, &delivered)
+            Ok(from_position(pool, opts, &reader, filter, position.after_id, served_alike)?.first)
         }
         None => Ok(Page { messages: Vec::new(), next: None }),
     }
